@@ -1,0 +1,277 @@
+//! flywheel-api: the plain request/response types and traits that every flywheel crate shares.
+//!
+//! Nothing here depends on candle or an async runtime, so retrieval, evaluation and serving
+//! code can talk about generation and embeddings without pulling in tensor code.
+#![deny(missing_docs)]
+
+use serde::{Deserialize, Serialize};
+use std::ops::ControlFlow;
+
+/// Errors that the api-level validation can report.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ApiError {
+    /// A sampling or request field holds a value outside its allowed range.
+    #[error("invalid value for `{field}`: {reason}")]
+    InvalidField {
+        /// The field's name as a user writes it (CLI flag or JSON key).
+        field: &'static str,
+        /// Why the value is refused.
+        reason: String,
+    },
+}
+
+/// How the next token is chosen from the model's logits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingParams {
+    /// Softmax temperature; 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Nucleus sampling: keep the smallest set whose probability mass reaches p (1.0 = off).
+    pub top_p: f32,
+    /// Drop tokens whose probability is below min_p × the top token's probability (0 = off).
+    pub min_p: f32,
+    /// Penalty applied to the logits of tokens seen in the last `repeat_last_n` tokens (1.0 = off).
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty looks at.
+    pub repeat_last_n: usize,
+    /// Seed of the sampler's random generator; equal seeds give equal outputs.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.7,
+            top_k: 0,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 42,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding: always the most likely token.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            ..Self::default()
+        }
+    }
+
+    /// Checks every field's range and names the first bad one.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        let bad = |field, reason: &str| {
+            Err(ApiError::InvalidField {
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad("temperature", "must be a finite number >= 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", "must be in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p", "must be in [0, 1]");
+        }
+        if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
+            return bad("repeat_penalty", "must be a finite number > 0");
+        }
+        Ok(())
+    }
+}
+
+/// What to generate: a prompt (already rendered through a chat template if it is a chat) and limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// The prompt text, fed to the tokenizer as is (special-token markup is recognised).
+    pub prompt: String,
+    /// The most tokens to generate.
+    pub max_tokens: usize,
+    /// Strings that end generation; the matched string is not part of the output.
+    pub stop: Vec<String>,
+    /// Sampling settings.
+    pub sampling: SamplingParams,
+    /// Keep generating past end-of-sequence tokens (benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
+impl GenerateRequest {
+    /// A request with default sampling and no stop strings.
+    pub fn new(prompt: impl Into<String>, max_tokens: usize) -> Self {
+        Self {
+            prompt: prompt.into(),
+            max_tokens,
+            stop: Vec::new(),
+            sampling: SamplingParams::default(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model produced an end-of-sequence token or a stop string matched.
+    Stop,
+    /// `max_tokens` was reached, or the context window is full.
+    Length,
+    /// The sink asked to stop (a client went away, Ctrl-C).
+    Cancelled,
+}
+
+/// Token counts of one generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated (the EOS token, if any, included).
+    pub completion_tokens: usize,
+}
+
+/// Timing of one generation, for progress lines and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Seconds spent on the prompt (prefill).
+    pub prefill_s: f64,
+    /// Seconds spent generating tokens after the prompt.
+    pub decode_s: f64,
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateOutput {
+    /// The generated text, with any stop string removed.
+    pub text: String,
+    /// The generated token ids (including an EOS token if one ended generation).
+    pub tokens: Vec<u32>,
+    /// Why generation ended.
+    pub finish_reason: FinishReason,
+    /// Token counts.
+    pub usage: Usage,
+    /// Time spent.
+    pub timings: Timings,
+}
+
+/// Receives generated text as it is produced. One generation loop feeds every sink:
+/// the CLI printer, a server stream, an evaluation harness and tests.
+pub trait TokenSink {
+    /// Called with each new piece of text (always whole UTF-8 characters; may be empty when a
+    /// token completes no character yet). Return `ControlFlow::Break(())` to cancel.
+    fn on_text(&mut self, piece: &str, token: u32) -> ControlFlow<()>;
+}
+
+/// A sink that ignores everything.
+pub struct NullSink;
+
+impl TokenSink for NullSink {
+    fn on_text(&mut self, _piece: &str, _token: u32) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+}
+
+impl<F: FnMut(&str, u32) -> ControlFlow<()>> TokenSink for F {
+    fn on_text(&mut self, piece: &str, token: u32) -> ControlFlow<()> {
+        self(piece, token)
+    }
+}
+
+/// One message of a chat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant` (or another role the template knows).
+    pub role: String,
+    /// The message text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message with the given role and content.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// Something that turns prompts into text. Implemented by the runtime; used by RAG, eval and serving.
+pub trait Generator {
+    /// The error type of this generator.
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Renders chat messages with the model's chat template, ending with the assistant's turn.
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, Self::Error>;
+    /// Generates a completion for `req`, streaming text into `sink`.
+    fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        sink: &mut dyn TokenSink,
+    ) -> Result<GenerateOutput, Self::Error>;
+}
+
+/// Something that maps sentences to unit-length vectors.
+pub trait Embedder {
+    /// The error type of this embedder.
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// The length of every vector.
+    fn dim(&self) -> usize;
+    /// Embeds each text; the vectors are L2-normalised.
+    fn embed(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, Self::Error>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_bad_field() {
+        let mut p = SamplingParams::default();
+        assert!(p.validate().is_ok());
+        p.top_p = 0.0;
+        assert_eq!(
+            p.validate().unwrap_err(),
+            ApiError::InvalidField {
+                field: "top_p",
+                reason: "must be in (0, 1]".into()
+            }
+        );
+        let p = SamplingParams {
+            temperature: -1.0,
+            ..SamplingParams::default()
+        };
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("temperature"));
+        let p = SamplingParams {
+            repeat_penalty: f32::NAN,
+            ..SamplingParams::default()
+        };
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("repeat_penalty"));
+    }
+
+    #[test]
+    fn sampling_params_reject_unknown_keys() {
+        let err = serde_json::from_str::<SamplingParams>(r#"{"temprature": 0.5}"#).unwrap_err();
+        assert!(err.to_string().contains("temprature"), "{err}");
+        let ok: SamplingParams = serde_json::from_str(r#"{"temperature": 0.5}"#).unwrap();
+        assert_eq!(ok.temperature, 0.5);
+        assert_eq!(ok.top_p, SamplingParams::default().top_p);
+    }
+}

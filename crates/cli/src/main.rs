@@ -1,0 +1,537 @@
+//! `flywheel`: the command line. It parses arguments, resolves them into library options and
+//! calls one library function per subcommand; errors print once and exit non-zero.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use flywheel_api::{ChatMessage, GenerateRequest, SamplingParams, TokenSink};
+use flywheel_runtime::{
+    parse_device, parse_dtype, EmbeddingModel, LoadOptions, ModelFormat, TextModel,
+};
+use std::io::{BufRead, IsTerminal, Write};
+use std::ops::ControlFlow;
+
+#[derive(Parser)]
+#[command(
+    name = "flywheel",
+    version,
+    about = "Local LLM runtime: generate, chat, embed (and soon LoRA, RAG, serve, eval)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show a model's architecture, parameters, quantization, context length and chat template.
+    Info {
+        /// A GGUF file, a model folder, or a hub id (owner/name).
+        model: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate text from a prompt (streams to stdout).
+    Generate(GenerateArgs),
+    /// Chat interactively (/reset clears the history, /system TEXT sets the system prompt, /quit exits).
+    Chat(ChatArgs),
+    /// Embed sentences from stdin (one per line) into JSONL vectors on stdout.
+    Embed {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Sentences per batch.
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+    },
+    /// Show the token ids and pieces of a text.
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The text (special-token markup such as <|im_start|> is recognised).
+        text: String,
+        /// Print a JSON array of ids only.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure prefill and decode speed (used by scripts/bench-generate.sh); prints one JSON line.
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt length in tokens.
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 128)]
+        gen_tokens: usize,
+        /// Repetitions (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Treat the model as an embedder and embed the lines of this file instead.
+        #[arg(long)]
+        embed_file: Option<String>,
+        /// Batch size for --embed-file.
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// A GGUF file, a model folder, or a hub id (owner/name).
+    #[arg(long, short)]
+    model: String,
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, bf16 or f16 (default: f32 on CPU, bf16 on GPUs).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl ModelArgs {
+    fn options(&self) -> Result<LoadOptions> {
+        if let Some(t) = self.threads {
+            if t == 0 {
+                bail!("--threads must be at least 1");
+            }
+            // candle reads the same variable as rayon when it sizes its pool.
+            std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+        }
+        Ok(LoadOptions {
+            device: parse_device(&self.device)?,
+            dtype: self.dtype.as_deref().map(parse_dtype).transpose()?,
+        })
+    }
+
+    fn load_text(&self) -> Result<TextModel> {
+        let opts = self.options()?;
+        TextModel::load(&self.model, &opts)
+            .with_context(|| format!("cannot load model `{}`", self.model))
+    }
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// The most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Softmax temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Keep the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Minimum probability relative to the top token.
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Repeat penalty over the last 64 tokens (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Random seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn request(&self, prompt: String) -> Result<GenerateRequest> {
+        let sampling = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: 64,
+            seed: self.seed,
+        };
+        sampling.validate()?;
+        Ok(GenerateRequest {
+            prompt,
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            sampling,
+            ignore_eos: false,
+        })
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt ("-" reads stdin).
+    #[arg(long, short)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print a JSON summary (text, tokens, finish reason, usage, speed) instead of streaming.
+    #[arg(long)]
+    json: bool,
+    /// Print speed figures to stderr after the text.
+    #[arg(long)]
+    stats: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// System message.
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+/// Streams text to stdout as it arrives.
+struct Printer;
+
+impl TokenSink for Printer {
+    fn on_text(&mut self, piece: &str, _token: u32) -> ControlFlow<()> {
+        let mut out = std::io::stdout().lock();
+        if out
+            .write_all(piece.as_bytes())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
+            return ControlFlow::Break(()); // stdout closed (e.g. piped into head)
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Info { model, json } => info(&model, json),
+        Cmd::Generate(a) => generate(a),
+        Cmd::Chat(a) => chat(a),
+        Cmd::Embed { model, batch_size } => embed(&model, batch_size),
+        Cmd::Tokenize { model, text, json } => tokenize(&model, &text, json),
+        Cmd::Bench {
+            model,
+            prompt_tokens,
+            gen_tokens,
+            repeats,
+            embed_file,
+            batch_size,
+        } => match embed_file {
+            Some(f) => bench_embed(&model, &f, batch_size, repeats),
+            None => bench_generate(&model, prompt_tokens, gen_tokens, repeats),
+        },
+    }
+}
+
+fn is_embedder(spec: &str) -> bool {
+    match ModelFormat::resolve(spec) {
+        Ok(ModelFormat::HfFolder(dir)) => std::fs::read_to_string(dir.join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| {
+                v.get("model_type")
+                    .and_then(|m| m.as_str())
+                    .map(|m| m.contains("bert"))
+            })
+            .unwrap_or(false),
+        _ => false,
+    }
+}
+
+fn info(model: &str, json: bool) -> Result<()> {
+    let opts = LoadOptions::default();
+    let info = if is_embedder(model) {
+        EmbeddingModel::load(model, &opts)?.info().clone()
+    } else {
+        TextModel::load(model, &opts)
+            .with_context(|| format!("cannot load model `{model}`"))?
+            .info()
+            .clone()
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print!("{info}");
+    }
+    Ok(())
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let prompt = if a.prompt == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading the prompt from stdin")?
+    } else {
+        a.prompt.clone()
+    };
+    let req_check = a.sampling.request(String::new())?; // validate flags before loading the model
+    let tm = a.model.load_text()?;
+    let prompt = if a.chat {
+        let mut msgs = vec![];
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::new("system", s));
+        }
+        msgs.push(ChatMessage::new("user", prompt));
+        tm.render_chat(&msgs)?
+    } else {
+        prompt
+    };
+    let req = GenerateRequest {
+        prompt,
+        ..req_check
+    };
+    let out = if a.json {
+        tm.generate(&req, &mut flywheel_api::NullSink)?
+    } else {
+        let out = tm.generate(&req, &mut Printer)?;
+        println!();
+        out
+    };
+    let speed = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    if a.json {
+        let v = serde_json::json!({
+            "text": out.text,
+            "tokens": out.tokens,
+            "finish_reason": out.finish_reason,
+            "usage": out.usage,
+            "prefill_tok_s": speed(out.usage.prompt_tokens, out.timings.prefill_s),
+            "decode_tok_s": speed(out.usage.completion_tokens.saturating_sub(1), out.timings.decode_s),
+        });
+        println!("{v}");
+    } else if a.stats {
+        eprintln!(
+            "[{} prompt tokens, {:.1} tok/s prefill; {} generated, {:.1} tok/s; finish: {:?}]",
+            out.usage.prompt_tokens,
+            speed(out.usage.prompt_tokens, out.timings.prefill_s),
+            out.usage.completion_tokens,
+            speed(
+                out.usage.completion_tokens.saturating_sub(1),
+                out.timings.decode_s
+            ),
+            out.finish_reason
+        );
+    }
+    Ok(())
+}
+
+fn chat(a: ChatArgs) -> Result<()> {
+    a.sampling.request(String::new())?;
+    let tm = a.model.load_text()?;
+    let interactive = std::io::stdin().is_terminal();
+    let mut system = a.system.clone();
+    let mut history: Vec<ChatMessage> = vec![];
+    if interactive {
+        eprintln!(
+            "flywheel chat — {} ({}). /reset, /system TEXT, /quit",
+            tm.info().path,
+            tm.info().architecture
+        );
+    }
+    let stdin = std::io::stdin();
+    loop {
+        if interactive {
+            eprint!("> ");
+            std::io::stderr().flush().ok();
+        }
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        match line.trim() {
+            "" => continue,
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                history.clear();
+                eprintln!("[history cleared]");
+                continue;
+            }
+            s if s.starts_with("/system") => {
+                let text = s["/system".len()..].trim();
+                system = (!text.is_empty()).then(|| text.to_string());
+                history.clear();
+                eprintln!(
+                    "[system prompt {}; history cleared]",
+                    if system.is_some() { "set" } else { "removed" }
+                );
+                continue;
+            }
+            _ => {}
+        }
+        history.push(ChatMessage::new("user", line));
+        let mut msgs = vec![];
+        if let Some(s) = &system {
+            msgs.push(ChatMessage::new("system", s));
+        }
+        msgs.extend(history.iter().cloned());
+        let req = a.sampling.request(tm.render_chat(&msgs)?)?;
+        match tm.generate(&req, &mut Printer) {
+            Ok(out) => {
+                println!();
+                history.push(ChatMessage::new("assistant", out.text));
+            }
+            Err(e) => {
+                // Keep the session: drop the turn that failed (e.g. the context is full).
+                history.pop();
+                eprintln!("error: {e}");
+                if !interactive {
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn embed(m: &ModelArgs, batch_size: usize) -> Result<()> {
+    let em = EmbeddingModel::load(&m.model, &m.options()?)
+        .with_context(|| format!("cannot load embedder `{}`", m.model))?;
+    let lines: Vec<String> = std::io::stdin()
+        .lock()
+        .lines()
+        .collect::<std::io::Result<_>>()
+        .context("reading stdin")?;
+    let texts: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let bar = indicatif::ProgressBar::new(texts.len() as u64);
+    if texts.len() < 256 || !std::io::stderr().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for (ci, chunk) in texts.chunks(batch_size.max(1) * 8).enumerate() {
+        let vecs = em.embed_all(chunk, batch_size)?;
+        for (j, (t, v)) in chunk.iter().zip(vecs).enumerate() {
+            let rec = serde_json::json!({"index": ci * batch_size.max(1) * 8 + j, "text": t, "embedding": v});
+            writeln!(out, "{rec}")?;
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    out.flush()?;
+    Ok(())
+}
+
+fn tokenize(m: &ModelArgs, text: &str, json: bool) -> Result<()> {
+    let tm = m.load_text()?;
+    let ids = tm.tokenizer().encode(text, false)?;
+    if json {
+        println!("{}", serde_json::to_string(&ids)?);
+        return Ok(());
+    }
+    for id in &ids {
+        let piece = tm.tokenizer().decode(&[*id], false)?;
+        println!("{id:>8}  {piece:?}");
+    }
+    eprintln!("{} tokens", ids.len());
+    Ok(())
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(str::to_string)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+const BENCH_TEXT: &str = "The history of computing is a story of abstraction layered upon abstraction. \
+Early machines were programmed by rewiring panels; later, stored programs let the same hardware run many tasks. \
+Compilers translated human-readable code into instructions, operating systems shared the processor among programs, \
+and networks connected machines across the world. Each step hid complexity below and exposed new possibilities above. ";
+
+fn bench_generate(
+    m: &ModelArgs,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    repeats: usize,
+) -> Result<()> {
+    let tm = m.load_text()?;
+    let mut text = String::new();
+    let mut ids = vec![];
+    while ids.len() < prompt_tokens {
+        text.push_str(BENCH_TEXT);
+        ids = tm.tokenizer().encode(&text, false)?;
+    }
+    ids.truncate(prompt_tokens);
+    // Like llama-bench: greedy, and EOS does not end the run, so every repeat decodes gen_tokens.
+    let mut req = GenerateRequest::new(String::new(), gen_tokens);
+    req.sampling = SamplingParams::greedy();
+    req.ignore_eos = true;
+    let (mut pre, mut dec, mut produced) = (vec![], vec![], 0);
+    for _ in 0..repeats.max(1) {
+        let out = tm
+            .generate_ids(&[(ids.clone(), &req)], &mut [&mut flywheel_api::NullSink])?
+            .remove(0);
+        pre.push(ids.len() as f64 / out.timings.prefill_s);
+        produced = out.usage.completion_tokens;
+        dec.push(
+            out.usage.completion_tokens.saturating_sub(1).max(1) as f64
+                / out.timings.decode_s.max(1e-9),
+        );
+    }
+    let v = serde_json::json!({
+        "engine": "flywheel",
+        "model": m.model,
+        "threads": m.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        "prompt_tokens": ids.len(),
+        "generated_tokens": produced,
+        "prefill_tok_s": median(pre),
+        "decode_tok_s": median(dec),
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    println!("{v}");
+    Ok(())
+}
+
+fn bench_embed(m: &ModelArgs, file: &str, batch_size: usize, repeats: usize) -> Result<()> {
+    let em = EmbeddingModel::load(&m.model, &m.options()?)?;
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+    let lines: Vec<&str> = text.lines().collect();
+    em.embed_all(&lines[..lines.len().min(batch_size)], batch_size)?; // warm-up
+    let mut rates = vec![];
+    for _ in 0..repeats.max(1) {
+        let t = std::time::Instant::now();
+        em.embed_all(&lines, batch_size)?;
+        rates.push(lines.len() as f64 / t.elapsed().as_secs_f64());
+    }
+    let v = serde_json::json!({
+        "engine": "flywheel",
+        "model": m.model,
+        "sentences": lines.len(),
+        "sentences_per_s": median(rates),
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    println!("{v}");
+    Ok(())
+}

@@ -1,0 +1,746 @@
+//! The decoder-only transformer of the Llama family (Llama 2/3, SmolLM/SmolLM2, Mistral) and Qwen2,
+//! in one implementation: the differences are config (attention bias, RoPE theta/scaling,
+//! tied embeddings), not code.
+//!
+//! Reference: Touvron et al., "Llama 2" (2023); the Hugging Face `modeling_llama.py` /
+//! `modeling_qwen2.py` are the numeric references (half-split RoPE, RMSNorm, SwiGLU).
+
+use candle_core::quantized::gguf_file::Value;
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::layers::{Attention, LayerCache, Llama3RopeScaling, Mlp, PositionTables, RmsNorm, Rope};
+use crate::linear::{Embedding, LinearHook, Projection};
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+/// The decoder families flywheel implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// Llama 2/3, SmolLM, SmolLM2.
+    Llama,
+    /// Mistral (Llama layout; sliding-window attention is not applied).
+    Mistral,
+    /// Qwen2 / Qwen2.5 (bias on q/k/v).
+    Qwen2,
+}
+
+impl Architecture {
+    /// The names accepted in config.json `model_type` or GGUF `general.architecture`.
+    pub const SUPPORTED: &'static str = "llama, mistral, qwen2";
+
+    /// Parses a `model_type` / `general.architecture` value.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "llama" => Some(Self::Llama),
+            "mistral" => Some(Self::Mistral),
+            "qwen2" => Some(Self::Qwen2),
+            _ => None,
+        }
+    }
+
+    /// The lowercase name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Mistral => "mistral",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// RoPE scaling variants.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Llama 3.x frequency-dependent scaling.
+    Llama3(Llama3RopeScaling),
+}
+
+/// The resolved configuration a decoder is built from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderConfig {
+    /// Architecture family.
+    pub arch: Architecture,
+    /// Vocabulary size (rows of the embedding table).
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP inner width.
+    pub intermediate_size: usize,
+    /// Number of transformer blocks.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (GQA).
+    pub num_kv_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// Optional RoPE scaling.
+    pub rope_scaling: Option<RopeScaling>,
+    /// Context length.
+    pub max_position_embeddings: usize,
+    /// Bias on q/k/v projections.
+    pub attention_bias: bool,
+    /// Output head shares the embedding table.
+    pub tie_word_embeddings: bool,
+    /// Beginning-of-sequence token, if the config names one.
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence tokens.
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// `config.json` as Hugging Face writes it (unknown keys are tolerated).
+#[derive(Debug, Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    architectures: Option<Vec<String>>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<HfRopeScaling>,
+    max_position_embeddings: Option<usize>,
+    attention_bias: Option<bool>,
+    tie_word_embeddings: Option<bool>,
+    bos_token_id: Option<serde_json::Value>,
+    eos_token_id: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct HfRopeScaling {
+    rope_type: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
+}
+
+fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
+        _ => vec![],
+    }
+}
+
+impl DecoderConfig {
+    /// Parses and validates a Hugging Face `config.json` (`file` is used in error messages).
+    pub fn from_hf_json(json: &str, file: &str) -> Result<Self> {
+        let cfg_err = |field: &str, reason: String| Error::Config {
+            file: file.to_string(),
+            field: field.to_string(),
+            reason,
+        };
+        let raw: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| cfg_err("(json)", e.to_string()))?;
+        let arch_name = raw
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| cfg_err("model_type", "missing".into()))?;
+        let arch =
+            Architecture::parse(&arch_name).ok_or_else(|| Error::UnsupportedArchitecture {
+                file: file.to_string(),
+                arch: arch_name.clone(),
+                supported: Architecture::SUPPORTED,
+            })?;
+        let hf: HfConfig = serde_json::from_value(raw).map_err(|e| {
+            let msg = e.to_string();
+            let field = msg.split('`').nth(1).unwrap_or("(json)").to_string();
+            cfg_err(&field, msg)
+        })?;
+        let _ = (&hf.model_type, &hf.architectures);
+        let rope_scaling = match &hf.rope_scaling {
+            None => None,
+            Some(s) => {
+                let kind = s.rope_type.as_deref().or(s.kind.as_deref()).unwrap_or("");
+                match kind {
+                    "llama3" => Some(RopeScaling::Llama3(Llama3RopeScaling {
+                        factor: s
+                            .factor
+                            .ok_or_else(|| cfg_err("rope_scaling.factor", "missing".into()))?,
+                        low_freq_factor: s.low_freq_factor.unwrap_or(1.0),
+                        high_freq_factor: s.high_freq_factor.unwrap_or(4.0),
+                        original_max_position_embeddings: s
+                            .original_max_position_embeddings
+                            .unwrap_or(8192),
+                    })),
+                    "default" | "" => None,
+                    other => {
+                        return Err(cfg_err(
+                            "rope_scaling.rope_type",
+                            format!("`{other}` is not supported (supported: llama3)"),
+                        ))
+                    }
+                }
+            }
+        };
+        let cfg = Self {
+            arch,
+            vocab_size: hf.vocab_size,
+            hidden_size: hf.hidden_size,
+            intermediate_size: hf.intermediate_size,
+            num_layers: hf.num_hidden_layers,
+            num_heads: hf.num_attention_heads,
+            num_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
+            head_dim: hf
+                .head_dim
+                .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
+            rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta: hf.rope_theta.unwrap_or(10000.0),
+            rope_scaling,
+            max_position_embeddings: hf.max_position_embeddings.unwrap_or(4096),
+            attention_bias: hf.attention_bias.unwrap_or(arch == Architecture::Qwen2),
+            tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+            bos_token_id: token_ids(&hf.bos_token_id).first().copied(),
+            eos_token_ids: token_ids(&hf.eos_token_id),
+        };
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    /// Reads the config from GGUF metadata (`{arch}.*` keys).
+    pub fn from_gguf(md: &HashMap<String, Value>, file: &str) -> Result<Self> {
+        let cfg_err = |field: &str, reason: String| Error::Config {
+            file: file.to_string(),
+            field: field.to_string(),
+            reason,
+        };
+        let arch_name = md
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .ok_or_else(|| cfg_err("general.architecture", "missing".into()))?;
+        let arch =
+            Architecture::parse(&arch_name).ok_or_else(|| Error::UnsupportedArchitecture {
+                file: file.to_string(),
+                arch: arch_name.clone(),
+                supported: Architecture::SUPPORTED,
+            })?;
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let get_u = |k: &str| -> Result<usize> {
+            let full = key(k);
+            md.get(&full)
+                .ok_or_else(|| cfg_err(&full, "missing".into()))?
+                .to_u64()
+                .or_else(|_| md[&full].to_u32().map(u64::from))
+                .map(|v| v as usize)
+                .map_err(|e| cfg_err(&full, e.to_string()))
+        };
+        let get_f = |k: &str| -> Option<f64> {
+            md.get(&key(k)).and_then(|v| v.to_f32().ok()).map(f64::from)
+        };
+        let hidden = get_u("embedding_length")?;
+        let heads = get_u("attention.head_count")?;
+        let vocab = match md.get("tokenizer.ggml.tokens") {
+            Some(Value::Array(a)) => a.len(),
+            _ => get_u("vocab_size")?,
+        };
+        let head_dim = get_u("attention.key_length").unwrap_or(hidden / heads.max(1));
+        let u32_of = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
+        let cfg = Self {
+            arch,
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: get_u("feed_forward_length")?,
+            num_layers: get_u("block_count")?,
+            num_heads: heads,
+            num_kv_heads: get_u("attention.head_count_kv").unwrap_or(heads),
+            head_dim,
+            rms_norm_eps: get_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            rope_theta: get_f("rope.freq_base").unwrap_or(10000.0),
+            rope_scaling: None, // llama3 scaling arrives as the `rope_freqs` tensor in GGUF
+            max_position_embeddings: get_u("context_length").unwrap_or(4096),
+            attention_bias: arch == Architecture::Qwen2,
+            tie_word_embeddings: false, // decided by the presence of `output.weight`
+            bos_token_id: u32_of("tokenizer.ggml.bos_token_id"),
+            eos_token_ids: u32_of("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        };
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    /// Checks the dimensions are consistent; names the first bad field.
+    pub fn validate(&self, file: &str) -> Result<()> {
+        let err = |field: &str, reason: &str| {
+            Err(Error::Config {
+                file: file.to_string(),
+                field: field.to_string(),
+                reason: reason.to_string(),
+            })
+        };
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return err(name, "must be > 0");
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return err("num_key_value_heads", "must divide num_attention_heads");
+        }
+        if self.head_dim % 2 != 0 || self.head_dim == 0 {
+            return err("head_dim", "must be even and > 0");
+        }
+        Ok(())
+    }
+
+    /// Number of parameters implied by the config.
+    pub fn parameter_count(&self) -> usize {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let q = h * self.num_heads * self.head_dim;
+        let kv = 2 * h * self.num_kv_heads * self.head_dim;
+        let bias = if self.attention_bias {
+            (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        } else {
+            0
+        };
+        let layer = 2 * q + kv + bias + 3 * h * i + 2 * h;
+        v * h + self.num_layers * layer + h + if self.tie_word_embeddings { 0 } else { v * h }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    mlp_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// The KV cache of a (possibly left-padded) batch.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    layers: Vec<LayerCache>,
+    pads: Vec<usize>,
+    len: usize,
+}
+
+impl Cache {
+    /// Tokens (padding included) the cache holds per row.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing was fed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of rows.
+    pub fn batch_size(&self) -> usize {
+        self.pads.len()
+    }
+}
+
+/// Which logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// `(b, vocab)` for the last position only (generation).
+    Last,
+    /// `(b, t, vocab)` for every position (training, scoring).
+    All,
+}
+
+/// A decoder-only language model.
+#[derive(Debug, Clone)]
+pub struct DecoderModel {
+    cfg: DecoderConfig,
+    embed: Embedding,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Arc<dyn Projection>,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+impl DecoderModel {
+    /// Builds the model from `w`; `hook` decides what wraps each projection.
+    pub fn load(w: &dyn Weights, cfg: &DecoderConfig, hook: &dyn LinearHook) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let embed = w.embedding("model.embed_tokens", cfg.vocab_size, h)?;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let lin =
+                |name: &str, out: usize, inp: usize, bias: bool| -> Result<Arc<dyn Projection>> {
+                    let full = format!("{p}.{name}");
+                    hook.wrap(&full, w.linear(&full, out, inp, bias)?)
+                };
+            let b = cfg.attention_bias;
+            let attn = Attention::new(
+                [
+                    lin("self_attn.q_proj", cfg.num_heads * hd, h, b)?,
+                    lin("self_attn.k_proj", cfg.num_kv_heads * hd, h, b)?,
+                    lin("self_attn.v_proj", cfg.num_kv_heads * hd, h, b)?,
+                    lin("self_attn.o_proj", h, cfg.num_heads * hd, false)?,
+                ],
+                cfg.num_heads,
+                cfg.num_kv_heads,
+                hd,
+            );
+            let mlp = Mlp::new(
+                lin("mlp.gate_proj", cfg.intermediate_size, h, false)?,
+                lin("mlp.up_proj", cfg.intermediate_size, h, false)?,
+                lin("mlp.down_proj", h, cfg.intermediate_size, false)?,
+            );
+            blocks.push(Block {
+                attn_norm: RmsNorm::load(w, &format!("{p}.input_layernorm"), h, cfg.rms_norm_eps)?,
+                attn,
+                mlp_norm: RmsNorm::load(
+                    w,
+                    &format!("{p}.post_attention_layernorm"),
+                    h,
+                    cfg.rms_norm_eps,
+                )?,
+                mlp,
+            });
+        }
+        let norm = RmsNorm::load(w, "model.norm", h, cfg.rms_norm_eps)?;
+        let tied = cfg.tie_word_embeddings || !w.contains("lm_head.weight");
+        let lm_head = if tied {
+            hook.wrap("lm_head", embed.as_linear()?)?
+        } else {
+            hook.wrap("lm_head", w.linear("lm_head", cfg.vocab_size, h, false)?)?
+        };
+        let llama3 = cfg.rope_scaling.map(|RopeScaling::Llama3(s)| s);
+        let rope = Rope::new(
+            hd,
+            cfg.rope_theta,
+            cfg.max_position_embeddings,
+            llama3,
+            None,
+            DType::F32,
+            w.device(),
+        )?;
+        let mut cfg = cfg.clone();
+        cfg.tie_word_embeddings = tied;
+        Ok(Self {
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+            dtype: w.dtype(),
+            device: w.device().clone(),
+        })
+    }
+
+    /// Replaces the RoPE tables with ones whose inverse frequencies are divided by `divisors`
+    /// (GGUF's `rope_freqs` tensor for Llama 3.x).
+    pub fn set_rope_freq_divisors(&mut self, divisors: &[f32]) -> Result<()> {
+        self.rope = Rope::new(
+            self.cfg.head_dim,
+            self.cfg.rope_theta,
+            self.cfg.max_position_embeddings,
+            None,
+            Some(divisors),
+            DType::F32,
+            &self.device,
+        )?;
+        Ok(())
+    }
+
+    /// The resolved config.
+    pub fn config(&self) -> &DecoderConfig {
+        &self.cfg
+    }
+
+    /// The compute device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The compute dtype of activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// An empty cache for `pads.len()` rows, row `i` left-padded with `pads[i]` tokens.
+    pub fn new_cache(&self, pads: Vec<usize>) -> Cache {
+        Cache {
+            layers: vec![LayerCache::default(); self.blocks.len()],
+            pads,
+            len: 0,
+        }
+    }
+
+    /// Feeds `ids` (`(b, t)` u32) after what `cache` holds; returns logits (f32).
+    pub fn forward(&self, ids: &Tensor, cache: &mut Cache, logits: Logits) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if b != cache.pads.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "batch of {b} rows fed to a cache of {} rows",
+                cache.pads.len()
+            ))
+            .into());
+        }
+        let start = cache.len;
+        if start + t > self.cfg.max_position_embeddings {
+            return Err(Error::Config {
+                file: "(request)".into(),
+                field: "max_position_embeddings".into(),
+                reason: format!(
+                    "{} tokens exceed the model's context of {}",
+                    start + t,
+                    self.cfg.max_position_embeddings
+                ),
+            });
+        }
+        let padded = cache.pads.iter().any(|&p| p > 0);
+        let positions = if padded {
+            let mut pos = Vec::with_capacity(b * t);
+            for &pad in &cache.pads {
+                for s in 0..t {
+                    pos.push((start + s).saturating_sub(pad) as u32);
+                }
+            }
+            PositionTables::PerRow(Tensor::from_vec(pos, (b, t), &self.device)?)
+        } else {
+            PositionTables::Shared(start, t)
+        };
+        let mask = if padded || t > 1 {
+            Some(self.mask(&cache.pads, start, t)?)
+        } else {
+            None
+        };
+        let mut x = self.embed.forward(ids, self.dtype)?;
+        for (block, lc) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            let r = x.clone();
+            let a = block.attn.forward(
+                &block.attn_norm.forward(&x)?,
+                &self.rope,
+                &positions,
+                mask.as_ref(),
+                lc,
+            )?;
+            x = (a + r)?;
+            let r = x.clone();
+            x = (block.mlp.forward(&block.mlp_norm.forward(&x)?)? + r)?;
+        }
+        cache.len += t;
+        let x = match logits {
+            Logits::Last => x.narrow(1, t - 1, 1)?,
+            Logits::All => x,
+        };
+        let out = self
+            .lm_head
+            .forward(&self.norm.forward(&x)?)?
+            .to_dtype(DType::F32)?;
+        Ok(match logits {
+            Logits::Last => out.squeeze(1)?,
+            Logits::All => out,
+        })
+    }
+
+    /// Additive mask `(b, 1, t, start + t)`: causal, and no attention to a row's left padding
+    /// (a padding query still sees itself, so its softmax stays finite).
+    fn mask(&self, pads: &[usize], start: usize, t: usize) -> Result<Tensor> {
+        let seq = start + t;
+        let mut m = vec![0f32; pads.len() * t * seq];
+        for (i, &pad) in pads.iter().enumerate() {
+            for s in 0..t {
+                let q = start + s;
+                for j in 0..seq {
+                    let allowed = j <= q && (j >= pad || j == q);
+                    if !allowed {
+                        m[(i * t + s) * seq + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (pads.len(), 1, t, seq), &self.device)?.to_dtype(DType::F32)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::linear::NoHook;
+    use crate::weights::MemoryWeights;
+
+    /// A tiny config of each family: a few layers, GQA, small widths.
+    pub(crate) fn tiny(arch: Architecture) -> DecoderConfig {
+        DecoderConfig {
+            arch,
+            vocab_size: 96,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            max_position_embeddings: 64,
+            attention_bias: arch == Architecture::Qwen2,
+            tie_word_embeddings: arch == Architecture::Llama,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        }
+    }
+
+    fn model(arch: Architecture) -> anyhow::Result<DecoderModel> {
+        let cfg = tiny(arch);
+        let w = MemoryWeights::random_decoder(&cfg, 7, &Device::Cpu, DType::F32)?;
+        Ok(DecoderModel::load(&w, &cfg, &NoHook)?)
+    }
+
+    fn ids(v: &[u32]) -> anyhow::Result<Tensor> {
+        Ok(Tensor::new(v, &Device::Cpu)?.unsqueeze(0)?)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
+        Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
+    }
+
+    #[test]
+    fn full_forward_equals_prefill_plus_cached_decode() -> anyhow::Result<()> {
+        for arch in [Architecture::Llama, Architecture::Qwen2] {
+            let m = model(arch)?;
+            let seq = [5u32, 17, 3, 88, 41, 9, 60];
+            let mut c = m.new_cache(vec![0]);
+            let full = m.forward(&ids(&seq)?, &mut c, Logits::All)?.squeeze(0)?; // (t, vocab)
+            let mut c = m.new_cache(vec![0]);
+            let first = m
+                .forward(&ids(&seq[..4])?, &mut c, Logits::Last)?
+                .squeeze(0)?;
+            assert!(max_diff(&first, &full.get(3)?)? < 1e-4, "{arch:?} prefill");
+            for (k, &tok) in seq.iter().enumerate().skip(4) {
+                let step = m.forward(&ids(&[tok])?, &mut c, Logits::Last)?.squeeze(0)?;
+                let d = max_diff(&step, &full.get(k)?)?;
+                assert!(d < 1e-4, "{arch:?} position {k}: max diff {d}");
+            }
+            assert_eq!(c.len(), seq.len());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn padded_batch_equals_each_prompt_alone() -> anyhow::Result<()> {
+        for arch in [Architecture::Llama, Architecture::Qwen2] {
+            let m = model(arch)?;
+            let prompts: [&[u32]; 3] = [&[4, 8, 15], &[16, 23, 42, 7, 1, 50], &[9, 9, 30, 31, 2]];
+            let longest = 6;
+            let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+            let mut flat = vec![];
+            for p in prompts {
+                flat.extend(std::iter::repeat_n(0u32, longest - p.len()));
+                flat.extend_from_slice(p);
+            }
+            let mut bc = m.new_cache(pads);
+            let batch = m.forward(
+                &Tensor::from_vec(flat, (3, longest), &Device::Cpu)?,
+                &mut bc,
+                Logits::Last,
+            )?;
+            let next = [11u32, 12, 13];
+            let batch2 = m.forward(
+                &Tensor::from_vec(next.to_vec(), (3, 1), &Device::Cpu)?,
+                &mut bc,
+                Logits::Last,
+            )?;
+            for (i, p) in prompts.iter().enumerate() {
+                let mut c = m.new_cache(vec![0]);
+                let alone = m.forward(&ids(p)?, &mut c, Logits::Last)?.squeeze(0)?;
+                let d = max_diff(&alone, &batch.get(i)?)?;
+                assert!(d < 1e-4, "{arch:?} row {i} prefill: max diff {d}");
+                let alone2 = m
+                    .forward(&ids(&[next[i]])?, &mut c, Logits::Last)?
+                    .squeeze(0)?;
+                let d = max_diff(&alone2, &batch2.get(i)?)?;
+                assert!(d < 1e-4, "{arch:?} row {i} decode: max diff {d}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn random_weights_are_seeded() -> anyhow::Result<()> {
+        let cfg = tiny(Architecture::Llama);
+        let a = MemoryWeights::random_decoder(&cfg, 1, &Device::Cpu, DType::F32)?;
+        let b = MemoryWeights::random_decoder(&cfg, 1, &Device::Cpu, DType::F32)?;
+        let c = MemoryWeights::random_decoder(&cfg, 2, &Device::Cpu, DType::F32)?;
+        let n = "model.layers.1.mlp.up_proj.weight";
+        assert_eq!(max_diff(&a.tensors[n], &b.tensors[n])?, 0.0);
+        assert!(max_diff(&a.tensors[n], &c.tensors[n])? > 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn context_overflow_is_a_clear_error() -> anyhow::Result<()> {
+        let m = model(Architecture::Llama)?;
+        let mut c = m.new_cache(vec![0]);
+        let long: Vec<u32> = (0..65).map(|i| i % 90).collect();
+        let err = m
+            .forward(&ids(&long)?, &mut c, Logits::Last)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("65 tokens exceed the model's context of 64"),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn hf_config_parses_and_names_bad_fields() {
+        let ok = r#"{"model_type":"llama","vocab_size":49152,"hidden_size":576,"intermediate_size":1536,
+            "num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"rms_norm_eps":1e-5,
+            "rope_theta":100000,"max_position_embeddings":8192,"tie_word_embeddings":true,
+            "bos_token_id":1,"eos_token_id":[2, 0],
+            "rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#;
+        let c = DecoderConfig::from_hf_json(ok, "config.json").unwrap();
+        assert_eq!(
+            (c.head_dim, c.num_kv_heads, c.eos_token_ids.clone()),
+            (64, 3, vec![2, 0])
+        );
+        assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3(s)) if s.factor == 8.0));
+        assert_eq!(c.parameter_count(), 134_515_008); // SmolLM2-135M
+        let e =
+            DecoderConfig::from_hf_json(&ok.replace("\"llama\"", "\"gpt_neox\""), "x/config.json")
+                .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("unsupported architecture `gpt_neox`")
+                && e.to_string().contains("x/config.json"),
+            "{e}"
+        );
+        let e = DecoderConfig::from_hf_json(
+            &ok.replace("\"num_key_value_heads\":3", "\"num_key_value_heads\":2"),
+            "c.json",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("num_key_value_heads"), "{e}");
+        let e = DecoderConfig::from_hf_json(&ok.replace("\"hidden_size\":576,", ""), "c.json")
+            .unwrap_err();
+        assert!(e.to_string().contains("hidden_size"), "{e}");
+    }
+}

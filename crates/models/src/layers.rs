@@ -1,0 +1,319 @@
+//! Layers shared by every decoder architecture: RMSNorm, rotary embeddings, grouped-query
+//! attention over a KV cache, and the gated MLP. Written once; architectures only wire them.
+
+use candle_core::{DType, Device, Tensor, D};
+use std::sync::Arc;
+
+use crate::linear::Projection;
+use crate::weights::Weights;
+use crate::Result;
+
+/// Root-mean-square layer norm: `x / sqrt(mean(x²) + eps) · w`.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// Loads `name.weight` of shape `(dim,)`.
+    pub fn load(w: &dyn Weights, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.tensor(&format!("{name}.weight"), &[dim])?,
+            eps,
+        })
+    }
+
+    /// Normalises over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.weight,
+            self.eps as f32,
+        )?)
+    }
+}
+
+/// Llama 3's frequency-dependent RoPE scaling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3RopeScaling {
+    /// Overall scaling factor.
+    pub factor: f64,
+    /// Wavelengths longer than `original_max / low_freq_factor` are scaled fully.
+    pub low_freq_factor: f64,
+    /// Wavelengths shorter than `original_max / high_freq_factor` are left alone.
+    pub high_freq_factor: f64,
+    /// The context length the model was pre-trained with.
+    pub original_max_position_embeddings: usize,
+}
+
+/// Precomputed rotary embedding tables (`cos`, `sin` of shape `(max_pos, head_dim/2)`),
+/// applied in the half-split ("rotate_half") layout of Hugging Face checkpoints.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// Builds tables for `max_pos` positions. `freq_divisors` (one per frequency) divides the
+    /// inverse frequencies, as GGUF's `rope_freqs` tensor does.
+    pub fn new(
+        head_dim: usize,
+        theta: f64,
+        max_pos: usize,
+        llama3: Option<Llama3RopeScaling>,
+        freq_divisors: Option<&[f32]>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let half = head_dim / 2;
+        let mut inv_freq: Vec<f64> = (0..half)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
+            .collect();
+        if let Some(s) = llama3 {
+            let low_wavelen = s.original_max_position_embeddings as f64 / s.low_freq_factor;
+            let high_wavelen = s.original_max_position_embeddings as f64 / s.high_freq_factor;
+            for f in inv_freq.iter_mut() {
+                let wavelen = 2.0 * std::f64::consts::PI / *f;
+                if wavelen < high_wavelen {
+                    // high frequency: unchanged
+                } else if wavelen > low_wavelen {
+                    *f /= s.factor;
+                } else {
+                    let smooth = (s.original_max_position_embeddings as f64 / wavelen
+                        - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+                }
+            }
+        }
+        if let Some(div) = freq_divisors {
+            for (f, d) in inv_freq.iter_mut().zip(div) {
+                *f /= *d as f64;
+            }
+        }
+        let mut cos = Vec::with_capacity(max_pos * half);
+        let mut sin = Vec::with_capacity(max_pos * half);
+        for p in 0..max_pos {
+            for f in &inv_freq {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (max_pos, half), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (max_pos, half), device)?.to_dtype(dtype)?,
+        })
+    }
+
+    /// Rotates `x` of shape `(b, heads, t, head_dim)`; `positions` is `(b, t)` u32.
+    pub fn apply(&self, x: &Tensor, positions: &PositionTables) -> Result<Tensor> {
+        let (cos, sin) = match positions {
+            PositionTables::Shared(start, len) => (
+                self.cos.narrow(0, *start, *len)?,
+                self.sin.narrow(0, *start, *len)?,
+            ),
+            PositionTables::PerRow(pos) => {
+                let (b, t) = pos.dims2()?;
+                let flat = pos.flatten_all()?;
+                (
+                    self.cos.index_select(&flat, 0)?.reshape((b, t, ()))?,
+                    self.sin.index_select(&flat, 0)?.reshape((b, t, ()))?,
+                )
+            }
+        };
+        Ok(candle_nn::rotary_emb::rope(
+            &x.contiguous()?,
+            &cos.to_dtype(x.dtype())?.contiguous()?,
+            &sin.to_dtype(x.dtype())?.contiguous()?,
+        )?)
+    }
+
+    /// The longest position the tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+}
+
+/// Which rotary positions a forward pass uses.
+#[derive(Debug, Clone)]
+pub enum PositionTables {
+    /// Every row uses positions `start .. start + len`.
+    Shared(usize, usize),
+    /// Row-specific positions, `(b, t)` u32 (left-padded batches).
+    PerRow(Tensor),
+}
+
+/// Keys and values of one layer for the tokens seen so far: `(b, kv_heads, seq, head_dim)`.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+impl LayerCache {
+    /// Appends new keys/values and returns the whole cached sequence.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match (&self.k, &self.v) {
+            (Some(pk), Some(pv)) => (
+                Tensor::cat(&[pk, k], 2)?.contiguous()?,
+                Tensor::cat(&[pv, v], 2)?.contiguous()?,
+            ),
+            _ => (k.contiguous()?, v.contiguous()?),
+        };
+        self.k = Some(k.clone());
+        self.v = Some(v.clone());
+        Ok((k, v))
+    }
+}
+
+/// Grouped-query self-attention (`n_kv_heads` divides `n_heads`).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Arc<dyn Projection>,
+    k_proj: Arc<dyn Projection>,
+    v_proj: Arc<dyn Projection>,
+    o_proj: Arc<dyn Projection>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// Builds attention from its four projections.
+    pub fn new(
+        projections: [Arc<dyn Projection>; 4],
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) -> Self {
+        let [q_proj, k_proj, v_proj, o_proj] = projections;
+        Self {
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        }
+    }
+
+    /// `x`: `(b, t, hidden)`; `mask`: additive `(b, 1, t, seq)` or none for an unpadded single token.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        positions: &PositionTables,
+        mask: Option<&Tensor>,
+        cache: &mut LayerCache,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let q = self.q_proj.forward(x)?;
+        let k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
+        let q = q
+            .reshape((b, t, self.n_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let k = k
+            .reshape((b, t, self.n_kv_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let v = v
+            .reshape((b, t, self.n_kv_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let q = rope.apply(&q, positions)?;
+        let k = rope.apply(&k, positions)?;
+        let (k, v) = cache.append(&k, &v)?;
+        let seq = k.dim(2)?;
+        // GQA without copying K/V: fold the query heads of each group into the row axis.
+        let group = self.n_heads / self.n_kv_heads;
+        let q = q.reshape((b, self.n_kv_heads, group * t, self.head_dim))?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = match mask {
+            Some(m) => {
+                let s = scores.reshape((b, self.n_heads, t, seq))?;
+                s.broadcast_add(&m.to_dtype(s.dtype())?)?.reshape((
+                    b,
+                    self.n_kv_heads,
+                    group * t,
+                    seq,
+                ))?
+            }
+            None => scores,
+        };
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?; // (b, kv, group*t, d)
+        let out = out
+            .reshape((b, self.n_heads, t, self.head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, t, self.n_heads * self.head_dim))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// The gated (SwiGLU) feed-forward block: `down(silu(gate(x)) · up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate: Arc<dyn Projection>,
+    up: Arc<dyn Projection>,
+    down: Arc<dyn Projection>,
+}
+
+impl Mlp {
+    /// Builds the block from its projections.
+    pub fn new(
+        gate: Arc<dyn Projection>,
+        up: Arc<dyn Projection>,
+        down: Arc<dyn Projection>,
+    ) -> Self {
+        Self { gate, up, down }
+    }
+
+    /// Applies the block.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        let u = self.up.forward(x)?;
+        self.down.forward(&(g * u)?)
+    }
+}
+
+/// Puts the last dimension's maximum first: argmax helper for greedy tests.
+pub fn argmax_last(x: &Tensor) -> Result<Vec<u32>> {
+    Ok(x.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_leaves_high_frequencies_and_scales_low_ones() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let s = Llama3RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
+        let plain = Rope::new(64, 500000.0, 4, None, None, DType::F32, &dev)?;
+        let scaled = Rope::new(64, 500000.0, 4, Some(s), None, DType::F32, &dev)?;
+        // Position 1: the angle equals the inverse frequency.
+        let a = plain.sin.get(1)?.to_vec1::<f32>()?;
+        let b = scaled.sin.get(1)?.to_vec1::<f32>()?;
+        assert!(
+            (a[0] - b[0]).abs() < 1e-7,
+            "highest frequency must be unchanged"
+        );
+        let last = a.len() - 1;
+        let ratio = (b[last] as f64).asin() / (a[last] as f64).asin();
+        assert!(
+            (ratio - 1.0 / 8.0).abs() < 1e-3,
+            "lowest frequency scaled by 1/8, got {ratio}"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,79 @@
+//! flywheel-models: transformer building blocks written once, and the architectures built on them.
+//!
+//! - [`linear`]: the one `Linear` every projection goes through (dense f32/bf16/f16 or GGUF-quantized),
+//!   and the [`Projection`] trait that LoRA (and other wrappers) implement around it.
+//! - [`weights`]: where tensors come from (safetensors files, a GGUF file), under Hugging Face names.
+//! - [`layers`]: RMSNorm, rotary embeddings (incl. llama3 scaling), GQA attention with a KV cache, MLP.
+//! - [`decoder`]: the Llama-family / Qwen2 decoder driven by [`DecoderConfig`].
+//! - [`bert`]: BERT-family sentence encoders with pooling.
+#![deny(missing_docs)]
+
+pub mod bert;
+pub mod decoder;
+pub mod layers;
+pub mod linear;
+pub mod weights;
+
+pub use candle_core::{quantized::GgmlDType, DType, Device, Tensor};
+pub use decoder::{Architecture, Cache, DecoderConfig, DecoderModel, Logits, RopeScaling};
+pub use linear::{Embedding, KernelChoice, Linear, LinearHook, NoHook, Projection};
+pub use weights::{GgufWeights, MemoryWeights, SafetensorsWeights, Weights};
+
+/// Errors of model construction and execution.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor the architecture needs is not in the weight files.
+    #[error("missing tensor `{name}` in {file}")]
+    MissingTensor {
+        /// The tensor's name in the file.
+        name: String,
+        /// The file (or files) searched.
+        file: String,
+    },
+    /// A tensor exists but has the wrong shape for the config.
+    #[error("tensor `{name}` in {file} has shape {got:?}, but the config needs {want:?}")]
+    ShapeMismatch {
+        /// The tensor's name in the file.
+        name: String,
+        /// The file holding it.
+        file: String,
+        /// Shape found.
+        got: Vec<usize>,
+        /// Shape the config implies.
+        want: Vec<usize>,
+    },
+    /// A config value is missing or out of range.
+    #[error("{file}: config field `{field}`: {reason}")]
+    Config {
+        /// The config file (config.json or the GGUF file).
+        file: String,
+        /// The key, as written in the file.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The architecture named in the file is not one flywheel implements.
+    #[error("{file}: unsupported architecture `{arch}` (supported: {supported})")]
+    UnsupportedArchitecture {
+        /// The file naming it.
+        file: String,
+        /// The architecture as written.
+        arch: String,
+        /// The ones flywheel implements.
+        supported: &'static str,
+    },
+    /// The weight file could not be read or is corrupt.
+    #[error("{file}: {reason}")]
+    BadFile {
+        /// The file.
+        file: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// An error from the tensor library.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, Error>;

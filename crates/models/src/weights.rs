@@ -1,0 +1,600 @@
+//! Where a model's tensors come from. Architectures ask for tensors by their Hugging Face names
+//! (`model.layers.0.self_attn.q_proj`); each source maps those names onto its own files:
+//! safetensors (one file or shards) or a GGUF file (llama.cpp names, weights kept quantized).
+
+use candle_core::quantized::{gguf_file, GgmlDType, QStorage, QTensor};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::linear::{Embedding, Linear};
+use crate::{Error, Result};
+
+/// A source of named tensors for building a model.
+pub trait Weights {
+    /// The file(s) behind this source, for error messages.
+    fn describe(&self) -> String;
+    /// The device tensors are loaded onto.
+    fn device(&self) -> &Device;
+    /// The dtype dense tensors are converted to.
+    fn dtype(&self) -> DType;
+    /// Whether a tensor of this (Hugging Face) name exists.
+    fn contains(&self, name: &str) -> bool;
+    /// A dense tensor of the given shape in the compute dtype.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    /// The linear layer `name` (`name.weight` of shape `(out, in)`, optional `name.bias`).
+    fn linear(&self, name: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear>;
+    /// The embedding table `name.weight` of shape `(vocab, hidden)`.
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding>;
+}
+
+fn check_shape(name: &str, file: &str, got: &[usize], want: &[usize]) -> Result<()> {
+    if got != want {
+        return Err(Error::ShapeMismatch {
+            name: name.to_string(),
+            file: file.to_string(),
+            got: got.to_vec(),
+            want: want.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// Tensors from one or more safetensors files (memory-mapped).
+pub struct SafetensorsWeights {
+    files: Vec<PathBuf>,
+    st: MmapedSafetensors,
+    device: Device,
+    dtype: DType,
+}
+
+impl SafetensorsWeights {
+    /// Opens the files (a single `model.safetensors` or all shards of an index).
+    pub fn open(files: &[PathBuf], device: &Device, dtype: DType) -> Result<Self> {
+        for f in files {
+            // Validate each file on its own first, so a bad shard is named in the error.
+            // SAFETY: the file is mapped read-only; flywheel never writes to model files it reads.
+            #[allow(unsafe_code)]
+            unsafe { MmapedSafetensors::new(f) }.map_err(|e| Error::BadFile {
+                file: f.display().to_string(),
+                reason: format!("not a readable safetensors file ({e})"),
+            })?;
+        }
+        // SAFETY: as above.
+        #[allow(unsafe_code)]
+        let st = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| Error::BadFile {
+            file: describe_files(files),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            files: files.to_vec(),
+            st,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Every tensor name with its dtype (for `flywheel info`).
+    pub fn dtypes(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for (_, view) in self.st.tensors() {
+            *out.entry(format!("{:?}", view.dtype())).or_insert(0) += 1;
+        }
+        out
+    }
+
+    /// Total number of parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.st
+            .tensors()
+            .iter()
+            .map(|(_, v)| v.shape().iter().product::<usize>())
+            .sum()
+    }
+
+    fn load(&self, name: &str) -> Result<Tensor> {
+        if self.st.get(name).is_err() {
+            return Err(Error::MissingTensor {
+                name: name.to_string(),
+                file: self.describe(),
+            });
+        }
+        self.st
+            .load(name, &self.device)
+            .map_err(|e| Error::BadFile {
+                file: self.describe(),
+                reason: format!("tensor `{name}`: {e}"),
+            })
+    }
+}
+
+fn describe_files(files: &[PathBuf]) -> String {
+    match files {
+        [one] => one.display().to_string(),
+        many => format!(
+            "{} ({} shards)",
+            many[0].parent().unwrap_or(Path::new(".")).display(),
+            many.len()
+        ),
+    }
+}
+
+impl Weights for SafetensorsWeights {
+    fn describe(&self) -> String {
+        describe_files(&self.files)
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.st.get(name).is_ok()
+    }
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.load(name)?;
+        check_shape(name, &self.describe(), t.dims(), shape)?;
+        Ok(t.to_dtype(self.dtype)?)
+    }
+    fn linear(&self, name: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
+        let w = self.tensor(&format!("{name}.weight"), &[out_dim, in_dim])?;
+        let b = if bias {
+            Some(self.tensor(&format!("{name}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        Linear::dense(w, b)
+    }
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+        Ok(Embedding::Dense(
+            self.tensor(&format!("{name}.weight"), &[vocab, hidden])?,
+        ))
+    }
+}
+
+/// Tensors from a GGUF file. Matrices stay in their quantized block format.
+pub struct GgufWeights {
+    path: PathBuf,
+    content: gguf_file::Content,
+    file: Mutex<File>,
+    device: Device,
+    dtype: DType,
+    /// `(n_head, n_kv_head)` when Q/K rows were permuted by llama.cpp's converter (llama arch).
+    unpermute_qk: Option<(usize, usize)>,
+}
+
+/// Maps a Hugging Face tensor name onto llama.cpp's GGUF name.
+pub fn hf_to_gguf_name(name: &str) -> Option<String> {
+    match name {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+impl GgufWeights {
+    /// Opens a GGUF file and reads its header (metadata and tensor index, not the data).
+    pub fn open(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let bad = |reason: String| Error::BadFile {
+            file: path.display().to_string(),
+            reason,
+        };
+        let mut file = File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| bad(format!("not a readable GGUF file: {e}")))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            file: Mutex::new(file),
+            device: device.clone(),
+            dtype,
+            unpermute_qk: None,
+        })
+    }
+
+    /// The file's metadata.
+    pub fn metadata(&self) -> &std::collections::HashMap<String, gguf_file::Value> {
+        &self.content.metadata
+    }
+
+    /// The parsed header.
+    pub fn content(&self) -> &gguf_file::Content {
+        &self.content
+    }
+
+    /// The file path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Undo llama.cpp's Q/K row permutation (its converter interleaves the rotary halves for the
+    /// `llama` architecture), so weights match the Hugging Face layout that adapters are trained on.
+    pub fn set_unpermute_qk(&mut self, n_head: usize, n_kv_head: usize) {
+        self.unpermute_qk = Some((n_head, n_kv_head));
+    }
+
+    /// Count of tensors per block type (for `flywheel info`).
+    pub fn quant_types(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for info in self.content.tensor_infos.values() {
+            *out.entry(format!("{:?}", info.ggml_dtype)).or_insert(0) += 1;
+        }
+        out
+    }
+
+    /// Total number of parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.content
+            .tensor_infos
+            .values()
+            .map(|i| i.shape.elem_count())
+            .sum()
+    }
+
+    fn gguf_name(&self, name: &str) -> Result<String> {
+        hf_to_gguf_name(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            file: self.describe(),
+        })
+    }
+
+    fn qtensor(&self, hf_name: &str, shape: &[usize]) -> Result<QTensor> {
+        let name = self.gguf_name(hf_name)?;
+        let info = self
+            .content
+            .tensor_infos
+            .get(&name)
+            .ok_or_else(|| Error::MissingTensor {
+                name: name.clone(),
+                file: self.describe(),
+            })?;
+        check_shape(&name, &self.describe(), info.shape.dims(), shape)?;
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let q = info
+            .read(&mut *file, self.content.tensor_data_offset, &Device::Cpu)
+            .map_err(|e| Error::BadFile {
+                file: self.describe(),
+                reason: format!("tensor `{name}`: {e}"),
+            })?;
+        drop(file);
+        let q = match self.qk_heads(hf_name) {
+            Some(heads) => permute_rows(&q, heads)?,
+            None => q,
+        };
+        if self.device.is_cpu() {
+            Ok(q)
+        } else {
+            let data = q.data()?;
+            let storage = QStorage::from_data(Cow::Borrowed(&data), &self.device, q.dtype())?;
+            Ok(QTensor::new(storage, q.shape().clone())?)
+        }
+    }
+
+    fn qk_heads(&self, hf_name: &str) -> Option<usize> {
+        let (n_head, n_kv) = self.unpermute_qk?;
+        if hf_name.contains("self_attn.q_proj.") {
+            Some(n_head)
+        } else if hf_name.contains("self_attn.k_proj.") {
+            Some(n_kv)
+        } else {
+            None
+        }
+    }
+}
+
+/// Reorders the rows (or elements, for a 1-D bias) of a tensor from llama.cpp's interleaved rotary
+/// layout back to Hugging Face's half-split layout: GGUF row `h·d + 2j + i` becomes row `h·d + i·d/2 + j`.
+fn permute_rows(q: &QTensor, n_heads: usize) -> Result<QTensor> {
+    let rows = q.shape().dims()[0];
+    let data = q.data()?;
+    let row_bytes = data.len() / if q.shape().rank() == 1 { 1 } else { rows };
+    let (rows, row_bytes) = if q.shape().rank() == 1 {
+        // A bias: permute f32 elements (GGUF biases are F32).
+        if q.dtype() != GgmlDType::F32 {
+            return Err(candle_core::Error::Msg(format!(
+                "rank-1 Q/K tensor of type {:?} cannot be permuted",
+                q.dtype()
+            ))
+            .into());
+        }
+        (rows, 4)
+    } else {
+        (rows, row_bytes)
+    };
+    let head_dim = rows / n_heads;
+    let half = head_dim / 2;
+    let mut out = vec![0u8; data.len()];
+    for h in 0..n_heads {
+        for i in 0..2 {
+            for j in 0..half {
+                let src = h * head_dim + 2 * j + i;
+                let dst = h * head_dim + i * half + j;
+                out[dst * row_bytes..(dst + 1) * row_bytes]
+                    .copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+            }
+        }
+    }
+    let storage = QStorage::from_data(Cow::Owned(out), &Device::Cpu, q.dtype())?;
+    Ok(QTensor::new(storage, q.shape().clone())?)
+}
+
+impl Weights for GgufWeights {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn contains(&self, name: &str) -> bool {
+        hf_to_gguf_name(name).is_some_and(|n| self.content.tensor_infos.contains_key(&n))
+    }
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let q = self.qtensor(name, shape)?;
+        Ok(q.dequantize(&self.device)?.to_dtype(self.dtype)?)
+    }
+    fn linear(&self, name: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
+        let w = self.qtensor(&format!("{name}.weight"), &[out_dim, in_dim])?;
+        let b = if bias {
+            Some(self.tensor(&format!("{name}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        match w.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                Linear::dense(w.dequantize(&self.device)?.to_dtype(self.dtype)?, b)
+            }
+            _ => Linear::quantized(Arc::new(w), b),
+        }
+    }
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+        let w = self.qtensor(&format!("{name}.weight"), &[vocab, hidden])?;
+        Ok(match w.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                Embedding::Dense(w.dequantize(&self.device)?.to_dtype(self.dtype)?)
+            }
+            _ => Embedding::Quantized(Arc::new(w)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_onto_llama_cpp_names() {
+        assert_eq!(
+            hf_to_gguf_name("model.layers.12.self_attn.q_proj.bias").as_deref(),
+            Some("blk.12.attn_q.bias")
+        );
+        assert_eq!(
+            hf_to_gguf_name("model.layers.0.mlp.down_proj.weight").as_deref(),
+            Some("blk.0.ffn_down.weight")
+        );
+        assert_eq!(
+            hf_to_gguf_name("model.embed_tokens.weight").as_deref(),
+            Some("token_embd.weight")
+        );
+        assert_eq!(hf_to_gguf_name("model.layers.x.mlp.up_proj.weight"), None);
+        assert_eq!(hf_to_gguf_name("model.layers.1.mystery.weight"), None);
+    }
+
+    #[test]
+    fn row_permutation_inverts_llama_cpp_permute() -> anyhow::Result<()> {
+        // llama.cpp: w.reshape(n_head, 2, d/2, in).swapaxes(1, 2).reshape(...)
+        let (n_head, d, cols) = (2usize, 4usize, 3usize);
+        let hf: Vec<f32> = (0..n_head * d * cols).map(|v| v as f32).collect();
+        let mut gguf = vec![0f32; hf.len()];
+        for h in 0..n_head {
+            for i in 0..2 {
+                for j in 0..d / 2 {
+                    let src = h * d + i * d / 2 + j; // HF row
+                    let dst = h * d + 2 * j + i; // GGUF row
+                    gguf[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        let t = Tensor::from_vec(gguf, (n_head * d, cols), &Device::Cpu)?;
+        let q = QTensor::quantize(&t, GgmlDType::F32)?;
+        let back = permute_rows(&q, n_head)?.dequantize(&Device::Cpu)?;
+        assert_eq!(back.flatten_all()?.to_vec1::<f32>()?, hf);
+        Ok(())
+    }
+}
+
+/// Tensors held in memory under Hugging Face names: tests, and benchmarks with random weights
+/// in a real architecture's shape.
+#[derive(Debug, Clone)]
+pub struct MemoryWeights {
+    /// The tensors by name.
+    pub tensors: std::collections::HashMap<String, Tensor>,
+    device: Device,
+    dtype: DType,
+}
+
+impl MemoryWeights {
+    /// An empty set on `device`, converting to `dtype` on access.
+    pub fn new(device: &Device, dtype: DType) -> Self {
+        Self {
+            tensors: Default::default(),
+            device: device.clone(),
+            dtype,
+        }
+    }
+
+    /// Seeded random weights for a decoder config (normal·0.02 matrices, norms near 1),
+    /// identical for equal seeds on every machine.
+    pub fn random_decoder(
+        cfg: &crate::DecoderConfig,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mut w = Self::new(device, dtype);
+        let mut rng = SplitMix(seed);
+        let (h, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+        let mut put = |name: String, shape: Vec<usize>, scale: f32, base: f32| -> Result<()> {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| base + scale * rng.normal()).collect();
+            w.tensors.insert(name, Tensor::from_vec(v, shape, device)?);
+            Ok(())
+        };
+        put(
+            "model.embed_tokens.weight".into(),
+            vec![cfg.vocab_size, h],
+            0.5,
+            0.0,
+        )?;
+        put("model.norm.weight".into(), vec![h], 0.1, 1.0)?;
+        if !cfg.tie_word_embeddings {
+            put("lm_head.weight".into(), vec![cfg.vocab_size, h], 0.2, 0.0)?;
+        }
+        let s = 0.2f32;
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            put(format!("{p}.input_layernorm.weight"), vec![h], 0.1, 1.0)?;
+            put(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                0.1,
+                1.0,
+            )?;
+            put(
+                format!("{p}.self_attn.q_proj.weight"),
+                vec![cfg.num_heads * hd, h],
+                s,
+                0.0,
+            )?;
+            put(
+                format!("{p}.self_attn.k_proj.weight"),
+                vec![cfg.num_kv_heads * hd, h],
+                s,
+                0.0,
+            )?;
+            put(
+                format!("{p}.self_attn.v_proj.weight"),
+                vec![cfg.num_kv_heads * hd, h],
+                s,
+                0.0,
+            )?;
+            put(
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![h, cfg.num_heads * hd],
+                s,
+                0.0,
+            )?;
+            if cfg.attention_bias {
+                put(
+                    format!("{p}.self_attn.q_proj.bias"),
+                    vec![cfg.num_heads * hd],
+                    s,
+                    0.0,
+                )?;
+                put(
+                    format!("{p}.self_attn.k_proj.bias"),
+                    vec![cfg.num_kv_heads * hd],
+                    s,
+                    0.0,
+                )?;
+                put(
+                    format!("{p}.self_attn.v_proj.bias"),
+                    vec![cfg.num_kv_heads * hd],
+                    s,
+                    0.0,
+                )?;
+            }
+            put(format!("{p}.mlp.gate_proj.weight"), vec![i, h], s, 0.0)?;
+            put(format!("{p}.mlp.up_proj.weight"), vec![i, h], s, 0.0)?;
+            put(format!("{p}.mlp.down_proj.weight"), vec![h, i], s, 0.0)?;
+        }
+        Ok(w)
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            file: "(memory)".into(),
+        })?;
+        check_shape(name, "(memory)", t.dims(), shape)?;
+        Ok(t.to_dtype(self.dtype)?)
+    }
+}
+
+/// A tiny deterministic generator (SplitMix64 + Box–Muller) so random models need no RNG crate.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 + 0.5) / (1u64 << 24) as f32
+    }
+    fn normal(&mut self) -> f32 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+    }
+}
+
+impl Weights for MemoryWeights {
+    fn describe(&self) -> String {
+        "(memory)".into()
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get(name, shape)
+    }
+    fn linear(&self, name: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
+        let w = self.get(&format!("{name}.weight"), &[out_dim, in_dim])?;
+        let b = if bias {
+            Some(self.get(&format!("{name}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        Linear::dense(w, b)
+    }
+    fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+        Ok(Embedding::Dense(
+            self.get(&format!("{name}.weight"), &[vocab, hidden])?,
+        ))
+    }
+}

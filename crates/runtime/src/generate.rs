@@ -1,0 +1,607 @@
+//! `TextModel`: a loaded decoder with its tokenizer and chat template, and the one generation
+//! loop every caller uses (CLI, server, evaluation, tests). The loop prefills a left-padded
+//! batch in one forward pass, decodes with the KV cache, samples per row, stops on EOS, stop
+//! strings or length, and streams whole-character text into a [`TokenSink`] per row.
+
+use candle_core::Tensor;
+use flywheel_api::{
+    ChatMessage, FinishReason, GenerateOutput, GenerateRequest, Generator, Timings, TokenSink,
+    Usage,
+};
+use flywheel_models::{
+    DecoderConfig, DecoderModel, GgufWeights, LinearHook, Logits, NoHook, SafetensorsWeights,
+    Weights,
+};
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::time::Instant;
+
+use crate::chat::ChatTemplate;
+use crate::load::{
+    read_json_opt, read_text, safetensors_files, LoadOptions, ModelFormat, ModelInfo,
+};
+use crate::sampler::Sampler;
+use crate::tokenizer::{IncrementalDecoder, Tokenizer};
+use crate::{Error, Result};
+
+/// Token texts that end a turn in common chat formats; added to the stop set when they are special tokens.
+const END_OF_TURN: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "</s>",
+];
+
+/// A decoder model ready to generate.
+pub struct TextModel {
+    model: DecoderModel,
+    tokenizer: Tokenizer,
+    chat: Option<ChatTemplate>,
+    eos: Vec<u32>,
+    info: ModelInfo,
+}
+
+fn json_token(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+fn json_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
+        _ => vec![],
+    }
+}
+
+impl TextModel {
+    /// Resolves `spec` (file, folder or hub id) and loads it.
+    pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
+        Self::load_with_hook(&ModelFormat::resolve(spec)?, opts, &NoHook)
+    }
+
+    /// Loads a located model; `hook` wraps each projection (LoRA).
+    pub fn load_with_hook(
+        fmt: &ModelFormat,
+        opts: &LoadOptions,
+        hook: &dyn LinearHook,
+    ) -> Result<Self> {
+        match fmt {
+            ModelFormat::Gguf(p) => Self::load_gguf(p, opts, hook),
+            ModelFormat::HfFolder(p) => Self::load_hf(p, opts, hook),
+        }
+    }
+
+    fn load_gguf(path: &Path, opts: &LoadOptions, hook: &dyn LinearHook) -> Result<Self> {
+        let file = path.display().to_string();
+        let dtype = opts.resolved_dtype();
+        let mut w = GgufWeights::open(path, &opts.device, dtype)?;
+        let cfg = DecoderConfig::from_gguf(w.metadata(), &file)?;
+        if cfg.arch == flywheel_models::Architecture::Llama {
+            w.set_unpermute_qk(cfg.num_heads, cfg.num_kv_heads);
+        }
+        let tokenizer = Tokenizer::from_gguf(w.metadata(), &file)?;
+        let md = w.metadata();
+        let tok_text = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.id_to_token(i))
+                .unwrap_or_default()
+        };
+        let bos = tok_text(cfg.bos_token_id);
+        let mut eos = cfg.eos_token_ids.clone();
+        if let Some(e) = md
+            .get("tokenizer.ggml.eot_token_id")
+            .and_then(|v| v.to_u32().ok())
+        {
+            eos.push(e);
+        }
+        let eos_text = tok_text(eos.first().copied());
+        let chat = match md
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+        {
+            Some(src) => Some(ChatTemplate::new(
+                src,
+                &bos,
+                &eos_text,
+                &format!("{file}: tokenizer.chat_template"),
+            )?),
+            None => None,
+        };
+        let mut model = DecoderModel::load(&w, &cfg, hook)?;
+        if w.content().tensor_infos.contains_key("rope_freqs.weight") {
+            let q = w.content().tensor(
+                &mut std::fs::File::open(path).map_err(|e| Error::Io {
+                    path: file.clone(),
+                    source: e,
+                })?,
+                "rope_freqs.weight",
+                &candle_core::Device::Cpu,
+            )?;
+            let div = q.dequantize(&candle_core::Device::Cpu)?.to_vec1::<f32>()?;
+            model.set_rope_freq_divisors(&div)?;
+        }
+        let info = ModelInfo {
+            path: file,
+            format: "gguf".into(),
+            parameters: w.parameter_count(),
+            tensor_types: w.quant_types(),
+            ..Default::default()
+        };
+        Ok(Self::finish(model, tokenizer, chat, eos, info))
+    }
+
+    fn load_hf(dir: &Path, opts: &LoadOptions, hook: &dyn LinearHook) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let cfg = DecoderConfig::from_hf_json(
+            &read_text(&config_path)?,
+            &config_path.display().to_string(),
+        )?;
+        let tok_cfg = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or_default();
+        let gen_cfg = read_json_opt(&dir.join("generation_config.json"))?.unwrap_or_default();
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.is_file() {
+            return Err(Error::NotAModel {
+                path: dir.display().to_string(),
+                reason: "no tokenizer.json".into(),
+            });
+        }
+        let bos = json_token(tok_cfg.get("bos_token"));
+        let add_bos = tok_cfg
+            .get("add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let tokenizer = Tokenizer::from_hf_file(&tok_path, bos.as_deref(), add_bos)?;
+        let eos_text = json_token(tok_cfg.get("eos_token"));
+        let mut eos = cfg.eos_token_ids.clone();
+        eos.extend(json_ids(gen_cfg.get("eos_token_id")));
+        if let Some(id) = eos_text.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
+            eos.push(id);
+        }
+        let template_src = match tok_cfg.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| {
+                    t.get("template")
+                        .and_then(|s| s.as_str())
+                        .map(str::to_string)
+                }),
+            _ => None,
+        }
+        .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
+        let chat = match template_src {
+            Some(src) => Some(ChatTemplate::new(
+                &src,
+                bos.as_deref().unwrap_or(""),
+                eos_text.as_deref().unwrap_or(""),
+                &dir.join("tokenizer_config.json").display().to_string(),
+            )?),
+            None => None,
+        };
+        let files = safetensors_files(dir)?;
+        let w = SafetensorsWeights::open(&files, &opts.device, opts.resolved_dtype())?;
+        let model = DecoderModel::load(&w, &cfg, hook)?;
+        let info = ModelInfo {
+            path: dir.display().to_string(),
+            format: "hf-folder".into(),
+            parameters: w.parameter_count(),
+            tensor_types: w.dtypes(),
+            ..Default::default()
+        };
+        Ok(Self::finish(model, tokenizer, chat, eos, info))
+    }
+
+    /// Assembles a model from parts (used by loaders and tests).
+    pub fn from_parts(
+        model: DecoderModel,
+        tokenizer: Tokenizer,
+        chat: Option<ChatTemplate>,
+        eos: Vec<u32>,
+    ) -> Self {
+        let info = ModelInfo {
+            format: "memory".into(),
+            parameters: model.config().parameter_count(),
+            ..Default::default()
+        };
+        Self::finish(model, tokenizer, chat, eos, info)
+    }
+
+    fn finish(
+        model: DecoderModel,
+        tokenizer: Tokenizer,
+        chat: Option<ChatTemplate>,
+        mut eos: Vec<u32>,
+        mut info: ModelInfo,
+    ) -> Self {
+        for t in END_OF_TURN {
+            if let Some(&id) = tokenizer.special_tokens().get(*t) {
+                eos.push(id);
+            }
+        }
+        eos.sort_unstable();
+        eos.dedup();
+        let cfg = model.config();
+        info.architecture = cfg.arch.name().into();
+        info.context_length = cfg.max_position_embeddings;
+        info.hidden_size = cfg.hidden_size;
+        info.layers = cfg.num_layers;
+        info.heads = (cfg.num_heads, cfg.num_kv_heads);
+        info.vocab_size = cfg.vocab_size;
+        info.tokenizer = tokenizer.kind().to_string();
+        info.eos_tokens = eos
+            .iter()
+            .map(|&i| tokenizer.id_to_token(i).unwrap_or_else(|| i.to_string()))
+            .collect();
+        info.chat_template = chat.as_ref().map(|c| c.source().to_string());
+        info.warnings = tokenizer.warnings().to_vec();
+        Self {
+            model,
+            tokenizer,
+            chat,
+            eos,
+            info,
+        }
+    }
+
+    /// What the model is.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The decoder.
+    pub fn model(&self) -> &DecoderModel {
+        &self.model
+    }
+
+    /// The end-of-generation token ids.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
+    /// Renders chat messages with the model's template, ready for the assistant's reply.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
+        let chat = self.chat.as_ref().ok_or_else(|| Error::NoChatTemplate {
+            model: self.info.path.clone(),
+        })?;
+        chat.render(messages, true)
+    }
+
+    /// Tokenizes a prompt: raw prompts get the model's BOS; a rendered chat already carries it.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>> {
+        // A prompt that already starts with the BOS text (a rendered chat template) gets no second BOS.
+        self.tokenizer.encode(prompt, !self.starts_with_bos(prompt))
+    }
+
+    fn starts_with_bos(&self, prompt: &str) -> bool {
+        self.tokenizer
+            .bos_id()
+            .and_then(|b| self.tokenizer.id_to_token(b))
+            .is_some_and(|b| !b.is_empty() && prompt.starts_with(&b))
+    }
+
+    /// Generates for one request, streaming into `sink`.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        sink: &mut dyn TokenSink,
+    ) -> Result<GenerateOutput> {
+        let ids = self.encode_prompt(&req.prompt)?;
+        let mut out = self.generate_ids(&[(ids, req)], &mut [sink])?;
+        Ok(out.remove(0))
+    }
+
+    /// Generates for several requests at once (one left-padded batch), without streaming.
+    pub fn generate_batch(&self, reqs: &[GenerateRequest]) -> Result<Vec<GenerateOutput>> {
+        let items: Vec<(Vec<u32>, &GenerateRequest)> = reqs
+            .iter()
+            .map(|r| Ok((self.encode_prompt(&r.prompt)?, r)))
+            .collect::<Result<_>>()?;
+        let mut sinks: Vec<flywheel_api::NullSink> =
+            reqs.iter().map(|_| flywheel_api::NullSink).collect();
+        let mut refs: Vec<&mut dyn TokenSink> =
+            sinks.iter_mut().map(|s| s as &mut dyn TokenSink).collect();
+        self.generate_ids(&items, &mut refs)
+    }
+
+    /// The generation loop over pre-tokenized prompts: one batched prefill, then one decode
+    /// step per token for every unfinished row.
+    pub fn generate_ids(
+        &self,
+        items: &[(Vec<u32>, &GenerateRequest)],
+        sinks: &mut [&mut dyn TokenSink],
+    ) -> Result<Vec<GenerateOutput>> {
+        let ctx = self.model.config().max_position_embeddings;
+        for (ids, req) in items {
+            req.sampling.validate()?;
+            if ids.is_empty() {
+                return Err(Error::EmptyPrompt);
+            }
+            if ids.len() >= ctx {
+                return Err(Error::PromptTooLong {
+                    tokens: ids.len(),
+                    context: ctx,
+                });
+            }
+        }
+        let longest = items.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+        let pads: Vec<usize> = items.iter().map(|(ids, _)| longest - ids.len()).collect();
+        let mut flat = Vec::with_capacity(items.len() * longest);
+        for ((ids, _), &pad) in items.iter().zip(&pads) {
+            flat.extend(std::iter::repeat_n(0u32, pad));
+            flat.extend_from_slice(ids);
+        }
+        let device = self.model.device();
+        let mut rows: Vec<Row> = items
+            .iter()
+            .map(|(ids, req)| Row {
+                history: ids.clone(),
+                prompt_len: ids.len(),
+                budget: req.max_tokens.min(ctx - longest),
+                sampler: Sampler::new(req.sampling.clone()),
+                detok: IncrementalDecoder::new(&self.tokenizer),
+                stop: StopScanner::new(&req.stop),
+                tokens: vec![],
+                finish: None,
+                ignore_eos: req.ignore_eos,
+            })
+            .collect();
+        let mut cache = self.model.new_cache(pads);
+        let t0 = Instant::now();
+        let input = Tensor::from_vec(flat, (items.len(), longest), device)?;
+        let mut logits = self.model.forward(&input, &mut cache, Logits::Last)?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        for row in rows.iter_mut() {
+            if row.budget == 0 {
+                row.finish = Some(FinishReason::Length);
+            }
+        }
+        loop {
+            let all: Vec<Vec<f32>> = logits.to_vec2::<f32>()?;
+            let mut next = Vec::with_capacity(rows.len());
+            for (i, (row, mut l)) in rows.iter_mut().zip(all).enumerate() {
+                if row.finish.is_some() {
+                    next.push(*row.history.last().expect("prompt is not empty"));
+                    continue;
+                }
+                let tok = row.sampler.sample(&mut l, &row.history);
+                next.push(tok);
+                row.step(tok, &self.eos, &mut *sinks[i])?;
+            }
+            if rows.iter().all(|r| r.finish.is_some()) {
+                break;
+            }
+            let input = Tensor::from_vec(next, (rows.len(), 1), device)?;
+            logits = self.model.forward(&input, &mut cache, Logits::Last)?;
+        }
+        let decode_s = t1.elapsed().as_secs_f64();
+        Ok(rows
+            .into_iter()
+            .map(|r| GenerateOutput {
+                text: r.stop.text,
+                usage: Usage {
+                    prompt_tokens: r.prompt_len,
+                    completion_tokens: r.tokens.len(),
+                },
+                tokens: r.tokens,
+                finish_reason: r.finish.expect("loop ends when every row finished"),
+                timings: Timings {
+                    prefill_s,
+                    decode_s,
+                },
+            })
+            .collect())
+    }
+}
+
+struct Row<'a> {
+    history: Vec<u32>,
+    prompt_len: usize,
+    budget: usize,
+    sampler: Sampler,
+    detok: IncrementalDecoder<'a>,
+    stop: StopScanner,
+    tokens: Vec<u32>,
+    finish: Option<FinishReason>,
+    ignore_eos: bool,
+}
+
+impl Row<'_> {
+    fn step(&mut self, tok: u32, eos: &[u32], sink: &mut dyn TokenSink) -> Result<()> {
+        self.tokens.push(tok);
+        self.history.push(tok);
+        if !self.ignore_eos && eos.contains(&tok) {
+            let tail = self.detok.flush()?;
+            let emit = self.stop.finish(&tail);
+            self.emit(&emit, tok, sink);
+            self.finish.get_or_insert(FinishReason::Stop);
+            return Ok(());
+        }
+        let piece = self.detok.push(tok)?;
+        let (emit, stopped) = self.stop.push(&piece);
+        self.emit(&emit, tok, sink);
+        if stopped {
+            self.finish.get_or_insert(FinishReason::Stop);
+        } else if self.tokens.len() >= self.budget {
+            let tail = self.detok.flush()?;
+            let emit = self.stop.finish(&tail);
+            self.emit(&emit, tok, sink);
+            self.finish.get_or_insert(FinishReason::Length);
+        }
+        Ok(())
+    }
+
+    fn emit(&mut self, text: &str, tok: u32, sink: &mut dyn TokenSink) {
+        if self.finish.is_none() && sink.on_text(text, tok) == ControlFlow::Break(()) {
+            self.finish = Some(FinishReason::Cancelled);
+        }
+    }
+}
+
+/// Finds stop strings in streamed text. Text that could be the start of a stop string is held
+/// back until it is known not to be one, so a stop string never reaches the sink.
+pub struct StopScanner {
+    stops: Vec<String>,
+    /// All text accepted so far (the final output).
+    pub text: String,
+    emitted: usize,
+    stopped: bool,
+}
+
+impl StopScanner {
+    /// A scanner for these stop strings (empty strings are ignored).
+    pub fn new(stops: &[String]) -> Self {
+        Self {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            text: String::new(),
+            emitted: 0,
+            stopped: false,
+        }
+    }
+
+    /// Adds text; returns what may be emitted now and whether a stop string matched.
+    pub fn push(&mut self, piece: &str) -> (String, bool) {
+        if self.stopped {
+            return (String::new(), true);
+        }
+        let search_from = self.emitted;
+        self.text.push_str(piece);
+        // Earliest complete match starting at or after what is already emitted.
+        let hit = self
+            .stops
+            .iter()
+            .filter_map(|s| {
+                self.text[search_from..]
+                    .find(s.as_str())
+                    .map(|p| search_from + p)
+            })
+            .min();
+        if let Some(pos) = hit {
+            self.text.truncate(pos);
+            self.stopped = true;
+            let out = self.text[self.emitted..].to_string();
+            self.emitted = self.text.len();
+            return (out, true);
+        }
+        // Hold back the longest suffix that is a proper prefix of some stop string.
+        let mut hold = 0;
+        for s in &self.stops {
+            for (k, _) in s.char_indices().skip(1) {
+                if k > hold && self.text[self.emitted..].ends_with(&s[..k]) {
+                    hold = k;
+                }
+            }
+        }
+        let upto = self.text.len() - hold;
+        let out = self.text[self.emitted..upto].to_string();
+        self.emitted = upto;
+        (out, false)
+    }
+
+    /// Ends the stream: adds `tail` and releases anything held back.
+    pub fn finish(&mut self, tail: &str) -> String {
+        let (mut out, stopped) = self.push(tail);
+        if !stopped {
+            out.push_str(&self.text[self.emitted..]);
+            self.emitted = self.text.len();
+        }
+        out
+    }
+}
+
+impl Generator for TextModel {
+    type Error = Error;
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
+        TextModel::render_chat(self, messages)
+    }
+    fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        sink: &mut dyn TokenSink,
+    ) -> Result<GenerateOutput> {
+        TextModel::generate(self, req, sink)
+    }
+}
+
+/// Builds a `TextModel` from in-memory weights (tests, benchmarks with random weights).
+pub fn model_from_weights(
+    w: &dyn Weights,
+    cfg: &DecoderConfig,
+    tokenizer: Tokenizer,
+    chat: Option<ChatTemplate>,
+) -> Result<TextModel> {
+    let model = DecoderModel::load(w, cfg, &NoHook)?;
+    let eos = cfg.eos_token_ids.clone();
+    Ok(TextModel::from_parts(model, tokenizer, chat, eos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(stops: &[&str], pieces: &[&str]) -> (Vec<String>, String, bool) {
+        let mut s = StopScanner::new(&stops.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let mut out = vec![];
+        let mut stopped = false;
+        for p in pieces {
+            let (e, st) = s.push(p);
+            out.push(e);
+            if st {
+                stopped = true;
+                break;
+            }
+        }
+        if !stopped {
+            out.push(s.finish(""));
+        }
+        (out, s.text.clone(), stopped)
+    }
+
+    #[test]
+    fn stop_string_split_across_pieces_never_reaches_the_sink() {
+        let (out, text, stopped) = run(&["###"], &["Hello #", "#", "# world"]);
+        assert!(stopped);
+        assert_eq!(text, "Hello ");
+        assert_eq!(out.concat(), "Hello ");
+        assert!(out.iter().all(|p| !p.contains('#')), "{out:?}");
+    }
+
+    #[test]
+    fn held_back_prefix_is_released_when_it_is_not_a_stop() {
+        let (out, text, stopped) = run(&["END"], &["a E", "N", "x", "y"]);
+        assert!(!stopped);
+        assert_eq!(text, "a ENxy");
+        assert_eq!(out.concat(), "a ENxy");
+        assert_eq!(out[0], "a ");
+    }
+
+    #[test]
+    fn earliest_of_several_stops_wins_and_unicode_is_safe() {
+        let (_, text, stopped) = run(&["é!", "b"], &["aé", "!b"]);
+        assert!(stopped);
+        assert_eq!(text, "a");
+        let (out, text, _) = run(&["ü"], &["ü"]);
+        assert_eq!(text, "");
+        assert_eq!(out.concat(), "");
+    }
+}

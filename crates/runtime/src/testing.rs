@@ -1,0 +1,285 @@
+//! Tiny models on disk, for tests and benchmarks: a seeded random decoder written as a GGUF file
+//! (llama.cpp names, Q/K rows permuted the way llama.cpp's converter does, a byte-level BPE
+//! vocabulary in the metadata) or as a Hugging Face folder with sharded safetensors.
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use flywheel_models::weights::{hf_to_gguf_name, MemoryWeights};
+use flywheel_models::{Architecture, DecoderConfig};
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::{Error, Result};
+
+const CHATML: &str = "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}";
+
+/// GPT-2's byte → printable character map used by byte-level BPE vocabularies.
+pub fn bytes_to_unicode() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut out = vec![' '; 256];
+    for (b, c) in bs.iter().zip(cs) {
+        out[*b as usize] = char::from_u32(c).expect("valid code point");
+    }
+    out
+}
+
+/// The tiny vocabulary: 256 byte tokens, two merges ("he", "Ġhe"), and ChatML control tokens.
+pub fn tiny_vocab() -> (Vec<String>, Vec<i32>, Vec<String>) {
+    let mut tokens: Vec<String> = bytes_to_unicode().iter().map(|c| c.to_string()).collect();
+    let mut types = vec![1; 256];
+    tokens.push("he".into());
+    tokens.push("Ġhe".into());
+    types.extend([1, 1]);
+    for t in ["<|im_start|>", "<|im_end|>", "<|endoftext|>"] {
+        tokens.push(t.into());
+        types.push(3);
+    }
+    (tokens, types, vec!["h e".into(), "Ġ he".into()])
+}
+
+/// A tiny config matching [`tiny_vocab`] (vocabulary of 261 tokens).
+pub fn tiny_config(arch: Architecture) -> DecoderConfig {
+    DecoderConfig {
+        arch,
+        vocab_size: 261,
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        max_position_embeddings: 64,
+        attention_bias: arch == Architecture::Qwen2,
+        tie_word_embeddings: arch == Architecture::Llama,
+        bos_token_id: None,
+        eos_token_ids: vec![259],
+    }
+}
+
+/// llama.cpp's converter permutation of Q/K rows (HF half-split → interleaved rotary layout).
+fn llama_cpp_permute(t: &Tensor, n_head: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    let t = t.reshape((n_head, 2, rows / n_head / 2, rest))?;
+    Ok(t.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+}
+
+/// Writes `w` (Hugging Face names, f32) as a GGUF file; matrices in `quant`, vectors in F32.
+pub fn write_gguf(
+    path: &Path,
+    cfg: &DecoderConfig,
+    w: &MemoryWeights,
+    quant: GgmlDType,
+) -> Result<()> {
+    let arch = cfg.arch.name();
+    let (tokens, types, merges) = tiny_vocab();
+    let mut md: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (
+            format!("{arch}.embedding_length"),
+            Value::U32(cfg.hidden_size as u32),
+        ),
+        (
+            format!("{arch}.block_count"),
+            Value::U32(cfg.num_layers as u32),
+        ),
+        (
+            format!("{arch}.feed_forward_length"),
+            Value::U32(cfg.intermediate_size as u32),
+        ),
+        (
+            format!("{arch}.attention.head_count"),
+            Value::U32(cfg.num_heads as u32),
+        ),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            Value::U32(cfg.num_kv_heads as u32),
+        ),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
+        (
+            format!("{arch}.rope.freq_base"),
+            Value::F32(cfg.rope_theta as f32),
+        ),
+        (
+            format!("{arch}.context_length"),
+            Value::U32(cfg.max_position_embeddings as u32),
+        ),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("qwen2".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(merges.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.eos_token_id".into(),
+            Value::U32(cfg.eos_token_ids[0]),
+        ),
+        (
+            "tokenizer.chat_template".into(),
+            Value::String(CHATML.into()),
+        ),
+    ];
+    md.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut names: Vec<&String> = w.tensors.keys().collect();
+    names.sort();
+    let mut qs: Vec<(String, QTensor)> = vec![];
+    for name in names {
+        let mut t = w.tensors[name].to_dtype(DType::F32)?;
+        if cfg.arch == Architecture::Llama {
+            if name.contains("self_attn.q_proj.") {
+                t = llama_cpp_permute(&t, cfg.num_heads)?;
+            } else if name.contains("self_attn.k_proj.") {
+                t = llama_cpp_permute(&t, cfg.num_kv_heads)?;
+            }
+        }
+        let gguf = hf_to_gguf_name(name).ok_or_else(|| Error::NotAModel {
+            path: path.display().to_string(),
+            reason: format!("no GGUF name for `{name}`"),
+        })?;
+        let dtype = if t.rank() == 2 { quant } else { GgmlDType::F32 };
+        qs.push((gguf, QTensor::quantize(&t, dtype)?));
+    }
+    let tmp = path.with_extension("gguf.tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::Io {
+        path: tmp.display().to_string(),
+        source: e,
+    })?;
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = qs.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut f, &md_refs, &t_refs)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    })?;
+    Ok(())
+}
+
+/// Writes `w` as a Hugging Face folder: config.json, `shards` safetensors files with an index,
+/// tokenizer.json (the tiny byte-level BPE) and tokenizer_config.json with a ChatML template.
+pub fn write_hf_folder(
+    dir: &Path,
+    cfg: &DecoderConfig,
+    w: &MemoryWeights,
+    shards: usize,
+) -> Result<()> {
+    let io = |p: &Path, e: std::io::Error| Error::Io {
+        path: p.display().to_string(),
+        source: e,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let config = serde_json::json!({
+        "model_type": cfg.arch.name(),
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "eos_token_id": cfg.eos_token_ids[0],
+    });
+    let write = |p: &Path, s: String| std::fs::write(p, s).map_err(|e| io(p, e));
+    write(&dir.join("config.json"), config.to_string())?;
+    let tok_cfg = serde_json::json!({"chat_template": CHATML, "eos_token": "<|endoftext|>", "add_bos_token": false});
+    write(&dir.join("tokenizer_config.json"), tok_cfg.to_string())?;
+    // The tokenizer.json is the GGUF-metadata tokenizer, saved in Hugging Face's format.
+    let (tokens, types, merges) = tiny_vocab();
+    let md: HashMap<String, Value> = [
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("gpt2".into()),
+        ),
+        (
+            "tokenizer.ggml.pre".to_string(),
+            Value::String("qwen2".into()),
+        ),
+        (
+            "tokenizer.ggml.tokens".to_string(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".to_string(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges".to_string(),
+            Value::Array(merges.into_iter().map(Value::String).collect()),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let tok = crate::Tokenizer::from_gguf(&md, "(tiny)")?;
+    let tok_path = dir.join("tokenizer.json");
+    tok.inner()
+        .save(&tok_path, false)
+        .map_err(|e| Error::Tokenizer {
+            file: tok_path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    let mut names: Vec<&String> = w.tensors.keys().collect();
+    names.sort();
+    let per = names.len().div_ceil(shards.max(1));
+    let mut weight_map = serde_json::Map::new();
+    for (i, chunk) in names.chunks(per).enumerate() {
+        let file = if shards <= 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, shards)
+        };
+        let map: HashMap<String, Tensor> = chunk
+            .iter()
+            .map(|n| ((*n).clone(), w.tensors[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&map, dir.join(&file))?;
+        for n in chunk {
+            weight_map.insert((*n).clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    if shards > 1 {
+        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+        write(&dir.join("model.safetensors.index.json"), index.to_string())?;
+    }
+    Ok(())
+}
+
+/// Seeded random weights for [`tiny_config`].
+pub fn tiny_weights(cfg: &DecoderConfig, seed: u64) -> Result<MemoryWeights> {
+    Ok(MemoryWeights::random_decoder(
+        cfg,
+        seed,
+        &Device::Cpu,
+        DType::F32,
+    )?)
+}

@@ -1,0 +1,299 @@
+//! Quality checks on the real default models (fetched by scripts/fetch-models.sh) against
+//! references produced by the peer implementations (fixtures under tests/fixtures/, each with
+//! the script that made it under scripts/fixtures/):
+//! - the GGUF-metadata tokenizer encodes and decodes exactly like llama.cpp;
+//! - greedy output matches llama.cpp's first 32 tokens on most prompts;
+//! - SmolLM2 knows the capital of France, Qwen2.5-Coder starts its SQL with SELECT;
+//! - MiniLM vectors match sentence-transformers.
+//!
+//! These tests fail (not skip) when the models are missing. Set FLYWHEEL_SKIP_REAL_MODELS=1 to
+//! skip them deliberately on a machine without the models.
+
+use flywheel_api::{ChatMessage, GenerateRequest, SamplingParams};
+use flywheel_runtime::{EmbeddingModel, LoadOptions, TextModel};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn skip() -> bool {
+    std::env::var("FLYWHEEL_SKIP_REAL_MODELS").is_ok_and(|v| v == "1")
+}
+
+fn model_path(rel: &str) -> String {
+    let p = root().join(rel);
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-models.sh first (or set FLYWHEEL_SKIP_REAL_MODELS=1)",
+        p.display()
+    );
+    p.to_string_lossy().into_owned()
+}
+
+const SMOLLM: &str = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
+const QWEN: &str = "models/qwen2.5-coder-0.5b-instruct/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+
+fn smollm() -> &'static TextModel {
+    static M: OnceLock<TextModel> = OnceLock::new();
+    M.get_or_init(|| {
+        TextModel::load(&model_path(SMOLLM), &LoadOptions::default()).expect("load SmolLM2")
+    })
+}
+
+fn qwen() -> &'static TextModel {
+    static M: OnceLock<TextModel> = OnceLock::new();
+    M.get_or_init(|| {
+        TextModel::load(&model_path(QWEN), &LoadOptions::default()).expect("load Qwen2.5-Coder")
+    })
+}
+
+fn fixture(name: &str) -> Value {
+    let p = root().join("tests/fixtures").join(name);
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array of ids")
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn check_tokenizer(tm: &TextModel, fixture_name: &str) {
+    let fx = fixture(fixture_name);
+    let cases = fx["cases"].as_array().unwrap();
+    assert!(cases.len() >= 20, "fixture has too few cases");
+    let mut failures = vec![];
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let want = ids_of(&c["ids"]);
+        let got = tm.tokenizer().encode(text, false).unwrap();
+        if got != want {
+            failures.push(format!(
+                "encode {text:?}:\n  llama.cpp {want:?}\n  flywheel  {got:?}"
+            ));
+            continue;
+        }
+        let decoded = tm.tokenizer().decode(&got, false).unwrap();
+        if let Some(d) = c["decoded"].as_str() {
+            if decoded != d {
+                failures.push(format!(
+                    "decode {text:?}: llama.cpp {d:?}, flywheel {decoded:?}"
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn smollm2_tokenizer_matches_llama_cpp() {
+    if skip() {
+        return;
+    }
+    check_tokenizer(smollm(), "tokenizer-smollm2.json");
+}
+
+#[test]
+fn qwen_tokenizer_matches_llama_cpp() {
+    if skip() {
+        return;
+    }
+    check_tokenizer(qwen(), "tokenizer-qwen2.5-coder.json");
+}
+
+fn greedy(max: usize) -> GenerateRequest {
+    let mut r = GenerateRequest::new(String::new(), max);
+    r.sampling = SamplingParams::greedy();
+    r
+}
+
+#[test]
+fn greedy_tokens_match_llama_cpp_on_most_prompts() {
+    if skip() {
+        return;
+    }
+    let fx = fixture("greedy-llamacpp.json");
+    let cases = fx["cases"].as_array().expect("cases");
+    for (file, tm) in [(SMOLLM, smollm()), (QWEN, qwen())] {
+        let mine: Vec<&Value> = cases
+            .iter()
+            .filter(|c| c["model_file"].as_str() == Some(file))
+            .collect();
+        assert_eq!(mine.len(), 5, "{file}: expected 5 prompts in the fixture");
+        let mut agree = 0;
+        let mut report = vec![];
+        for c in &mine {
+            let prompt = ids_of(&c["prompt_ids"]);
+            let want = ids_of(&c["generated_ids"]);
+            // Our own tokenizer must give the same prompt ids from the rendered text.
+            assert_eq!(
+                tm.tokenizer()
+                    .encode(c["prompt_text"].as_str().unwrap(), false)
+                    .unwrap(),
+                prompt
+            );
+            let req = greedy(want.len());
+            let out = tm
+                .generate_ids(&[(prompt, &req)], &mut [&mut flywheel_api::NullSink])
+                .unwrap()
+                .remove(0);
+            let n = want.len().min(32);
+            if out.tokens.len() >= n && out.tokens[..n] == want[..n] {
+                agree += 1;
+            } else {
+                let first_diff = out
+                    .tokens
+                    .iter()
+                    .zip(&want)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                report.push(format!(
+                    "{:?}: first difference at token {first_diff}",
+                    c["prompt_text"].as_str().unwrap().lines().nth(3)
+                ));
+            }
+        }
+        eprintln!(
+            "{file}: identical first 32 tokens on {agree}/5 prompts\n{}",
+            report.join("\n")
+        );
+        assert!(
+            agree >= 4,
+            "{file}: identical first 32 tokens on {agree}/5 prompts\n{}",
+            report.join("\n")
+        );
+    }
+}
+
+#[test]
+fn smollm2_knows_the_capital_of_france() {
+    if skip() {
+        return;
+    }
+    let tm = smollm();
+    let prompt = tm
+        .render_chat(&[ChatMessage::new("user", "What is the capital of France?")])
+        .unwrap();
+    let mut req = greedy(48);
+    req.prompt = prompt;
+    let out = tm.generate(&req, &mut flywheel_api::NullSink).unwrap();
+    assert!(out.text.contains("Paris"), "answer: {:?}", out.text);
+}
+
+#[test]
+fn qwen_coder_answers_with_a_select() {
+    if skip() {
+        return;
+    }
+    let tm = qwen();
+    let q = "Given the SQLite schema:\nCREATE TABLE singer (singer_id INT, name TEXT, country TEXT, age INT);\n\
+             Write one SQL query that answers: How many singers are from France? Reply with the SQL only.";
+    let prompt = tm
+        .render_chat(&[
+            ChatMessage::new("system", "You are a text-to-SQL assistant."),
+            ChatMessage::new("user", q),
+        ])
+        .unwrap();
+    let mut req = greedy(64);
+    req.prompt = prompt;
+    let out = tm.generate(&req, &mut flywheel_api::NullSink).unwrap();
+    let sql = out
+        .text
+        .trim()
+        .trim_start_matches("```sql")
+        .trim_start_matches("```")
+        .trim();
+    assert!(
+        sql.to_uppercase().starts_with("SELECT"),
+        "answer: {:?}",
+        out.text
+    );
+    assert!(
+        sql.to_lowercase().contains("singer"),
+        "answer: {:?}",
+        out.text
+    );
+}
+
+#[test]
+fn minilm_matches_sentence_transformers() {
+    if skip() {
+        return;
+    }
+    let fx = fixture("minilm-reference.json");
+    let em = EmbeddingModel::load(
+        &model_path("models/all-minilm-l6-v2"),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let cases = fx["cases"].as_array().unwrap();
+    let texts: Vec<&str> = cases
+        .iter()
+        .map(|c| c["sentence"].as_str().unwrap())
+        .collect();
+    // Batched (padded) and alone must both match the reference.
+    let batched = em.embed_all(&texts, 4).unwrap();
+    for (c, v) in cases.iter().zip(&batched) {
+        let want: Vec<f32> = c["vector"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(v.len(), want.len());
+        let cos: f32 = v.iter().zip(&want).map(|(a, b)| a * b).sum();
+        let norm: f32 = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "not normalised: {norm}");
+        assert!(cos >= 0.999, "{:?}: cosine {cos}", c["sentence"]);
+        let alone = em
+            .embed_batch(&[c["sentence"].as_str().unwrap()])
+            .unwrap()
+            .remove(0);
+        let d = alone
+            .iter()
+            .zip(v)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-4, "padding changed the vector by {d}");
+    }
+}
+
+#[test]
+fn info_describes_the_default_model() {
+    if skip() {
+        return;
+    }
+    let i = smollm().info();
+    assert_eq!(i.architecture, "llama");
+    assert!(i.tensor_types.contains_key("Q4_1"), "{:?}", i.tensor_types);
+    assert_eq!(i.context_length, 8192);
+    assert!(i
+        .chat_template
+        .as_deref()
+        .unwrap_or("")
+        .contains("<|im_start|>"));
+    assert!(
+        (130_000_000..140_000_000).contains(&i.parameters),
+        "{}",
+        i.parameters
+    );
+    assert!(
+        i.eos_tokens.iter().any(|t| t == "<|im_end|>"),
+        "{:?}",
+        i.eos_tokens
+    );
+}

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite: fetch the default models (idempotent, checksummed), then run every test once,
+# in one build (dev profile with optimised dependencies).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/fetch-models.sh
+cargo test --workspace --locked "$@"
