@@ -310,6 +310,8 @@ fn real_default_models_through_the_cli() {
             "-m",
             &chat,
             "--chat",
+            "--system",
+            "You are a helpful assistant.",
             "-p",
             "What is the capital of France?",
             "--temperature",
