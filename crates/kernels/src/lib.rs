@@ -100,9 +100,9 @@ fn dot_scalar(ty: BlockType, w: &[u8], x: &[Q8Block]) -> f32 {
                 };
                 let off = if ty == BlockType::Q4_0 { 8 } else { 0 };
                 let mut si = 0i32;
-                for j in 0..16 {
-                    let lo = (qs[j] & 0x0F) as i32 - off;
-                    let hi = (qs[j] >> 4) as i32 - off;
+                for (j, &b) in qs.iter().enumerate() {
+                    let lo = (b & 0x0F) as i32 - off;
+                    let hi = (b >> 4) as i32 - off;
                     si += lo * xb.qs[j] as i32 + hi * xb.qs[j + 16] as i32;
                 }
                 sum += dw * xb.d * si as f32 + mw * xb.s;
@@ -212,20 +212,24 @@ pub enum Path {
     Scalar,
 }
 
-/// `out[i, j] = Σ_k x[i, k] · W[j, k]` for `x` of shape `(m, k)` and a quantized `W` of shape
-/// `(n, k)` stored as `n` rows of `k / 32` blocks. Panics if the slices do not fit the shapes
-/// (callers check shapes at load time).
-pub fn matmul(
-    ty: BlockType,
-    w: &[u8],
-    n: usize,
-    k: usize,
-    x: &[f32],
-    m: usize,
-    out: &mut [f32],
-    path: Path,
-) {
-    assert!(k % QK == 0, "k = {k} is not a multiple of {QK}");
+/// A quantized `(n, k)` weight matrix: `n` rows of `k / 32` blocks in ggml layout.
+#[derive(Debug, Clone, Copy)]
+pub struct QMatrix<'a> {
+    /// Block type.
+    pub ty: BlockType,
+    /// The raw blocks, row after row.
+    pub data: &'a [u8],
+    /// Rows (output features).
+    pub n: usize,
+    /// Columns (input features), a multiple of 32.
+    pub k: usize,
+}
+
+/// `out[i, j] = Σ_k x[i, k] · W[j, k]` for `x` of shape `(m, k)`. Panics if the slices do not
+/// fit the shapes (callers check shapes at load time).
+pub fn matmul(w: QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32], path: Path) {
+    let QMatrix { ty, data: w, n, k } = w;
+    assert!(k.is_multiple_of(QK), "k = {k} is not a multiple of {QK}");
     let row_bytes = k / QK * ty.block_bytes();
     assert_eq!(
         w.len(),
@@ -352,8 +356,30 @@ mod tests {
             let wq = quantize_weights(ty, &w);
             let mut a = vec![0f32; m * n];
             let mut b = vec![0f32; m * n];
-            matmul(ty, &wq, n, k, &x, m, &mut a, Path::Auto);
-            matmul(ty, &wq, n, k, &x, m, &mut b, Path::Scalar);
+            matmul(
+                QMatrix {
+                    ty,
+                    data: &wq,
+                    n,
+                    k,
+                },
+                &x,
+                m,
+                &mut a,
+                Path::Auto,
+            );
+            matmul(
+                QMatrix {
+                    ty,
+                    data: &wq,
+                    n,
+                    k,
+                },
+                &x,
+                m,
+                &mut b,
+                Path::Scalar,
+            );
             let wd = dequantize(ty, &wq);
             for i in 0..m {
                 for j in 0..n {
@@ -383,7 +409,18 @@ mod tests {
             }
             // Row independence: row 2 alone equals row 2 in the batch.
             let mut one = vec![0f32; n];
-            matmul(ty, &wq, n, k, &x[2 * k..3 * k], 1, &mut one, Path::Auto);
+            matmul(
+                QMatrix {
+                    ty,
+                    data: &wq,
+                    n,
+                    k,
+                },
+                &x[2 * k..3 * k],
+                1,
+                &mut one,
+                Path::Auto,
+            );
             assert_eq!(&one[..], &a[2 * n..3 * n]);
         }
     }

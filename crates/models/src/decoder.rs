@@ -300,10 +300,10 @@ impl DecoderConfig {
                 return err(name, "must be > 0");
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return err("num_key_value_heads", "must divide num_attention_heads");
         }
-        if self.head_dim % 2 != 0 || self.head_dim == 0 {
+        if !self.head_dim.is_multiple_of(2) || self.head_dim == 0 {
             return err("head_dim", "must be even and > 0");
         }
         Ok(())

@@ -120,10 +120,12 @@ impl Linear {
                     flywheel_kernels::Path::Auto
                 };
                 flywheel_kernels::matmul(
-                    ty,
-                    &data,
-                    self.out_dim,
-                    self.in_dim,
+                    flywheel_kernels::QMatrix {
+                        ty,
+                        data: &data,
+                        n: self.out_dim,
+                        k: self.in_dim,
+                    },
                     &xs,
                     m,
                     &mut out,

@@ -53,14 +53,10 @@ fn gguf_round_trip_matches_the_dense_model() -> anyhow::Result<()> {
             write_gguf(&path, &cfg, &w, quant)?;
             let tm = TextModel::load(path.to_str().unwrap(), &LoadOptions::default())?;
             assert_eq!(tm.model().config().arch, arch);
-            assert_eq!(
-                tm.info()
-                    .tensor_types
-                    .get(&format!("{quant:?}"))
-                    .copied()
-                    .unwrap_or(0)
-                    > 0,
-                true
+            let types = &tm.info().tensor_types;
+            assert!(
+                types.get(&format!("{quant:?}")).is_some_and(|&n| n > 0),
+                "{types:?}"
             );
             let got = logits(tm.model(), &SEQ)?;
             let c = cosine(&want, &got)?;
