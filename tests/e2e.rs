@@ -324,6 +324,30 @@ fn real_default_models_through_the_cli() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("Paris"), "{}", text(&out.stdout));
+    // A stop string ends generation and is not printed.
+    let out = flywheel(
+        &[
+            "generate",
+            "-m",
+            &chat,
+            "--chat",
+            "--system",
+            "You are a helpful assistant.",
+            "-p",
+            "What is the capital of France?",
+            "--temperature",
+            "0",
+            "--stop",
+            "Paris",
+            "--json",
+        ],
+        None,
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(v["text"], "The capital of France is ");
+    assert_eq!(v["finish_reason"], "stop");
 
     let Some(emb) = real("models/all-minilm-l6-v2") else {
         return;

@@ -124,11 +124,11 @@ fn dot_scalar(ty: BlockType, w: &[u8], x: &[Q8Block]) -> f32 {
 mod avx2 {
     //! AVX2 + FMA dot products, the same instruction sequence as llama.cpp's x86 kernels.
     #![allow(unsafe_code)]
-    use super::{f16_at, BlockType, Q8Block};
+    use super::{BlockType, Q8Block};
     use std::arch::x86_64::*;
 
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps(v, 1);
@@ -138,9 +138,17 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// An f16 scale at byte `at`, widened with the F16C instruction.
+    #[inline]
+    #[target_feature(enable = "f16c")]
+    unsafe fn h(b: &[u8], at: usize) -> f32 {
+        let bits = u16::from_le_bytes([b[at], b[at + 1]]) as i32;
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+    }
+
     /// # Safety
-    /// The CPU must support AVX2 and FMA; `w` holds whole blocks matching `x`.
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU must support AVX2, FMA and F16C; `w` holds whole blocks matching `x`.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot(ty: BlockType, w: &[u8], x: &[Q8Block]) -> f32 {
         let bb = ty.block_bytes();
         let mut acc = _mm256_setzero_ps();
@@ -155,9 +163,9 @@ mod avx2 {
                     let raw = _mm_loadu_si128(wb.as_ptr().add(off) as *const __m128i);
                     let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
                     let q = _mm256_and_si256(both, low); // lane 0: elements 0..16, lane 1: 16..32
-                    let d = f16_at(wb, 0) * xb.d;
+                    let d = h(wb, 0) * xb.d;
                     if ty == BlockType::Q4_1 {
-                        summs += f16_at(wb, 2) * xb.s;
+                        summs += h(wb, 2) * xb.s;
                         (_mm256_maddubs_epi16(q, qy), d)
                     } else {
                         let q = _mm256_sub_epi8(q, _mm256_set1_epi8(8));
@@ -170,7 +178,7 @@ mod avx2 {
                     let q = _mm256_loadu_si256(wb.as_ptr().add(2) as *const __m256i);
                     let ax = _mm256_sign_epi8(q, q);
                     let sy = _mm256_sign_epi8(qy, q);
-                    (_mm256_maddubs_epi16(ax, sy), f16_at(wb, 0) * xb.d)
+                    (_mm256_maddubs_epi16(ax, sy), h(wb, 0) * xb.d)
                 }
             };
             let p32 = _mm256_madd_epi16(p16, ones);
@@ -184,7 +192,11 @@ fn have_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static HAVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAVE.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+        *HAVE.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -195,7 +207,7 @@ fn have_avx2() -> bool {
 fn dot(ty: BlockType, w: &[u8], x: &[Q8Block], simd: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // SAFETY: `simd` is only true when AVX2 and FMA were detected at run time.
+        // SAFETY: `simd` is only true when AVX2, FMA and F16C were detected at run time.
         #[allow(unsafe_code)]
         return unsafe { avx2::dot(ty, w, x) };
     }

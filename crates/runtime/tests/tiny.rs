@@ -242,3 +242,25 @@ fn truncated_and_corrupt_files_are_named_in_errors() -> anyhow::Result<()> {
     let _ = DType::F32;
     Ok(())
 }
+
+#[test]
+fn streaming_never_splits_a_character() -> anyhow::Result<()> {
+    // The tiny vocabulary is byte-level: "é" and "☃" are two and three tokens.
+    let dir = tempfile::tempdir()?;
+    let cfg = tiny_config(Architecture::Qwen2);
+    let path = dir.path().join("tiny.gguf");
+    write_gguf(&path, &cfg, &tiny_weights(&cfg, 3)?, GgmlDType::Q8_0)?;
+    let tm = TextModel::load(path.to_str().unwrap(), &LoadOptions::default())?;
+    let text = "hé ☃!";
+    let ids = tm.tokenizer().encode(text, false)?;
+    assert_eq!(ids.len(), 1 + 2 + 1 + 3 + 1, "{ids:?}");
+    let mut dec = flywheel_runtime::tokenizer::IncrementalDecoder::new(tm.tokenizer());
+    let pieces: Vec<String> = ids.iter().map(|&i| dec.push(i)).collect::<Result<_, _>>()?;
+    assert_eq!(pieces, vec!["h", "", "é", " ", "", "", "☃", "!"]);
+    assert_eq!(dec.flush()?, "");
+    // An incomplete character at the end is released (lossily) by flush.
+    let mut dec = flywheel_runtime::tokenizer::IncrementalDecoder::new(tm.tokenizer());
+    assert_eq!(dec.push(ids[1])?, "");
+    assert_eq!(dec.flush()?, "\u{FFFD}");
+    Ok(())
+}
