@@ -386,3 +386,103 @@ fn real_default_models_through_the_cli() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("bert"), "{}", text(&out.stdout));
 }
+
+/// A model manifest under models/ (the file scripts/fetch-models.sh reads).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct Manifest {
+    name: String,
+    kind: String,
+    format: String,
+    license: String,
+    upstream: String,
+    source: Vec<Source>,
+    output: ManifestOutput,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct Source {
+    registry: String,
+    package: String,
+    version: String,
+    member: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestOutput {
+    file: String,
+    sha256: String,
+}
+
+#[test]
+fn every_model_manifest_is_valid_and_its_model_loads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+    let mut names = vec![];
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let m: Manifest = toml::from_str(&std::fs::read_to_string(&p).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert_eq!(
+            Some(m.name.as_str()),
+            p.file_stem().and_then(|s| s.to_str()),
+            "{}: name",
+            p.display()
+        );
+        assert!(
+            ["decoder", "embedder"].contains(&m.kind.as_str()),
+            "{}: kind",
+            p.display()
+        );
+        assert!(
+            ["gguf", "hf-folder"].contains(&m.format.as_str()),
+            "{}: format",
+            p.display()
+        );
+        assert!(
+            !m.source.is_empty()
+                && m.source
+                    .iter()
+                    .all(|s| s.registry == "pypi" && !s.version.is_empty())
+        );
+        assert!(
+            m.output.sha256.len() == 64 && m.output.sha256.chars().all(|c| c.is_ascii_hexdigit())
+        );
+        if m.format == "hf-folder" {
+            assert_eq!(
+                m.source.len(),
+                1,
+                "{}: a folder comes from one package",
+                p.display()
+            );
+        }
+        names.push(m.name.clone());
+        // With the weights present, `flywheel info` loads the model the manifest describes.
+        if std::env::var("FLYWHEEL_SKIP_REAL_MODELS").is_ok_and(|v| v == "1") {
+            continue;
+        }
+        let folder = dir.join(&m.name);
+        assert!(
+            folder.join(&m.output.file).is_file(),
+            "{} missing: run scripts/fetch-models.sh",
+            m.output.file
+        );
+        let out = flywheel(&["info", folder.to_str().unwrap()], None, &[]);
+        assert!(out.status.success(), "{}: {}", m.name, text(&out.stderr));
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "all-minilm-l6-v2",
+            "qwen2.5-coder-0.5b-instruct",
+            "smollm2-135m-instruct"
+        ]
+    );
+}
