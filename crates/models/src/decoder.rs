@@ -128,7 +128,8 @@ struct HfRopeScaling {
     original_max_position_embeddings: Option<usize>,
 }
 
-fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
+/// Token ids from a JSON value that is a number or an array of numbers (HF `eos_token_id`).
+pub fn json_token_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
     match v {
         Some(serde_json::Value::Number(n)) => {
             n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
@@ -210,8 +211,8 @@ impl DecoderConfig {
             max_position_embeddings: hf.max_position_embeddings.unwrap_or(4096),
             attention_bias: hf.attention_bias.unwrap_or(arch == Architecture::Qwen2),
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
-            bos_token_id: token_ids(&hf.bos_token_id).first().copied(),
-            eos_token_ids: token_ids(&hf.eos_token_id),
+            bos_token_id: json_token_ids(hf.bos_token_id.as_ref()).first().copied(),
+            eos_token_ids: json_token_ids(hf.eos_token_id.as_ref()),
         };
         cfg.validate(file)?;
         Ok(cfg)

@@ -55,19 +55,6 @@ fn json_token(v: Option<&serde_json::Value>) -> Option<String> {
     }
 }
 
-fn json_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
-    match v {
-        Some(serde_json::Value::Number(n)) => {
-            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
-        }
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().map(|x| x as u32))
-            .collect(),
-        _ => vec![],
-    }
-}
-
 impl TextModel {
     /// Resolves `spec` (file, folder or hub id) and loads it.
     pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
@@ -167,7 +154,9 @@ impl TextModel {
         let tokenizer = Tokenizer::from_hf_file(&tok_path, bos.as_deref(), add_bos)?;
         let eos_text = json_token(tok_cfg.get("eos_token"));
         let mut eos = cfg.eos_token_ids.clone();
-        eos.extend(json_ids(gen_cfg.get("eos_token_id")));
+        eos.extend(flywheel_models::decoder::json_token_ids(
+            gen_cfg.get("eos_token_id"),
+        ));
         if let Some(id) = eos_text.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
             eos.push(id);
         }
