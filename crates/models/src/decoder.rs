@@ -98,8 +98,6 @@ pub struct DecoderConfig {
 /// `config.json` as Hugging Face writes it (unknown keys are tolerated).
 #[derive(Debug, Deserialize)]
 struct HfConfig {
-    model_type: Option<String>,
-    architectures: Option<Vec<String>>,
     vocab_size: usize,
     hidden_size: usize,
     intermediate_size: usize,
@@ -168,7 +166,6 @@ impl DecoderConfig {
             let field = msg.split('`').nth(1).unwrap_or("(json)").to_string();
             cfg_err(&field, msg)
         })?;
-        let _ = (&hf.model_type, &hf.architectures);
         let rope_scaling = match &hf.rope_scaling {
             None => None,
             Some(s) => {

@@ -20,10 +20,66 @@ fn raise_exception(msg: String) -> std::result::Result<String, minijinja::Error>
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
 }
 
+/// Today's date (UTC) in a `strftime` format; Llama 3 templates print it as "Today Date".
+/// Supports `%d %m %y %Y %b %B %e %%`; other directives are kept verbatim.
 fn strftime_now(fmt: String) -> String {
-    // Templates use this for "today's date"; a fixed, explicit fallback keeps renders reproducible.
-    let _ = fmt;
-    "26 Jul 2024".to_string()
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format_date(secs / 86_400, &fmt)
+}
+
+/// Formats the civil date `days` after 1970-01-01 (H. Hinnant's days-to-civil algorithm).
+fn format_date(days: u64, fmt: &str) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let name = MONTHS[(month - 1) as usize];
+    let mut out = String::new();
+    let mut chars = fmt.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('e') => out.push_str(&format!("{day:>2}")),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year % 100)),
+            Some('b') => out.push_str(&name[..3]),
+            Some('B') => out.push_str(name),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
 }
 
 impl ChatTemplate {
@@ -110,6 +166,19 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("bad role tool"), "{err}");
         Ok(())
+    }
+
+    #[test]
+    fn dates_format_like_strftime() {
+        // 2024-07-26 is day 19_930 after the epoch; 2000-02-29 is day 11_016.
+        assert_eq!(format_date(19_930, "%d %b %Y"), "26 Jul 2024");
+        assert_eq!(
+            format_date(11_016, "%Y-%m-%d (%B, %y) %% %Q"),
+            "2000-02-29 (February, 00) % %Q"
+        );
+        assert_eq!(format_date(0, "%e.%m.%Y"), " 1.01.1970");
+        let today = strftime_now("%Y".into());
+        assert!(today.parse::<i32>().unwrap() >= 2024, "{today}");
     }
 
     #[test]

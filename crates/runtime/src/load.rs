@@ -218,6 +218,7 @@ pub mod hub {
             dir = p.parent().map(Path::to_path_buf);
         }
         for f in OPTIONAL {
+            // Optional side files: a repository without them still loads (defaults apply).
             let _ = repo.get(f);
         }
         match repo.get("model.safetensors.index.json") {
