@@ -304,43 +304,24 @@ fn real_default_models_through_the_cli() {
     let Some(chat) = real("models/smollm2-135m-instruct") else {
         return;
     };
-    let out = flywheel(
-        &[
-            "generate",
-            "-m",
-            &chat,
-            "--chat",
-            "--system",
-            "You are a helpful assistant.",
-            "-p",
-            "What is the capital of France?",
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "40",
-        ],
-        None,
-        &[],
-    );
+    let paris = [
+        "generate",
+        "-m",
+        chat.as_str(),
+        "--chat",
+        "--system",
+        "You are a helpful assistant.",
+        "-p",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+    ];
+    let out = flywheel(&[&paris[..], &["--max-tokens", "40"]].concat(), None, &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("Paris"), "{}", text(&out.stdout));
     // A stop string ends generation and is not printed.
     let out = flywheel(
-        &[
-            "generate",
-            "-m",
-            &chat,
-            "--chat",
-            "--system",
-            "You are a helpful assistant.",
-            "-p",
-            "What is the capital of France?",
-            "--temperature",
-            "0",
-            "--stop",
-            "Paris",
-            "--json",
-        ],
+        &[&paris[..], &["--stop", "Paris", "--json"]].concat(),
         None,
         &[],
     );

@@ -366,32 +366,16 @@ mod tests {
             let mut x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 3.0).collect();
             x[7] = 250.0; // an outlier, as real activations have
             let wq = quantize_weights(ty, &w);
+            let wm = QMatrix {
+                ty,
+                data: &wq,
+                n,
+                k,
+            };
             let mut a = vec![0f32; m * n];
             let mut b = vec![0f32; m * n];
-            matmul(
-                QMatrix {
-                    ty,
-                    data: &wq,
-                    n,
-                    k,
-                },
-                &x,
-                m,
-                &mut a,
-                Path::Auto,
-            );
-            matmul(
-                QMatrix {
-                    ty,
-                    data: &wq,
-                    n,
-                    k,
-                },
-                &x,
-                m,
-                &mut b,
-                Path::Scalar,
-            );
+            matmul(wm, &x, m, &mut a, Path::Auto);
+            matmul(wm, &x, m, &mut b, Path::Scalar);
             let wd = dequantize(ty, &wq);
             for i in 0..m {
                 for j in 0..n {
@@ -421,18 +405,7 @@ mod tests {
             }
             // Row independence: row 2 alone equals row 2 in the batch.
             let mut one = vec![0f32; n];
-            matmul(
-                QMatrix {
-                    ty,
-                    data: &wq,
-                    n,
-                    k,
-                },
-                &x[2 * k..3 * k],
-                1,
-                &mut one,
-                Path::Auto,
-            );
+            matmul(wm, &x[2 * k..3 * k], 1, &mut one, Path::Auto);
             assert_eq!(&one[..], &a[2 * n..3 * n]);
         }
     }

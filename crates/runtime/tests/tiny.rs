@@ -28,6 +28,17 @@ fn cosine(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
     Ok(dot / (na * nb))
 }
 
+/// A tiny random model (seed 3) written as Q8_0 GGUF to a temp folder and loaded back; the
+/// folder lives as long as the returned guard.
+fn tiny_gguf_model(arch: Architecture) -> anyhow::Result<(tempfile::TempDir, TextModel)> {
+    let dir = tempfile::tempdir()?;
+    let cfg = tiny_config(arch);
+    let path = dir.path().join("tiny.gguf");
+    write_gguf(&path, &cfg, &tiny_weights(&cfg, 3)?, GgmlDType::Q8_0)?;
+    let tm = TextModel::load(path.to_str().unwrap(), &LoadOptions::default())?;
+    Ok((dir, tm))
+}
+
 const SEQ: [u32; 9] = [10, 200, 33, 256, 257, 70, 71, 5, 120];
 
 #[test]
@@ -94,11 +105,7 @@ fn sharded_hf_folder_matches_the_dense_model_exactly() -> anyhow::Result<()> {
 
 #[test]
 fn gguf_tokenizer_chat_template_and_generation_work_end_to_end() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let cfg = tiny_config(Architecture::Qwen2);
-    let path = dir.path().join("tiny.gguf");
-    write_gguf(&path, &cfg, &tiny_weights(&cfg, 3)?, GgmlDType::Q8_0)?;
-    let tm = TextModel::load(path.to_str().unwrap(), &LoadOptions::default())?;
+    let (_dir, tm) = tiny_gguf_model(Architecture::Qwen2)?;
     let tok = tm.tokenizer();
     // Merges apply, control tokens are matched whole, bytes round-trip.
     assert_eq!(tok.encode("he", false)?, vec![256]);
@@ -143,11 +150,7 @@ fn gguf_tokenizer_chat_template_and_generation_work_end_to_end() -> anyhow::Resu
 
 #[test]
 fn prompt_longer_than_the_context_is_refused() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let cfg = tiny_config(Architecture::Llama);
-    let path = dir.path().join("tiny.gguf");
-    write_gguf(&path, &cfg, &tiny_weights(&cfg, 3)?, GgmlDType::Q8_0)?;
-    let tm = TextModel::load(path.to_str().unwrap(), &LoadOptions::default())?;
+    let (_dir, tm) = tiny_gguf_model(Architecture::Llama)?;
     let req = GenerateRequest::new("x".repeat(100), 4);
     let err = tm
         .generate(&req, &mut flywheel_api::NullSink)
@@ -246,11 +249,7 @@ fn truncated_and_corrupt_files_are_named_in_errors() -> anyhow::Result<()> {
 #[test]
 fn streaming_never_splits_a_character() -> anyhow::Result<()> {
     // The tiny vocabulary is byte-level: "é" and "☃" are two and three tokens.
-    let dir = tempfile::tempdir()?;
-    let cfg = tiny_config(Architecture::Qwen2);
-    let path = dir.path().join("tiny.gguf");
-    write_gguf(&path, &cfg, &tiny_weights(&cfg, 3)?, GgmlDType::Q8_0)?;
-    let tm = TextModel::load(path.to_str().unwrap(), &LoadOptions::default())?;
+    let (_dir, tm) = tiny_gguf_model(Architecture::Qwen2)?;
     let text = "hé ☃!";
     let ids = tm.tokenizer().encode(text, false)?;
     assert_eq!(ids.len(), 1 + 2 + 1 + 3 + 1, "{ids:?}");
