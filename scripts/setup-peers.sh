@@ -7,6 +7,7 @@
 #                             only AMX is disabled, it SIGILLs on these VMs)
 #   sentence-transformers    (with torch: CPU-only wheel index if reachable,
 #                             otherwise plain `torch` from PyPI)
+#   peft                     (LoRA training peer, with transformers)
 #   numpy, psutil
 #
 # Venv: <repo>/.venv-peers (git-ignored). Idempotent: packages already present
@@ -76,6 +77,14 @@ else
     "${PIP[@]}" install --quiet sentence-transformers
 fi
 
+# --- PEFT (LoRA training peer for scripts/bench-train.sh) ---------------------
+if have peft; then
+    log "peft already installed"
+else
+    log "installing peft"
+    "${PIP[@]}" install --quiet "peft>=0.18" safetensors
+fi
+
 # --- llama-cpp-python (source build, native CPU flags minus AMX) -----------
 # llama.cpp's default GGML_NATIVE=ON compiles with -march=native. On this
 # workplace's VMs the CPU advertises AMX (amx_tile/amx_int8/amx_bf16) but AMX
@@ -103,7 +112,7 @@ fi
 log "installed versions:"
 "$PY" - <<'EOF'
 import importlib.metadata as m
-for p in ("llama_cpp_python", "sentence-transformers", "torch", "transformers", "numpy", "psutil"):
+for p in ("llama_cpp_python", "sentence-transformers", "torch", "transformers", "peft", "numpy", "psutil"):
     try:
         print(f"  {p:22s} {m.version(p)}")
     except m.PackageNotFoundError:

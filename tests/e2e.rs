@@ -39,7 +39,7 @@ fn assert_fails_with(out: &Output, needles: &[&str]) {
         "expected failure, got success; stderr: {err}"
     );
     assert!(!err.contains("panicked"), "panicked: {err}");
-    assert!(err.starts_with("error:"), "{err}");
+    assert!(err.lines().any(|l| l.starts_with("error:")), "{err}");
     for n in needles {
         assert!(err.contains(n), "stderr lacks {n:?}: {err}");
     }
@@ -466,4 +466,117 @@ fn every_model_manifest_is_valid_and_its_model_loads() {
             "smollm2-135m-instruct"
         ]
     );
+}
+
+#[test]
+fn lora_train_resume_generate_with_adapter_and_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_gguf(dir.path(), Architecture::Llama);
+    let data = dir.path().join("train.jsonl");
+    let lines: Vec<String> = ["he", "ab", "ba", "aha", "eh", "hab"]
+        .iter()
+        .map(|w| format!("{{\"prompt\":\"{w}\",\"completion\":\"{w}{w}\"}}"))
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let run = dir.path().join("run");
+    let recipe = dir.path().join("r.toml");
+    let write_recipe = |extra: &str| {
+        std::fs::write(
+            &recipe,
+            format!(
+                "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nvalid_split = 0.3\nmax_seq_len = 64\n[lora]\ntarget_modules = \"all-linear\"\n[optimizer]\nlr = 0.01\n[batch]\nsize = 2\nmax_steps = 4\n[checkpoint]\nevery = 2\n[output]\ndir = \"{}\"\n{extra}",
+                m.display(),
+                data.display(),
+                run.display()
+            ),
+        )
+        .unwrap()
+    };
+    // A typo in the recipe is named with its line.
+    write_recipe("[eval]\nevry = 3\n");
+    let out = flywheel(&["lora-train", recipe.to_str().unwrap()], None, &[]);
+    assert_fails_with(&out, &["evry", "r.toml"]);
+    write_recipe("");
+    let out = flywheel(&["lora-train", recipe.to_str().unwrap()], None, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("done: 4 steps") && err.contains("trainable parameters"),
+        "{err}"
+    );
+    let adapter = run.join("adapter");
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    // Running the finished run again without --resume is refused; with --resume it is a no-op.
+    let out = flywheel(&["lora-train", recipe.to_str().unwrap()], None, &[]);
+    assert_fails_with(&out, &["--resume"]);
+    let out = flywheel(
+        &["lora-train", recipe.to_str().unwrap(), "--resume"],
+        None,
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Generation with the adapter differs from the base (B moved away from zero).
+    let gen = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "-m",
+            m.to_str().unwrap(),
+            "--prompt",
+            "he",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "12",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = flywheel(&args, None, &[]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+        v["tokens"].clone()
+    };
+    let base = gen(&[]);
+    let tuned = gen(&["--adapter", adapter.to_str().unwrap()]);
+    assert_ne!(base, tuned);
+    // Merge writes a Hugging Face folder that generates what base + adapter generates.
+    let merged = dir.path().join("merged");
+    let out = flywheel(
+        &[
+            "merge",
+            "-m",
+            m.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            merged.to_str().unwrap(),
+        ],
+        None,
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(merged.join(f).is_file(), "{f}");
+    }
+    let out = flywheel(&["info", merged.to_str().unwrap()], None, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // A missing adapter folder is named.
+    let out = flywheel(
+        &[
+            "generate",
+            "-m",
+            m.to_str().unwrap(),
+            "--adapter",
+            "no/such/adapter",
+            "--prompt",
+            "x",
+        ],
+        None,
+        &[],
+    );
+    assert_fails_with(&out, &["no/such/adapter"]);
 }

@@ -14,7 +14,7 @@ use std::ops::ControlFlow;
 #[command(
     name = "flywheel",
     version,
-    about = "Local LLM runtime: generate, chat, embed (and soon LoRA, RAG, serve, eval)"
+    about = "Local LLM runtime: generate, chat, embed, LoRA training and merging (RAG, serve, eval to come)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -53,6 +53,29 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Train a LoRA adapter from a TOML recipe (see recipes/README.md). Ctrl-C saves a checkpoint.
+    LoraTrain {
+        /// The recipe file.
+        recipe: String,
+        /// Continue from the newest checkpoint in the run folder.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Fold a LoRA adapter into its base model and write a Hugging Face folder.
+    Merge {
+        /// The base model: GGUF file, folder or hub id.
+        #[arg(long, short)]
+        model: String,
+        /// The adapter folder.
+        #[arg(long)]
+        adapter: String,
+        /// The output folder (must not exist).
+        #[arg(long)]
+        out: String,
+        /// Weight dtype of the merged folder: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
     /// Measure prefill and decode speed (used by scripts/bench-generate.sh); prints one JSON line.
     Bench {
         #[command(flatten)]
@@ -89,6 +112,9 @@ struct ModelArgs {
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// A LoRA adapter folder (Hugging Face PEFT layout) applied on top of the model.
+    #[arg(long)]
+    adapter: Option<String>,
 }
 
 impl ModelArgs {
@@ -108,8 +134,21 @@ impl ModelArgs {
 
     fn load_text(&self) -> Result<TextModel> {
         let opts = self.options()?;
-        TextModel::load(&self.model, &opts)
-            .with_context(|| format!("cannot load model `{}`", self.model))
+        let Some(dir) = &self.adapter else {
+            return TextModel::load(&self.model, &opts)
+                .with_context(|| format!("cannot load model `{}`", self.model));
+        };
+        let adapter = flywheel_peft::Adapter::load(
+            std::path::Path::new(dir),
+            &opts.device,
+            opts.resolved_dtype(),
+        )?;
+        let hook = flywheel_peft::LoraHook::for_config(&adapter.config);
+        let tm = TextModel::load_with_hook(&ModelFormat::resolve(&self.model)?, &opts, &hook)
+            .with_context(|| format!("cannot load model `{}`", self.model))?;
+        hook.install(&adapter)
+            .with_context(|| format!("adapter {dir} does not fit model `{}`", self.model))?;
+        Ok(tm)
     }
 }
 
@@ -229,6 +268,27 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Chat(a) => chat(a),
         Cmd::Embed { model, batch_size } => embed(&model, batch_size),
         Cmd::Tokenize { model, text, json } => tokenize(&model, &text, json),
+        Cmd::LoraTrain { recipe, resume } => lora_train(&recipe, resume),
+        Cmd::Merge {
+            model,
+            adapter,
+            out,
+            dtype,
+        } => {
+            let s = flywheel_peft::merge::merge(
+                &model,
+                std::path::Path::new(&adapter),
+                std::path::Path::new(&out),
+                parse_dtype(&dtype)?,
+            )?;
+            eprintln!(
+                "merged {} projections; wrote {} tensors to {}",
+                s.merged_modules,
+                s.tensors,
+                s.out.display()
+            );
+            Ok(())
+        }
         Cmd::Bench {
             model,
             prompt_tokens,
@@ -402,6 +462,9 @@ fn chat(a: ChatArgs) -> Result<()> {
 }
 
 fn embed(m: &ModelArgs, batch_size: usize) -> Result<()> {
+    if m.adapter.is_some() {
+        bail!("--adapter applies to decoder models, not embedders");
+    }
     let em = EmbeddingModel::load(&m.model, &m.options()?)
         .with_context(|| format!("cannot load embedder `{}`", m.model))?;
     let lines: Vec<String> = std::io::stdin()
@@ -533,5 +596,91 @@ fn bench_embed(m: &ModelArgs, file: &str, batch_size: usize, repeats: usize) -> 
         "peak_rss_mib": peak_rss_mib(),
     });
     println!("{v}");
+    Ok(())
+}
+
+fn lora_train(recipe_path: &str, resume: bool) -> Result<()> {
+    use flywheel_peft::TrainEvent;
+    use indicatif::{ProgressBar, ProgressStyle};
+    let recipe = flywheel_peft::Recipe::load(std::path::Path::new(recipe_path))?;
+    eprintln!("loading {} and the data ...", recipe.model.path);
+    let mut trainer = flywheel_peft::Trainer::new(recipe, resume)?;
+    let stop = trainer.stop_flag();
+    let presses = std::sync::atomic::AtomicUsize::new(0);
+    ctrlc::set_handler(move || {
+        if presses.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+            eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: finishing this step and saving a checkpoint (press again to abort)");
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    })
+    .context("installing the Ctrl-C handler")?;
+    let bar = ProgressBar::hidden();
+    let mut observer = |e: &TrainEvent| match e {
+        TrainEvent::Started {
+            total_steps,
+            start_step,
+            trainable,
+            train,
+            valid_examples,
+        } => {
+            eprintln!(
+                "{} training examples ({} tokens, {} answer tokens; {} dropped, {} truncated for length), {} validation; {} trainable parameters; {} steps{}",
+                train.kept,
+                train.tokens,
+                train.target_tokens,
+                train.dropped_overlong,
+                train.truncated,
+                valid_examples,
+                trainable,
+                total_steps,
+                if *start_step > 0 { format!(", resuming at step {start_step}") } else { String::new() }
+            );
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            bar.set_length(*total_steps as u64);
+            bar.set_position(*start_step as u64);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30} step {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+                )
+                .expect("valid template"),
+            );
+        }
+        TrainEvent::Step(m) => {
+            bar.set_position(m.step as u64);
+            bar.set_message(format!(
+                "loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s",
+                m.loss, m.lr, m.grad_norm, m.tokens_per_s
+            ));
+        }
+        TrainEvent::Eval { step, loss } => {
+            bar.println(format!("step {step}: eval loss {loss:.4}"));
+        }
+        TrainEvent::Checkpoint { step, path } => {
+            bar.println(format!("step {step}: checkpoint {}", path.display()));
+        }
+    };
+    let s = trainer.run(&mut observer, None)?;
+    bar.finish_and_clear();
+    let fmt = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    if s.interrupted {
+        eprintln!(
+            "stopped at step {}/{}; continue with: flywheel lora-train {recipe_path} --resume",
+            s.steps, s.total_steps
+        );
+    } else {
+        eprintln!(
+            "done: {} steps, train loss {}, eval loss {}; adapter in {}; metrics and loss.svg in {}",
+            s.steps,
+            fmt(s.final_train_loss),
+            fmt(s.final_eval_loss),
+            s.adapter_dir
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            s.run_dir.display()
+        );
+    }
     Ok(())
 }

@@ -491,6 +491,39 @@ impl DecoderModel {
 
     /// Feeds `ids` (`(b, t)` u32) after what `cache` holds; returns logits (f32).
     pub fn forward(&self, ids: &Tensor, cache: &mut Cache, logits: Logits) -> Result<Tensor> {
+        let x = self.hidden(ids, cache)?;
+        let t = x.dim(1)?;
+        let x = match logits {
+            Logits::Last => x.narrow(1, t - 1, 1)?,
+            Logits::All => x,
+        };
+        let out = self.head(&x)?;
+        Ok(match logits {
+            Logits::Last => out.squeeze(1)?,
+            Logits::All => out,
+        })
+    }
+
+    /// Logits `(n, vocab)` f32 for the positions `rows` of the flattened `(b·t)` batch only
+    /// (training: the output head runs on the answer tokens, not on the whole prompt).
+    pub fn forward_rows(&self, ids: &Tensor, cache: &mut Cache, rows: &[u32]) -> Result<Tensor> {
+        let x = self.hidden(ids, cache)?;
+        let (b, t, h) = x.dims3()?;
+        let idx = Tensor::from_slice(rows, rows.len(), &self.device)?;
+        let picked = x.reshape((b * t, h))?.index_select(&idx, 0)?;
+        self.head(&picked)
+    }
+
+    /// Final norm and output head, in f32.
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .lm_head
+            .forward(&self.norm.forward(x)?)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// The last hidden state `(b, t, hidden)` before the final norm.
+    fn hidden(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if b != cache.pads.len() {
             return Err(candle_core::Error::Msg(format!(
@@ -543,18 +576,7 @@ impl DecoderModel {
             x = (block.mlp.forward(&block.mlp_norm.forward(&x)?)? + r)?;
         }
         cache.len += t;
-        let x = match logits {
-            Logits::Last => x.narrow(1, t - 1, 1)?,
-            Logits::All => x,
-        };
-        let out = self
-            .lm_head
-            .forward(&self.norm.forward(&x)?)?
-            .to_dtype(DType::F32)?;
-        Ok(match logits {
-            Logits::Last => out.squeeze(1)?,
-            Logits::All => out,
-        })
+        Ok(x)
     }
 
     /// Additive mask `(b, 1, t, start + t)`: causal, and no attention to a row's left padding

@@ -24,8 +24,18 @@ impl RmsNorm {
         })
     }
 
-    /// Normalises over the last dimension.
+    /// Normalises over the last dimension. A fused kernel at inference; differentiable ops when
+    /// the input carries a gradient (training).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() {
+            let dtype = x.dtype();
+            let xf = x.to_dtype(DType::F32)?;
+            let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+            let normed = xf
+                .broadcast_div(&(ms + self.eps)?.sqrt()?)?
+                .to_dtype(dtype)?;
+            return Ok(normed.broadcast_mul(&self.weight.to_dtype(dtype)?)?);
+        }
         Ok(candle_nn::ops::rms_norm(
             &x.contiguous()?,
             &self.weight,
@@ -124,10 +134,14 @@ impl Rope {
                 )
             }
         };
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+        if x.track_op() {
+            return rope_differentiable(x, &cos, &sin);
+        }
         Ok(candle_nn::rotary_emb::rope(
             &x.contiguous()?,
-            &cos.to_dtype(x.dtype())?.contiguous()?,
-            &sin.to_dtype(x.dtype())?.contiguous()?,
+            &cos.contiguous()?,
+            &sin.contiguous()?,
         )?)
     }
 
@@ -135,6 +149,26 @@ impl Rope {
     pub fn max_positions(&self) -> usize {
         self.cos.dim(0).unwrap_or(0)
     }
+}
+
+/// Rotate-half RoPE from differentiable ops; `cos`/`sin` are `(t, d/2)` or `(b, t, d/2)`.
+fn rope_differentiable(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
+    // (t, d) -> (1, 1, t, d); (b, t, d) -> (b, 1, t, d)
+    let (cos, sin) = if cos.rank() == 2 {
+        (
+            cos.unsqueeze(0)?.unsqueeze(0)?,
+            sin.unsqueeze(0)?.unsqueeze(0)?,
+        )
+    } else {
+        (cos.unsqueeze(1)?, sin.unsqueeze(1)?)
+    };
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
 }
 
 /// Which rotary positions a forward pass uses.
@@ -244,8 +278,13 @@ impl Attention {
             }
             None => scores,
         };
-        let probs =
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let scores = scores.to_dtype(DType::F32)?;
+        let probs = if scores.track_op() {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        }
+        .to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?; // (b, kv, group*t, d)
         let out = out
             .reshape((b, self.n_heads, t, self.head_dim))?

@@ -102,6 +102,15 @@ impl Linear {
     /// [`Linear::forward`] with an explicit kernel choice (tests compare the paths).
     pub fn forward_with(&self, x: &Tensor, choice: KernelChoice) -> Result<Tensor> {
         let y = match (&self.weight, &self.qmatmul) {
+            // Training: the input carries a gradient. Weights are dequantized a slab of rows at a
+            // time in forward and backward, so the model never exists dense in memory.
+            (LinearWeight::Quantized(q), _) if x.track_op() && x.device().is_cpu() => {
+                let xf = x.to_dtype(DType::F32)?.contiguous()?;
+                xf.apply_op1(FrozenTrainOp {
+                    weight: FrozenWeight::Quantized(q.clone()),
+                })?
+                .to_dtype(x.dtype())?
+            }
             (LinearWeight::Quantized(q), _)
                 if choice != KernelChoice::Candle
                     && x.dtype() == DType::F32
@@ -144,6 +153,14 @@ impl Linear {
                         .to_dtype(x.dtype())?
                 }
             }
+            // Training on a dense base: the weight is frozen, so only `dx` is computed in the
+            // backward pass (candle's matmul would also build a full weight gradient).
+            (LinearWeight::Dense(w), _) if x.track_op() && !w.track_op() && x.device().is_cpu() => {
+                let xc = x.contiguous()?;
+                xc.apply_op1(FrozenTrainOp {
+                    weight: FrozenWeight::Dense(w.clone()),
+                })?
+            }
             (LinearWeight::Dense(w), _) => {
                 let dims = x.dims();
                 let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -161,6 +178,158 @@ impl Linear {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
             None => y,
         })
+    }
+}
+
+/// Rows of a quantized weight dequantized per slab (about 4 MiB of f32 at a time).
+fn slab_rows(k: usize) -> usize {
+    (1usize << 20).div_ceil(k.max(1)).max(1)
+}
+
+/// Rows `r0..r1` of a quantized `(n, k)` matrix as a dense f32 `(r1 - r0, k)` tensor.
+fn dequantize_rows(q: &QTensor, r0: usize, r1: usize) -> candle_core::Result<Tensor> {
+    let (_, k) = q.shape().dims2()?;
+    let ty = q.dtype();
+    let row_bytes = k / ty.block_size() * ty.type_size();
+    let data = q.data()?;
+    let slab = candle_core::quantized::ggml_file::qtensor_from_ggml(
+        ty,
+        &data[r0 * row_bytes..r1 * row_bytes],
+        vec![r1 - r0, k],
+        &candle_core::Device::Cpu,
+    )?;
+    slab.dequantize(&candle_core::Device::Cpu)
+}
+
+/// A frozen weight seen by [`FrozenTrainOp`].
+#[derive(Debug, Clone)]
+enum FrozenWeight {
+    /// Dequantized a slab of rows at a time.
+    Quantized(Arc<QTensor>),
+    /// Used as is.
+    Dense(Tensor),
+}
+
+impl FrozenWeight {
+    fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        match self {
+            FrozenWeight::Quantized(q) => q.shape().dims2(),
+            FrozenWeight::Dense(w) => w.dims2(),
+        }
+    }
+
+    /// Row slabs `(r0, rows r0..r1 as a dense tensor)` covering the matrix.
+    fn slabs(&self, dtype: DType) -> candle_core::Result<Vec<(usize, Tensor)>> {
+        let (n, k) = self.dims()?;
+        match self {
+            FrozenWeight::Dense(w) => Ok(vec![(0, w.to_dtype(dtype)?)]),
+            FrozenWeight::Quantized(q) => {
+                let step = slab_rows(k);
+                let mut out = Vec::new();
+                let mut r0 = 0;
+                while r0 < n {
+                    let r1 = (r0 + step).min(n);
+                    out.push((r0, dequantize_rows(q, r0, r1)?.to_dtype(dtype)?));
+                    r0 = r1;
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// `y = x·Wᵀ` for a frozen `W` (quantized or dense) with a backward pass for `x` only
+/// (`dx = dy·W`). A quantized `W` is dequantized a slab of rows at a time in both passes, so the
+/// model never exists dense in memory; `W` itself gets no gradient.
+#[derive(Debug, Clone)]
+struct FrozenTrainOp {
+    weight: FrozenWeight,
+}
+
+impl FrozenTrainOp {
+    fn forward_cpu<T: candle_core::WithDType>(
+        &self,
+        xs: &[T],
+        dims: &[usize],
+    ) -> candle_core::Result<(Vec<T>, Vec<usize>)> {
+        let (n, k) = self.weight.dims()?;
+        let m: usize = dims[..dims.len() - 1].iter().product();
+        let x = Tensor::from_slice(xs, (m, k), &candle_core::Device::Cpu)?;
+        let parts = self
+            .weight
+            .slabs(x.dtype())?
+            .into_iter()
+            .map(|(_, w)| x.matmul(&w.t()?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let y = if parts.len() == 1 {
+            parts.into_iter().next().expect("one part")
+        } else {
+            Tensor::cat(&parts, 1)?
+        };
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("rank >= 1") = n;
+        Ok((y.flatten_all()?.to_vec1::<T>()?, shape))
+    }
+}
+
+impl candle_core::CustomOp1 for FrozenTrainOp {
+    fn name(&self) -> &'static str {
+        "flywheel-frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen linear training op needs a contiguous input")
+        };
+        let dims = layout.shape().dims();
+        let (data, shape) = match storage {
+            S::F32(v) => {
+                let (y, s) = self.forward_cpu(&v[a..b], dims)?;
+                (S::F32(y), s)
+            }
+            S::F64(v) => {
+                let (y, s) = self.forward_cpu(&v[a..b], dims)?;
+                (S::F64(y), s)
+            }
+            S::BF16(v) => {
+                let (y, s) = self.forward_cpu(&v[a..b], dims)?;
+                (S::BF16(y), s)
+            }
+            S::F16(v) => {
+                let (y, s) = self.forward_cpu(&v[a..b], dims)?;
+                (S::F16(y), s)
+            }
+            _ => candle_core::bail!("frozen linear training op: unsupported dtype"),
+        };
+        Ok((data, shape.into()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (n, _) = self.weight.dims()?;
+        let dims = grad_res.dims();
+        let m: usize = dims[..dims.len() - 1].iter().product();
+        let g = grad_res.detach().to_dtype(arg.dtype())?.reshape((m, n))?;
+        let mut dx: Option<Tensor> = None;
+        for (r0, w) in self.weight.slabs(arg.dtype())? {
+            let rows = w.dim(0)?;
+            let part = g.narrow(1, r0, rows)?.contiguous()?.matmul(&w)?;
+            dx = Some(match dx {
+                Some(acc) => (acc + part)?,
+                None => part,
+            });
+        }
+        let dx = dx.expect("n >= 1").reshape(arg.shape())?;
+        Ok(Some(dx))
     }
 }
 

@@ -267,6 +267,11 @@ impl TextModel {
         &self.eos
     }
 
+    /// The model's chat template, if it has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat.as_ref()
+    }
+
     /// Renders chat messages with the model's template, ready for the assistant's reply.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
         let chat = self.chat.as_ref().ok_or_else(|| Error::NoChatTemplate {

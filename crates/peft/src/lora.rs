@@ -1,0 +1,541 @@
+//! The LoRA layer and the load-time hook that puts it around a model's projections.
+//!
+//! `y = base(x) + scale · B·A·dropout(x)` with `scale = alpha / r` (or `alpha / √r` with rsLoRA).
+//! The model code never sees LoRA: [`LoraHook`] wraps the projections it is asked about when the
+//! model is built, each wrapper holding a *slot* whose adapter can be installed, swapped or
+//! cleared at run time without reloading the base model.
+
+use candle_core::{DType, Tensor, Var};
+use flywheel_models::{Linear, LinearHook, Projection};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::{Error, Result};
+
+/// The projections of a Llama-family block, in PEFT's names.
+pub const ALL_LINEAR: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Which modules get an adapter: a list of leaf names, or PEFT's `"all-linear"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// Leaf names such as `q_proj`, or the single word `all-linear`.
+    Names(Vec<String>),
+    /// `"all-linear"` or a single leaf name.
+    One(String),
+}
+
+impl Default for TargetModules {
+    fn default() -> Self {
+        TargetModules::Names(vec!["q_proj".into(), "v_proj".into()])
+    }
+}
+
+impl TargetModules {
+    /// The leaf names this selects.
+    pub fn leaves(&self) -> Vec<String> {
+        let list: Vec<String> = match self {
+            TargetModules::Names(v) => v.clone(),
+            TargetModules::One(s) => vec![s.clone()],
+        };
+        if list.iter().any(|s| s == "all-linear") {
+            return ALL_LINEAR.iter().map(|s| s.to_string()).collect();
+        }
+        list
+    }
+}
+
+/// The shape of an adapter: which modules, what rank and scale.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraConfig {
+    /// Rank `r` of the update `B·A`.
+    pub r: usize,
+    /// `alpha`; the update is scaled by `alpha / r` (`alpha / √r` with `use_rslora`).
+    pub alpha: f64,
+    /// Dropout on the adapter's input during training.
+    pub dropout: f32,
+    /// Rank-stabilised scaling `alpha / √r`.
+    pub use_rslora: bool,
+    /// Modules to adapt: names from `q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj`,
+    /// or `"all-linear"`.
+    pub target_modules: TargetModules,
+    /// Only these layer indices get adapters (all layers when empty).
+    pub layers_to_transform: Vec<usize>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            use_rslora: false,
+            target_modules: TargetModules::default(),
+            layers_to_transform: Vec::new(),
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The factor applied to `B·A·x`.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    /// Checks ranges and names; errors name the field (prefixed by `section`).
+    pub fn validate(&self, section: &str) -> Result<()> {
+        let bad = |field: &str, reason: String| Error::Config {
+            field: format!("{section}.{field}"),
+            reason,
+        };
+        if self.r == 0 {
+            return Err(bad("r", "must be at least 1".into()));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(bad("alpha", format!("must be > 0, got {}", self.alpha)));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(bad(
+                "dropout",
+                format!("must be in [0, 1), got {}", self.dropout),
+            ));
+        }
+        let leaves = self.target_modules.leaves();
+        if leaves.is_empty() {
+            return Err(bad("target_modules", "names no module".into()));
+        }
+        for l in &leaves {
+            if !ALL_LINEAR.contains(&l.as_str()) {
+                return Err(bad(
+                    "target_modules",
+                    format!(
+                        "unknown module `{l}` (expected one of {} or \"all-linear\")",
+                        ALL_LINEAR.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the projection `name` (e.g. `model.layers.3.self_attn.q_proj`) gets an adapter.
+    pub fn selects(&self, name: &str) -> bool {
+        let Some((layer, leaf)) = split_module_name(name) else {
+            return false;
+        };
+        self.target_modules.leaves().iter().any(|l| l == leaf)
+            && (self.layers_to_transform.is_empty() || self.layers_to_transform.contains(&layer))
+    }
+}
+
+/// `model.layers.3.self_attn.q_proj` → `(3, "q_proj")`; `None` for names outside the blocks.
+pub fn split_module_name(name: &str) -> Option<(usize, &str)> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (idx, tail) = rest.split_once('.')?;
+    let leaf = tail.rsplit('.').next()?;
+    Some((idx.parse().ok()?, leaf))
+}
+
+/// The two factors of one adapted projection and how to apply them.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    /// `A`, `(r, in)`.
+    pub a: Tensor,
+    /// `B`, `(out, r)`.
+    pub b: Tensor,
+    /// `alpha / r` (or `alpha / √r`).
+    pub scale: f64,
+    /// Input dropout, applied only while training.
+    pub dropout: f32,
+}
+
+/// Where an adapter for one projection lives; `None` means the base layer alone.
+pub type Slot = Arc<RwLock<Option<LoraPair>>>;
+
+/// Seeds dropout masks so training is reproducible and resumable.
+#[derive(Debug, Default)]
+pub struct DropoutSeed {
+    base: AtomicU64,
+    off: std::sync::atomic::AtomicBool,
+}
+
+impl DropoutSeed {
+    /// Turns dropout off (evaluation) or back on (training).
+    pub fn set_enabled(&self, on: bool) {
+        self.off.store(!on, Ordering::Relaxed);
+    }
+    fn enabled(&self) -> bool {
+        !self.off.load(Ordering::Relaxed)
+    }
+    /// Sets the seed for the next forward pass (the trainer derives it from seed and step).
+    pub fn set(&self, seed: u64) {
+        self.base.store(seed, Ordering::Relaxed);
+    }
+    fn get(&self) -> u64 {
+        self.base.load(Ordering::Relaxed)
+    }
+}
+
+/// A projection with an optional low-rank update.
+#[derive(Debug)]
+pub struct LoraLinear {
+    base: Linear,
+    slot: Slot,
+    salt: u64,
+    seed: Arc<DropoutSeed>,
+}
+
+impl LoraLinear {
+    /// Wraps `base`; the update comes from `slot` at each call.
+    pub fn new(base: Linear, slot: Slot, name: &str, seed: Arc<DropoutSeed>) -> Self {
+        Self {
+            base,
+            slot,
+            salt: fnv1a(name.as_bytes()),
+            seed,
+        }
+    }
+}
+
+/// Applies `x·Wᵀ` for `x` of shape `(…, in)` and a dense `(out, in)` `w`.
+fn matmul_t(x: &Tensor, w: &Tensor) -> flywheel_models::Result<Tensor> {
+    let dims = x.dims();
+    let inp = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let (out, _) = w.dims2()?;
+    let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+    let mut shape = dims.to_vec();
+    *shape.last_mut().expect("rank >= 1") = out;
+    Ok(y.reshape(shape)?)
+}
+
+impl Projection for LoraLinear {
+    fn forward(&self, x: &Tensor) -> flywheel_models::Result<Tensor> {
+        let y = self.base.forward(x)?;
+        let guard = self.slot.read().expect("adapter slot poisoned");
+        let Some(p) = guard.as_ref() else {
+            return Ok(y);
+        };
+        let training = p.a.track_op();
+        let xa = x.to_dtype(p.a.dtype())?;
+        let xa = if training && p.dropout > 0.0 && self.seed.enabled() {
+            let mask = dropout_mask(xa.dims(), p.dropout, self.seed.get() ^ self.salt);
+            let mask = Tensor::from_vec(mask, xa.dims(), xa.device())?.to_dtype(xa.dtype())?;
+            (xa * mask)?
+        } else {
+            xa
+        };
+        let low = matmul_t(&xa, &p.a)?;
+        let up = (matmul_t(&low, &p.b)? * p.scale)?;
+        Ok((y + up.to_dtype(x.dtype())?)?)
+    }
+
+    fn base(&self) -> &Linear {
+        &self.base
+    }
+}
+
+/// Inverted-dropout mask: 0 with probability `p`, else `1/(1-p)`, from a SplitMix stream.
+fn dropout_mask(dims: &[usize], p: f32, seed: u64) -> Vec<f32> {
+    let n: usize = dims.iter().product();
+    let keep = 1.0 / (1.0 - p);
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            let u = (splitmix(&mut s) >> 40) as f32 / (1u64 << 24) as f32;
+            if u < p {
+                0.0
+            } else {
+                keep
+            }
+        })
+        .collect()
+}
+
+/// SplitMix64 step.
+pub(crate) fn splitmix(s: &mut u64) -> u64 {
+    *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *s;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// FNV-1a hash (stable across runs and platforms).
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Wraps the projections `selector` picks with [`LoraLinear`] and remembers their slots.
+pub struct LoraHook {
+    selector: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    slots: Mutex<BTreeMap<String, (Slot, usize, usize)>>,
+    seed: Arc<DropoutSeed>,
+}
+
+impl std::fmt::Debug for LoraHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoraHook")
+            .field("slots", &self.slot_names())
+            .finish()
+    }
+}
+
+impl LoraHook {
+    /// A hook wrapping the modules `cfg` selects.
+    pub fn for_config(cfg: &LoraConfig) -> Self {
+        let cfg = cfg.clone();
+        Self::with_selector(move |name| cfg.selects(name))
+    }
+
+    /// A hook wrapping every block projection (a server that swaps adapters of any shape).
+    pub fn all_linear() -> Self {
+        Self::with_selector(|name| {
+            split_module_name(name).is_some_and(|(_, leaf)| ALL_LINEAR.contains(&leaf))
+        })
+    }
+
+    /// A hook wrapping the projections for which `f` says yes.
+    pub fn with_selector(f: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        Self {
+            selector: Box::new(f),
+            slots: Mutex::new(BTreeMap::new()),
+            seed: Arc::new(DropoutSeed::default()),
+        }
+    }
+
+    /// The names of the wrapped projections, sorted.
+    pub fn slot_names(&self) -> Vec<String> {
+        self.slots
+            .lock()
+            .expect("poisoned")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// The dropout seed shared by every wrapped layer.
+    pub fn dropout_seed(&self) -> &Arc<DropoutSeed> {
+        &self.seed
+    }
+
+    /// Creates trainable factors for every wrapped projection: `A` Kaiming-uniform (PEFT's
+    /// `a = √5`, i.e. bound `1/√in`), `B` zero; returns them by module name.
+    pub fn init_trainable(
+        &self,
+        cfg: &LoraConfig,
+        seed: u64,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<TrainableAdapter> {
+        let slots = self.slots.lock().expect("poisoned");
+        let mut params = BTreeMap::new();
+        for (name, (slot, out, inp)) in slots.iter() {
+            let mut s = seed ^ fnv1a(name.as_bytes());
+            let bound = 1.0 / (*inp as f64).sqrt();
+            let a: Vec<f32> = (0..cfg.r * inp)
+                .map(|_| {
+                    let u = (splitmix(&mut s) >> 11) as f64 / (1u64 << 53) as f64;
+                    ((2.0 * u - 1.0) * bound) as f32
+                })
+                .collect();
+            let a =
+                Var::from_tensor(&Tensor::from_vec(a, (cfg.r, *inp), device)?.to_dtype(dtype)?)?;
+            let b = Var::from_tensor(&Tensor::zeros((*out, cfg.r), dtype, device)?)?;
+            *slot.write().expect("poisoned") = Some(LoraPair {
+                a: a.as_tensor().clone(),
+                b: b.as_tensor().clone(),
+                scale: cfg.scale(),
+                dropout: cfg.dropout,
+            });
+            params.insert(name.clone(), (a, b));
+        }
+        if params.is_empty() {
+            return Err(Error::Config {
+                field: "lora.target_modules".into(),
+                reason: "selects no projection of this model".into(),
+            });
+        }
+        Ok(TrainableAdapter {
+            params,
+            config: cfg.clone(),
+        })
+    }
+
+    /// Installs fixed (inference) factors; every module of the adapter must be wrapped.
+    pub fn install(&self, adapter: &crate::adapter::Adapter) -> Result<()> {
+        let slots = self.slots.lock().expect("poisoned");
+        for name in adapter.weights.keys() {
+            if !slots.contains_key(name) {
+                return Err(Error::Adapter {
+                    path: adapter.origin.clone(),
+                    reason: format!("adapts `{name}`, which this model does not have"),
+                });
+            }
+        }
+        for (name, (slot, out, inp)) in slots.iter() {
+            let pair = match adapter.weights.get(name) {
+                Some((a, b)) => {
+                    let (r, ain) = a.dims2()?;
+                    let (bout, br) = b.dims2()?;
+                    if ain != *inp || bout != *out || br != r {
+                        return Err(Error::Adapter {
+                            path: adapter.origin.clone(),
+                            reason: format!(
+                                "`{name}`: lora_A {:?} / lora_B {:?} do not fit a {out}x{inp} projection",
+                                a.dims(),
+                                b.dims()
+                            ),
+                        });
+                    }
+                    Some(LoraPair {
+                        a: a.clone(),
+                        b: b.clone(),
+                        scale: adapter.scale_for(r),
+                        dropout: 0.0,
+                    })
+                }
+                None => None,
+            };
+            *slot.write().expect("poisoned") = pair;
+        }
+        Ok(())
+    }
+
+    /// Removes every adapter: the model computes with its base weights alone.
+    pub fn clear(&self) {
+        for (slot, _, _) in self.slots.lock().expect("poisoned").values() {
+            *slot.write().expect("poisoned") = None;
+        }
+    }
+
+    /// The installed pair of each wrapped module (`None` where no adapter is installed).
+    pub fn installed(&self) -> BTreeMap<String, Option<LoraPair>> {
+        self.slots
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .map(|(k, (s, _, _))| (k.clone(), s.read().expect("poisoned").clone()))
+            .collect()
+    }
+}
+
+impl LinearHook for LoraHook {
+    fn wrap(&self, name: &str, base: Linear) -> flywheel_models::Result<Arc<dyn Projection>> {
+        if !(self.selector)(name) {
+            return Ok(Arc::new(base));
+        }
+        let slot: Slot = Arc::new(RwLock::new(None));
+        self.slots.lock().expect("poisoned").insert(
+            name.to_string(),
+            (slot.clone(), base.out_dim(), base.in_dim()),
+        );
+        Ok(Arc::new(LoraLinear::new(
+            base,
+            slot,
+            name,
+            self.seed.clone(),
+        )))
+    }
+}
+
+/// The trainable factors of an adapter, by module name.
+#[derive(Debug)]
+pub struct TrainableAdapter {
+    /// `(A, B)` per module.
+    pub params: BTreeMap<String, (Var, Var)>,
+    /// The shape they were made with.
+    pub config: LoraConfig,
+}
+
+impl TrainableAdapter {
+    /// Every trainable variable in a fixed order (module name, then A before B).
+    pub fn vars(&self) -> Vec<&Var> {
+        self.params.values().flat_map(|(a, b)| [a, b]).collect()
+    }
+
+    /// Number of trainable parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.vars().iter().map(|v| v.elem_count()).sum()
+    }
+
+    /// A frozen copy for saving.
+    pub fn snapshot(&self, origin: &str) -> Result<crate::adapter::Adapter> {
+        let mut weights = BTreeMap::new();
+        for (name, (a, b)) in &self.params {
+            weights.insert(
+                name.clone(),
+                (
+                    a.as_tensor().detach().to_dtype(DType::F32)?,
+                    b.as_tensor().detach().to_dtype(DType::F32)?,
+                ),
+            );
+        }
+        Ok(crate::adapter::Adapter {
+            config: self.config.clone(),
+            weights,
+            base_model: None,
+            origin: origin.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_names_and_selection() {
+        assert_eq!(
+            split_module_name("model.layers.12.mlp.down_proj"),
+            Some((12, "down_proj"))
+        );
+        assert_eq!(split_module_name("lm_head"), None);
+        let cfg = LoraConfig {
+            target_modules: TargetModules::One("all-linear".into()),
+            layers_to_transform: vec![1],
+            ..Default::default()
+        };
+        assert!(cfg.selects("model.layers.1.mlp.up_proj"));
+        assert!(!cfg.selects("model.layers.0.mlp.up_proj"));
+        assert!(!cfg.selects("lm_head"));
+        let bad = LoraConfig {
+            target_modules: TargetModules::Names(vec!["qproj".into()]),
+            ..Default::default()
+        };
+        let e = bad.validate("lora").unwrap_err().to_string();
+        assert!(
+            e.contains("lora.target_modules") && e.contains("qproj"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn dropout_mask_keeps_expected_fraction() {
+        let m = dropout_mask(&[100, 100], 0.25, 7);
+        let zeros = m.iter().filter(|&&v| v == 0.0).count() as f64 / 1e4;
+        assert!((zeros - 0.25).abs() < 0.02, "{zeros}");
+        assert!(m.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
+        assert_eq!(m, dropout_mask(&[100, 100], 0.25, 7));
+    }
+}

@@ -1,0 +1,114 @@
+//! The committed quickstart recipe on the real SmolLM2-135M-Instruct (Q4_1 GGUF, trained in
+//! place): 30 examples of a tag format the base model cannot guess. Exact match on the 20
+//! held-out examples must rise clearly above the base model's; the adapter must also survive a
+//! PEFT save/load and a merge.
+//!
+//! Fails (not skips) when the model is missing; FLYWHEEL_SKIP_REAL_MODELS=1 skips explicitly.
+
+use flywheel_api::{ChatMessage, GenerateRequest, NullSink, SamplingParams};
+use flywheel_peft::{Adapter, LoraHook, Recipe, Trainer};
+use flywheel_runtime::{DType, Device, LoadOptions, ModelFormat, TextModel};
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn greedy_exact_match(
+    model: &TextModel,
+    system: &str,
+    rows: &[(String, String)],
+) -> anyhow::Result<(usize, Vec<String>)> {
+    let mut hits = 0;
+    let mut outs = Vec::new();
+    for (prompt, want) in rows {
+        let text = model.render_chat(&[
+            ChatMessage::new("system", system),
+            ChatMessage::new("user", prompt.as_str()),
+        ])?;
+        let req = GenerateRequest {
+            prompt: text,
+            max_tokens: 40,
+            stop: vec![],
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            ignore_eos: false,
+        };
+        let out = model.generate(&req, &mut NullSink)?;
+        if out.text.trim() == want.trim() {
+            hits += 1;
+        }
+        outs.push(out.text);
+    }
+    Ok((hits, outs))
+}
+
+#[test]
+fn quickstart_lora_teaches_smollm2_a_format() -> anyhow::Result<()> {
+    if std::env::var("FLYWHEEL_SKIP_REAL_MODELS").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: FLYWHEEL_SKIP_REAL_MODELS=1");
+        return Ok(());
+    }
+    let root = root();
+    std::env::set_current_dir(&root)?; // the recipe's paths are relative to the repository
+    let model_dir = root.join("models/smollm2-135m-instruct");
+    assert!(
+        model_dir.is_dir(),
+        "{} is missing: run scripts/fetch-models.sh first (or set FLYWHEEL_SKIP_REAL_MODELS=1)",
+        model_dir.display()
+    );
+    let mut recipe = Recipe::load(&root.join("recipes/quickstart.toml"))?;
+    let run = tempfile::tempdir()?;
+    recipe.output.dir = run.path().join("quickstart");
+    let system = recipe.data.system.clone().unwrap_or_default();
+    let summary =
+        Trainer::new(recipe, false)?.run(&mut |_: &flywheel_peft::TrainEvent| {}, None)?;
+    let adapter_dir = summary
+        .adapter_dir
+        .clone()
+        .expect("finished run writes the adapter");
+    eprintln!("{summary:?}");
+    assert!(summary.final_eval_loss.unwrap() < 0.2, "{summary:?}");
+
+    let rows: Vec<(String, String)> =
+        std::fs::read_to_string(root.join("recipes/data/quickstart/test.jsonl"))?
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["prompt"].as_str().unwrap().to_string(),
+                    v["completion"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+    assert_eq!(rows.len(), 20);
+
+    // The base model and the same model with the saved (PEFT-format) adapter loaded from disk.
+    let spec = model_dir.to_str().unwrap();
+    let base = TextModel::load(spec, &LoadOptions::default())?;
+    let (base_hits, base_out) = greedy_exact_match(&base, &system, &rows)?;
+    let adapter = Adapter::load(&adapter_dir, &Device::Cpu, DType::F32)?;
+    let hook = LoraHook::for_config(&adapter.config);
+    let tuned =
+        TextModel::load_with_hook(&ModelFormat::resolve(spec)?, &LoadOptions::default(), &hook)?;
+    hook.install(&adapter)?;
+    let (tuned_hits, tuned_out) = greedy_exact_match(&tuned, &system, &rows)?;
+    eprintln!("exact match: base {base_hits}/20, LoRA {tuned_hits}/20");
+    eprintln!("base: {:?}\nLoRA: {:?}", &base_out[..3], &tuned_out[..3]);
+    assert!(
+        base_hits <= 2,
+        "the base model should not know the format: {base_out:?}"
+    );
+    assert!(
+        tuned_hits >= 16,
+        "LoRA exact match {tuned_hits}/20: {tuned_out:?}"
+    );
+    // Swapping the adapter out at run time restores the base model's behaviour.
+    hook.clear();
+    let (cleared_hits, cleared_out) = greedy_exact_match(&tuned, &system, &rows[..4])?;
+    assert_eq!(cleared_out, base_out[..4].to_vec());
+    assert!(cleared_hits <= base_hits);
+    Ok(())
+}

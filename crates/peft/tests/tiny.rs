@@ -1,0 +1,607 @@
+//! LoRA on tiny random models (seconds): gradients against finite differences, zero-B identity,
+//! merge equivalence, PEFT save/load, data masks and errors, one step lowering the loss, and exact
+//! resume.
+
+use candle_core::{DType, Device, Tensor};
+use flywheel_models::{Architecture, GgmlDType, Logits};
+use flywheel_peft::data::{load_file, DataOptions, Example, Overlong};
+use flywheel_peft::lora::{LoraConfig, LoraHook, TargetModules};
+use flywheel_peft::train::batch_nll;
+use flywheel_peft::{Adapter, Recipe, Trainer};
+use flywheel_runtime::testing::{tiny_config, tiny_weights, write_gguf, write_hf_folder};
+use flywheel_runtime::{LoadOptions, ModelFormat, TextModel};
+use std::path::{Path, PathBuf};
+
+fn lora_cfg(r: usize) -> LoraConfig {
+    LoraConfig {
+        r,
+        alpha: 2.0 * r as f64,
+        target_modules: TargetModules::One("all-linear".into()),
+        ..Default::default()
+    }
+}
+
+/// A tiny model on disk: an f32 Hugging Face folder, or a quantized GGUF file.
+fn tiny_model(dir: &Path, quant: Option<GgmlDType>) -> anyhow::Result<PathBuf> {
+    let cfg = tiny_config(Architecture::Llama);
+    let w = tiny_weights(&cfg, 11)?;
+    Ok(match quant {
+        None => {
+            let p = dir.join("hf");
+            write_hf_folder(&p, &cfg, &w, 1)?;
+            p
+        }
+        Some(q) => {
+            let p = dir.join("tiny.gguf");
+            write_gguf(&p, &cfg, &w, q)?;
+            p
+        }
+    })
+}
+
+fn load(path: &Path, hook: &LoraHook) -> anyhow::Result<TextModel> {
+    Ok(TextModel::load_with_hook(
+        &ModelFormat::resolve(path.to_str().unwrap())?,
+        &LoadOptions {
+            device: Device::Cpu,
+            dtype: Some(DType::F32),
+        },
+        hook,
+    )?)
+}
+
+fn example(model: &TextModel, prompt: &str, answer: &str) -> anyhow::Result<Example> {
+    let mut ids = model.encode_prompt(&format!(
+        "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    ))?;
+    let n = ids.len();
+    ids.extend(
+        model
+            .tokenizer()
+            .encode(&format!("{answer}<|im_end|>\n"), false)?,
+    );
+    let loss = (0..ids.len()).map(|i| i >= n).collect();
+    Ok(Example { ids, loss })
+}
+
+/// Fills every B with small random values so gradients reach A too.
+fn randomise_b(adapter: &flywheel_peft::TrainableAdapter, seed: u64) -> anyhow::Result<()> {
+    for (i, (_, (_, b))) in adapter.params.iter().enumerate() {
+        let t = Tensor::randn(0f32, 0.05, b.dims(), &Device::Cpu)?;
+        let _ = seed + i as u64;
+        b.set(&t)?;
+    }
+    Ok(())
+}
+
+fn scalar(t: &Tensor) -> anyhow::Result<f64> {
+    Ok(t.to_scalar::<f32>()? as f64)
+}
+
+fn gradient_check(quant: Option<GgmlDType>) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = tiny_model(dir.path(), quant)?;
+    let hook = LoraHook::for_config(&lora_cfg(2));
+    let model = load(&path, &hook)?;
+    let adapter = hook.init_trainable(&lora_cfg(2), 1, DType::F32, &Device::Cpu)?;
+    randomise_b(&adapter, 3)?;
+    let ex = [
+        example(&model, "hello", "he he")?,
+        example(&model, "abc", "cab")?,
+    ];
+    let refs: Vec<&Example> = ex.iter().collect();
+    let loss = batch_nll(&model, &refs, &Device::Cpu)?;
+    let grads = loss.backward()?;
+    let mut checked = 0;
+    for (name, (a, b)) in &adapter.params {
+        for (which, v) in [("A", a), ("B", b)] {
+            let g = grads
+                .get(v.as_tensor())
+                .expect("every factor gets a gradient");
+            let flat = g.flatten_all()?.to_vec1::<f32>()?;
+            // The coordinate with the largest gradient of this factor.
+            let (idx, &gmax) = flat
+                .iter()
+                .enumerate()
+                .max_by(|x, y| x.1.abs().total_cmp(&y.1.abs()))
+                .unwrap();
+            let orig = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            let eps = 2e-3f32;
+            let at = |delta: f32| -> anyhow::Result<f64> {
+                let mut p = orig.clone();
+                p[idx] += delta;
+                v.set(&Tensor::from_vec(p, v.dims(), &Device::Cpu)?)?;
+                scalar(&batch_nll(&model, &refs, &Device::Cpu)?)
+            };
+            let fd = (at(eps)? - at(-eps)?) / (2.0 * eps as f64);
+            v.set(&Tensor::from_vec(orig, v.dims(), &Device::Cpu)?)?;
+            let g = gmax as f64;
+            assert!(
+                (fd - g).abs() <= 0.03 * g.abs() + 2e-3,
+                "{name}.{which}[{idx}]: analytic {g} vs finite difference {fd} (quant {quant:?})"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 2 * 7 * 2, "2 layers x 7 projections x (A, B)");
+    Ok(())
+}
+
+#[test]
+fn lora_gradients_match_finite_differences_dense_base() -> anyhow::Result<()> {
+    gradient_check(None)
+}
+
+#[test]
+fn lora_gradients_match_finite_differences_quantized_base() -> anyhow::Result<()> {
+    gradient_check(Some(GgmlDType::Q8_0))?;
+    gradient_check(Some(GgmlDType::Q4_1))
+}
+
+fn all_logits(model: &TextModel, ids: &[u32]) -> anyhow::Result<Tensor> {
+    let t = Tensor::from_slice(ids, (1, ids.len()), &Device::Cpu)?;
+    let mut cache = model.model().new_cache(vec![0]);
+    Ok(model.model().forward(&t, &mut cache, Logits::All)?)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
+    Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
+}
+
+#[test]
+fn zero_b_leaves_logits_unchanged() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    for quant in [None, Some(GgmlDType::Q4_1)] {
+        let path = tiny_model(dir.path(), quant)?;
+        let plain = TextModel::load(path.to_str().unwrap(), &LoadOptions::default())?;
+        let hook = LoraHook::for_config(&lora_cfg(4));
+        let model = load(&path, &hook)?;
+        let ids = model.encode_prompt("hello there")?;
+        let base = all_logits(&plain, &ids)?;
+        // Installed (inference) adapter with B = 0: bit-identical.
+        let adapter = hook.init_trainable(&lora_cfg(4), 5, DType::F32, &Device::Cpu)?;
+        let frozen = adapter.snapshot("test")?;
+        hook.install(&frozen)?;
+        assert_eq!(max_abs_diff(&base, &all_logits(&model, &ids)?)?, 0.0);
+        // The wrappers are really there: a non-zero B changes the logits.
+        let mut moved = frozen.clone();
+        for (_, b) in moved.weights.values_mut() {
+            *b = (b.ones_like()? * 0.1)?;
+        }
+        hook.install(&moved)?;
+        assert!(max_abs_diff(&base, &all_logits(&model, &ids)?)? > 1e-3);
+        hook.clear();
+        assert_eq!(max_abs_diff(&base, &all_logits(&model, &ids)?)?, 0.0);
+    }
+    Ok(())
+}
+
+#[test]
+fn adapters_save_in_peft_layout_and_round_trip() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = tiny_model(dir.path(), None)?;
+    let mut cfg = lora_cfg(3);
+    cfg.use_rslora = true;
+    cfg.layers_to_transform = vec![1];
+    let hook = LoraHook::for_config(&cfg);
+    let _model = load(&path, &hook)?;
+    let adapter = hook.init_trainable(&cfg, 9, DType::F32, &Device::Cpu)?;
+    randomise_b(&adapter, 1)?;
+    let saved = adapter.snapshot("test")?;
+    let out = dir.path().join("adapter");
+    saved.save(&out, "tiny")?;
+    let st = flywheel_peft::adapter::read_safetensors(
+        &out.join("adapter_model.safetensors"),
+        &Device::Cpu,
+    )?;
+    assert!(st.contains_key("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"));
+    assert!(st.contains_key("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"));
+    assert!(
+        !st.keys().any(|k| k.contains("layers.0.")),
+        "layers_to_transform = [1]"
+    );
+    assert_eq!(st.len(), 14);
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json"))?)?;
+    assert_eq!(cfg_json["peft_type"], "LORA");
+    assert_eq!(cfg_json["r"], 3);
+    assert_eq!(cfg_json["use_rslora"], true);
+    let back = Adapter::load(&out, &Device::Cpu, DType::F32)?;
+    assert_eq!(
+        back.config.target_modules.leaves(),
+        saved.config.target_modules.leaves()
+    );
+    assert_eq!(
+        (back.config.r, back.config.alpha, back.config.use_rslora),
+        (3, 6.0, true)
+    );
+    assert_eq!(back.config.layers_to_transform, vec![1]);
+    assert_eq!(back.weights.len(), saved.weights.len());
+    for (k, (a, b)) in &saved.weights {
+        let (a2, b2) = &back.weights[k];
+        assert_eq!(max_abs_diff(a, a2)?, 0.0);
+        assert_eq!(max_abs_diff(b, b2)?, 0.0);
+    }
+    assert!((back.scale_for(3) - 6.0 / 3f64.sqrt()).abs() < 1e-12);
+    // An adapter for modules the model lacks is refused by name.
+    let mut wrong = back.clone();
+    let (a, b) = wrong.weights.values().next().unwrap().clone();
+    wrong
+        .weights
+        .insert("model.layers.7.self_attn.q_proj".into(), (a, b));
+    let e = hook.install(&wrong).unwrap_err().to_string();
+    assert!(e.contains("model.layers.7.self_attn.q_proj"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn merged_folder_equals_base_plus_adapter() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    for quant in [None, Some(GgmlDType::Q8_0)] {
+        let sub = dir.path().join(format!("{quant:?}"));
+        std::fs::create_dir_all(&sub)?;
+        let path = tiny_model(&sub, quant)?;
+        let cfg = lora_cfg(4);
+        let hook = LoraHook::for_config(&cfg);
+        let model = load(&path, &hook)?;
+        let adapter = hook.init_trainable(&cfg, 2, DType::F32, &Device::Cpu)?;
+        randomise_b(&adapter, 2)?;
+        let frozen = adapter.snapshot("test")?;
+        hook.install(&frozen)?;
+        let adir = sub.join("adapter");
+        frozen.save(&adir, "tiny")?;
+        let ids = model.encode_prompt("hello abc")?;
+        let unmerged = all_logits(&model, &ids)?;
+        let out = sub.join("merged");
+        let s = flywheel_peft::merge::merge(path.to_str().unwrap(), &adir, &out, DType::F32)?;
+        assert_eq!(s.merged_modules, 14);
+        let merged = TextModel::load(out.to_str().unwrap(), &LoadOptions::default())?;
+        assert_eq!(
+            merged.encode_prompt("hello abc")?,
+            ids,
+            "tokenizer survives the merge"
+        );
+        assert!(merged.chat_template().is_some());
+        let m = all_logits(&merged, &ids)?;
+        let rms = |t: &Tensor| -> anyhow::Result<f32> {
+            Ok(t.sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()?)
+        };
+        let reference = if quant.is_none() {
+            unmerged.clone()
+        } else {
+            // A quantized base runs llama.cpp's 8-bit activation arithmetic; the merged folder is
+            // plain f32. Compare against the dequantized base (a merge of an all-zero adapter)
+            // with the adapter applied at run time.
+            let zero_dir = sub.join("zero-adapter");
+            let mut zero = frozen.clone();
+            for (_, b) in zero.weights.values_mut() {
+                *b = b.zeros_like()?;
+            }
+            zero.save(&zero_dir, "tiny")?;
+            let deq = sub.join("dequantized");
+            flywheel_peft::merge::merge(path.to_str().unwrap(), &zero_dir, &deq, DType::F32)?;
+            let hook2 = LoraHook::for_config(&cfg);
+            let deq_model = load(&deq, &hook2)?;
+            hook2.install(&frozen)?;
+            all_logits(&deq_model, &ids)?
+        };
+        let rel = rms(&(&reference - &m)?)? / rms(&reference)?;
+        let tol = 1e-5;
+        assert!(
+            rel <= tol,
+            "{quant:?}: merged vs unmerged relative RMS {rel}"
+        );
+        // ... while the adapter's own effect is far larger than that tolerance.
+        hook.clear();
+        let base = all_logits(&model, &ids)?;
+        let effect = rms(&(&unmerged - &base)?)? / rms(&unmerged)?;
+        assert!(effect > 1e-2, "{quant:?}: adapter effect {effect}");
+        // Merging into an existing folder is refused.
+        assert!(
+            flywheel_peft::merge::merge(path.to_str().unwrap(), &adir, &out, DType::F32).is_err()
+        );
+    }
+    Ok(())
+}
+
+fn data_opts(train_on_inputs: bool) -> DataOptions {
+    DataOptions {
+        chat: true,
+        system: None,
+        train_on_inputs,
+        max_seq_len: 64,
+        overlong: Overlong::Drop,
+    }
+}
+
+#[test]
+fn prompt_tokens_carry_no_loss_and_formats_are_detected() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = tiny_model(dir.path(), None)?;
+    let model = TextModel::load(path.to_str().unwrap(), &LoadOptions::default())?;
+    let files = [
+        ("pc.jsonl", r#"{"prompt":"hi","completion":"he"}"#),
+        (
+            "chat.jsonl",
+            r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"he"}]}"#,
+        ),
+        (
+            "alpaca.jsonl",
+            r#"{"instruction":"hi","input":"","output":"he"}"#,
+        ),
+    ];
+    let mut seen = Vec::new();
+    for (name, line) in files {
+        let p = dir.path().join(name);
+        std::fs::write(&p, format!("{line}\n\n"))?;
+        let (ex, stats, _) = load_file(&p, &model, &data_opts(false))?;
+        assert_eq!(stats.records, 1);
+        let e = &ex[0];
+        // The answer "he" + "<|im_end|>" + "\n": 1 merged token + 1 special + 1 newline.
+        let answer: Vec<u32> = model.tokenizer().encode("he<|im_end|>\n", false)?;
+        let n = e.ids.len();
+        assert_eq!(&e.ids[n - answer.len()..], &answer[..]);
+        assert!(e.loss[n - answer.len()..].iter().all(|&b| b));
+        assert!(
+            e.loss[..n - answer.len()].iter().all(|&b| !b),
+            "prompt tokens carry no loss"
+        );
+        seen.push(e.clone());
+        let (all, _, _) = load_file(&p, &model, &data_opts(true))?;
+        assert!(all[0].loss.iter().all(|&b| b));
+    }
+    assert_eq!(
+        seen[0], seen[1],
+        "prompt/completion renders as the equivalent chat"
+    );
+    assert_eq!(seen[0], seen[2], "alpaca renders as the equivalent chat");
+    // The loss counts the answer tokens only: compare with a hand computation on all logits.
+    let e = &seen[0];
+    let nll = batch_nll(&model, &[e], &Device::Cpu)?.to_scalar::<f32>()? as f64;
+    let logits = all_logits(&model, &e.ids)?.squeeze(0)?;
+    let lsm = candle_nn_free_log_softmax(&logits)?;
+    let mut want = 0f64;
+    for p in 0..e.ids.len() - 1 {
+        if e.loss[p + 1] {
+            want -= lsm[p][e.ids[p + 1] as usize] as f64;
+        }
+    }
+    assert!((nll - want).abs() < 1e-3 * want.abs(), "{nll} vs {want}");
+    Ok(())
+}
+
+fn candle_nn_free_log_softmax(logits: &Tensor) -> anyhow::Result<Vec<Vec<f32>>> {
+    let rows = logits.to_vec2::<f32>()?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let m = r.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let lse = m + r.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
+            r.iter().map(|x| x - lse).collect()
+        })
+        .collect())
+}
+
+#[test]
+fn malformed_data_lines_are_named() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = tiny_model(dir.path(), None)?;
+    let model = TextModel::load(path.to_str().unwrap(), &LoadOptions::default())?;
+    let cases = [
+        (
+            "{\"prompt\":\"a\",\"completion\":\"b\"}\n{\"prompt\": \"a\", \n",
+            2,
+            "invalid JSON",
+        ),
+        (
+            "{\"prompt\":\"a\",\"completion\":\"b\"}\n{\"text\":\"x\"}\n",
+            2,
+            "line 1",
+        ),
+        ("{\"foo\":1}\n", 1, "unrecognised"),
+        (
+            "{\"messages\":[{\"role\":\"user\",\"content\":\"a\"}]}\n",
+            1,
+            "no assistant",
+        ),
+        (
+            "{\"messages\":[{\"role\":\"bot\",\"content\":\"a\"}]}\n",
+            1,
+            "unknown role",
+        ),
+        ("{\"prompt\":\"a\",\"completion\":3}\n", 1, "completion"),
+    ];
+    for (i, (text, line, what)) in cases.iter().enumerate() {
+        let p = dir.path().join(format!("bad{i}.jsonl"));
+        std::fs::write(&p, text)?;
+        let e = load_file(&p, &model, &data_opts(false))
+            .unwrap_err()
+            .to_string();
+        let want = format!("{}:{line}:", p.display());
+        assert!(e.starts_with(&want) && e.contains(what), "case {i}: {e}");
+    }
+    Ok(())
+}
+
+/// A recipe for the tiny model training on a tiny copy task.
+fn tiny_recipe(dir: &Path, model: &Path, run: &str, steps: usize) -> anyhow::Result<Recipe> {
+    let data = dir.join("train.jsonl");
+    if !data.exists() {
+        let words = ["he", "ab", "ba", "hehe", "ah", "eh", "bab", "aha"];
+        let lines: Vec<String> = words
+            .iter()
+            .map(|w| serde_json::json!({"prompt": w, "completion": format!("{w}{w}")}).to_string())
+            .collect();
+        std::fs::write(&data, lines.join("\n"))?;
+    }
+    let text = format!(
+        r#"
+[model]
+path = "{model}"
+[data]
+train = "{data}"
+valid_split = 0.25
+max_seq_len = 64
+[lora]
+r = 4
+alpha = 8
+dropout = 0.1
+target_modules = "all-linear"
+[optimizer]
+lr = 0.01
+[schedule]
+warmup_steps = 2
+[batch]
+size = 2
+grad_accum = 2
+max_steps = {steps}
+seed = 7
+[eval]
+every = 2
+[checkpoint]
+every = 2
+keep = 2
+[output]
+dir = "{run}"
+"#,
+        model = model.display(),
+        data = data.display(),
+        run = dir.join(run).display(),
+    );
+    Ok(Recipe::parse(&text, "tiny.toml")?)
+}
+
+#[test]
+fn one_step_lowers_the_loss_on_a_fixed_batch() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    for quant in [None, Some(GgmlDType::Q4_0)] {
+        let sub = dir.path().join(format!("{quant:?}"));
+        std::fs::create_dir_all(&sub)?;
+        let model = tiny_model(&sub, quant)?;
+        // Two examples and a batch of two: the first step sees exactly this batch.
+        std::fs::write(
+            sub.join("train.jsonl"),
+            "{\"prompt\":\"he\",\"completion\":\"hehe\"}\n{\"prompt\":\"ab\",\"completion\":\"abab\"}\n",
+        )?;
+        let mut recipe = tiny_recipe(&sub, &model, "run", 1)?;
+        recipe.data.valid_split = 0.0;
+        recipe.lora.dropout = 0.0;
+        recipe.schedule.warmup_steps = 0;
+        recipe.batch.grad_accum = 1;
+        recipe.optimizer.lr = 1e-3;
+        let mut t = Trainer::new(recipe, false)?;
+        assert_eq!(t.train_examples().len(), 2);
+        let loss_now = |t: &Trainer| -> anyhow::Result<f64> {
+            let refs: Vec<&Example> = t.train_examples().iter().collect();
+            let n: usize = refs.iter().map(|e| e.target_count()).sum();
+            Ok(scalar(&batch_nll(t.model(), &refs, &Device::Cpu)?)? / n as f64)
+        };
+        let before = loss_now(&t)?;
+        let mut logged = Vec::new();
+        let summary = t.run(
+            &mut |e: &flywheel_peft::TrainEvent| {
+                if let flywheel_peft::TrainEvent::Step(m) = e {
+                    logged.push(m.loss);
+                }
+            },
+            None,
+        )?;
+        let after = loss_now(&t)?;
+        assert_eq!(summary.steps, 1);
+        assert!(
+            (logged[0] - before).abs() < 1e-4 * before,
+            "the step's loss is the batch loss"
+        );
+        assert!(after < before - 1e-3, "{quant:?}: loss {before} -> {after}");
+        // The run folder has what a user expects.
+        let run = sub.join("run");
+        for f in [
+            "adapter/adapter_config.json",
+            "adapter/adapter_model.safetensors",
+            "adapter/flywheel_adapter.json",
+            "metrics.jsonl",
+            "loss.svg",
+            "recipe.toml",
+            "summary.json",
+        ] {
+            assert!(run.join(f).is_file(), "missing {f}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn resume_gives_the_same_adapter_as_an_uninterrupted_run() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = tiny_model(dir.path(), Some(GgmlDType::Q8_0))?;
+    let full = tiny_recipe(dir.path(), &model, "full", 6)?;
+    Trainer::new(full, false)?.run(&mut |_: &flywheel_peft::TrainEvent| {}, None)?;
+    let part = tiny_recipe(dir.path(), &model, "part", 6)?;
+    let s =
+        Trainer::new(part.clone(), false)?.run(&mut |_: &flywheel_peft::TrainEvent| {}, Some(3))?;
+    assert_eq!(s.steps, 3);
+    assert!(
+        s.adapter_dir.is_none(),
+        "an unfinished run writes no final adapter"
+    );
+    // Starting again without --resume would overwrite the run: refused.
+    let e = Trainer::new(part.clone(), false)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("--resume"), "{e}");
+    let mut resumed = Trainer::new(part, true)?;
+    assert_eq!(resumed.step(), 3);
+    let s = resumed.run(&mut |_: &flywheel_peft::TrainEvent| {}, None)?;
+    assert_eq!(s.steps, 6);
+    let a = Adapter::load(&dir.path().join("full/adapter"), &Device::Cpu, DType::F32)?;
+    let b = Adapter::load(&dir.path().join("part/adapter"), &Device::Cpu, DType::F32)?;
+    let mut moved = 0f32;
+    for (k, (a1, b1)) in &a.weights {
+        let (a2, b2) = &b.weights[k];
+        assert!(max_abs_diff(a1, a2)? <= 1e-6, "{k}.A differs after resume");
+        assert!(max_abs_diff(b1, b2)? <= 1e-6, "{k}.B differs after resume");
+        moved = moved.max(b1.abs()?.max_all()?.to_scalar::<f32>()?);
+    }
+    assert!(moved > 0.0, "training moved B away from zero");
+    // Metrics of both runs agree step by step.
+    let steps = |run: &str| -> anyhow::Result<Vec<String>> {
+        Ok(
+            std::fs::read_to_string(dir.path().join(run).join("metrics.jsonl"))?
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    format!(
+                        "{} {:.6} {:.6}",
+                        v["step"],
+                        v["loss"].as_f64().unwrap_or(-1.0),
+                        v["eval_loss"].as_f64().unwrap_or(-1.0)
+                    )
+                })
+                .collect(),
+        )
+    };
+    assert_eq!(steps("full")?, steps("part")?);
+    // Only the newest `keep = 2` checkpoints remain.
+    let ck: Vec<_> = std::fs::read_dir(dir.path().join("part/checkpoints"))?.collect();
+    assert_eq!(ck.len(), 2);
+    Ok(())
+}
+
+#[test]
+fn committed_recipes_parse_and_validate() -> anyhow::Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir)? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            Recipe::load(&p).map_err(|e| anyhow::anyhow!("{e}"))?;
+            n += 1;
+        }
+    }
+    assert!(
+        n >= 2,
+        "recipes/sql.toml and recipes/quickstart.toml at least"
+    );
+    Ok(())
+}
