@@ -112,3 +112,45 @@ fn quickstart_lora_teaches_smollm2_a_format() -> anyhow::Result<()> {
     assert!(cleared_hits <= base_hits);
     Ok(())
 }
+
+/// The text-to-SQL data of scripts/prepare-sql-data.sh loads for the recipe's model: every
+/// record fits the recipe's sequence length and only SQL tokens carry loss.
+#[test]
+fn sql_data_loads_for_the_sql_recipe() -> anyhow::Result<()> {
+    if std::env::var("FLYWHEEL_SKIP_REAL_MODELS").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: FLYWHEEL_SKIP_REAL_MODELS=1");
+        return Ok(());
+    }
+    let root = root();
+    let recipe = Recipe::load(&root.join("recipes/sql.toml"))?;
+    let model_path = root.join(&recipe.model.path);
+    let valid = root.join("data/sql/valid.jsonl");
+    assert!(
+        model_path.exists() && valid.is_file(),
+        "run scripts/fetch-models.sh and scripts/prepare-sql-data.sh first (or set FLYWHEEL_SKIP_REAL_MODELS=1)"
+    );
+    let model = TextModel::load(model_path.to_str().unwrap(), &LoadOptions::default())?;
+    let opts = flywheel_peft::data::DataOptions {
+        chat: recipe.data.chat,
+        system: recipe.data.system.clone(),
+        train_on_inputs: false,
+        max_seq_len: recipe.data.max_seq_len,
+        overlong: recipe.data.overlong,
+    };
+    let (examples, stats, format) = flywheel_peft::data::load_file(&valid, &model, &opts)?;
+    assert_eq!(format, flywheel_peft::data::Format::PromptCompletion);
+    assert_eq!(stats.records, 96);
+    assert_eq!(stats.dropped_overlong, 0, "{stats:?}");
+    let first: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&valid)?.lines().next().unwrap())?;
+    let answer: Vec<u32> = examples[0]
+        .ids
+        .iter()
+        .zip(&examples[0].loss)
+        .filter(|(_, &l)| l)
+        .map(|(&t, _)| t)
+        .collect();
+    let text = model.tokenizer().decode(&answer, true)?;
+    assert_eq!(text.trim(), first["completion"].as_str().unwrap());
+    Ok(())
+}
