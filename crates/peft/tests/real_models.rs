@@ -154,3 +154,107 @@ fn sql_data_loads_for_the_sql_recipe() -> anyhow::Result<()> {
     assert_eq!(text.trim(), first["completion"].as_str().unwrap());
     Ok(())
 }
+
+/// An adapter made by Hugging Face PEFT (scripts/fixtures/make_peft_adapter_fixture.py) loads
+/// into flywheel and reproduces the logits transformers computed with it.
+#[test]
+fn peft_made_adapter_reproduces_transformers_logits() -> anyhow::Result<()> {
+    if std::env::var("FLYWHEEL_SKIP_REAL_MODELS").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: FLYWHEEL_SKIP_REAL_MODELS=1");
+        return Ok(());
+    }
+    let root = root();
+    let fixture = root.join("tests/fixtures/peft-adapter-smollm2");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("expected.json"))?)?;
+    let gguf = root.join("models/smollm2-135m-instruct");
+    assert!(
+        gguf.is_dir(),
+        "run scripts/fetch-models.sh first (or set FLYWHEEL_SKIP_REAL_MODELS=1)"
+    );
+    // The fixture's base: the GGUF dequantized to a dense f32 folder (merge of an all-zero adapter).
+    let tmp = tempfile::tempdir()?;
+    let peft = Adapter::load(&fixture, &Device::Cpu, DType::F32)?;
+    let mut zero = peft.clone();
+    for (_, b) in zero.weights.values_mut() {
+        *b = b.zeros_like()?;
+    }
+    let zero_dir = tmp.path().join("zero");
+    zero.save(&zero_dir, "smollm2")?;
+    let dense = tmp.path().join("dense");
+    flywheel_peft::merge::merge(gguf.to_str().unwrap(), &zero_dir, &dense, DType::F32)?;
+
+    let hook = LoraHook::for_config(&peft.config);
+    let model = TextModel::load_with_hook(
+        &ModelFormat::resolve(dense.to_str().unwrap())?,
+        &LoadOptions::default(),
+        &hook,
+    )?;
+    let ids: Vec<u32> = expected["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(
+        model.encode_prompt(expected["prompt"].as_str().unwrap())?,
+        ids
+    );
+    let logits_at = |model: &TextModel| -> anyhow::Result<Vec<Vec<f32>>> {
+        let t = candle_core::Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu)?;
+        let mut cache = model.model().new_cache(vec![0]);
+        let all = model
+            .model()
+            .forward(&t, &mut cache, flywheel_models::Logits::All)?
+            .squeeze(0)?;
+        let mut out = Vec::new();
+        for p in expected["positions"].as_array().unwrap() {
+            let row = all.get(p.as_u64().unwrap() as usize)?.to_vec1::<f32>()?;
+            out.push(
+                expected["token_ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| row[t.as_u64().unwrap() as usize])
+                    .collect(),
+            );
+        }
+        Ok(out)
+    };
+    let want = |key: &str| -> Vec<Vec<f32>> {
+        expected[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect()
+            })
+            .collect()
+    };
+    let max_diff = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+        a.iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let base = logits_at(&model)?;
+    assert!(
+        max_diff(&base, &want("base")) < 5e-4,
+        "base logits differ from transformers"
+    );
+    hook.install(&peft)?;
+    let tuned = logits_at(&model)?;
+    let d = max_diff(&tuned, &want("tuned"));
+    let effect = max_diff(&want("tuned"), &want("base"));
+    eprintln!(
+        "flywheel vs transformers with the PEFT adapter: max |diff| {d}; adapter effect {effect}"
+    );
+    assert!(effect > 0.1, "the fixture adapter must matter");
+    assert!(d < 5e-4, "logits with the PEFT adapter differ by {d}");
+    Ok(())
+}
