@@ -27,6 +27,13 @@ impl RmsNorm {
     /// Normalises over the last dimension. A fused kernel at inference; differentiable ops when
     /// the input carries a gradient (training).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() && crate::train_ops::applicable(x) {
+            let op = crate::train_ops::RmsNormOp {
+                weight: crate::train_ops::to_host(&self.weight)?,
+                eps: self.eps as f32,
+            };
+            return Ok(x.contiguous()?.apply_op1(op)?);
+        }
         if x.track_op() {
             let dtype = x.dtype();
             let xf = x.to_dtype(DType::F32)?;
@@ -135,6 +142,14 @@ impl Rope {
             }
         };
         let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+        if x.track_op() && crate::train_ops::applicable(x) {
+            let op = crate::train_ops::RopeOp {
+                cos: crate::train_ops::to_host(&cos)?,
+                sin: crate::train_ops::to_host(&sin)?,
+                per_row: cos.rank() == 3,
+            };
+            return Ok(x.contiguous()?.apply_op1(op)?);
+        }
         if x.track_op() {
             return rope_differentiable(x, &cos, &sin);
         }
@@ -266,6 +281,19 @@ impl Attention {
         let q = q.reshape((b, self.n_kv_heads, group * t, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
+        if scores.track_op() && crate::train_ops::applicable(&scores) {
+            // Training: one fused masked softmax (the folded GQA layout is (b, heads, t, seq) in
+            // memory), without autograd nodes for the constant mask.
+            let op = crate::train_ops::MaskedSoftmaxOp {
+                mask: mask.map(crate::train_ops::to_host).transpose()?,
+            };
+            let probs = scores
+                .reshape((b, self.n_heads, t, seq))?
+                .contiguous()?
+                .apply_op1(op)?
+                .reshape((b, self.n_kv_heads, group * t, seq))?;
+            return self.finish(&probs, &v, b, t);
+        }
         let scores = match mask {
             Some(m) => {
                 let s = scores.reshape((b, self.n_heads, t, seq))?;
@@ -285,7 +313,12 @@ impl Attention {
             candle_nn::ops::softmax_last_dim(&scores)?
         }
         .to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?; // (b, kv, group*t, d)
+        self.finish(&probs, &v, b, t)
+    }
+
+    /// `probs·v`, heads merged back, output projection.
+    fn finish(&self, probs: &Tensor, v: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+        let out = probs.matmul(v)?; // (b, kv, group*t, d)
         let out = out
             .reshape((b, self.n_heads, t, self.head_dim))?
             .transpose(1, 2)?

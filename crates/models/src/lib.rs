@@ -6,12 +6,14 @@
 //! - [`layers`]: RMSNorm, rotary embeddings (incl. llama3 scaling), GQA attention with a KV cache, MLP.
 //! - [`decoder`]: the Llama-family / Qwen2 decoder driven by [`DecoderConfig`].
 //! - [`bert`]: BERT-family sentence encoders with pooling.
+//! - [`train_ops`]: fused training kernels (RMSNorm, RoPE, masked softmax) with backward passes.
 #![deny(missing_docs)]
 
 pub mod bert;
 pub mod decoder;
 pub mod layers;
 pub mod linear;
+pub mod train_ops;
 pub mod weights;
 
 pub use candle_core::{quantized::GgmlDType, DType, Device, Tensor};

@@ -1,0 +1,329 @@
+//! Fused training kernels with hand-written backward passes (CPU, f32): RMSNorm with a frozen
+//! weight, rotate-half RoPE, and softmax with an additive mask. Each replaces a chain of
+//! element-wise autograd nodes (and the gradients candle would build for constant tables) with
+//! one forward loop and one backward loop. Tests check them against the differentiable
+//! compositions they replace.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{what}: needs a contiguous f32 input"),
+    }
+}
+
+fn host_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.detach().flatten_all()?.to_vec1::<f32>()
+}
+
+/// Whether the fused training ops can run on `x`.
+pub fn applicable(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+/// RMSNorm over the last dimension with a frozen weight.
+#[derive(Debug, Clone)]
+pub struct RmsNormOp {
+    /// The weight, `(dim,)`.
+    pub weight: Vec<f32>,
+    /// Epsilon added to the mean square.
+    pub eps: f32,
+}
+
+impl CustomOp1 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "flywheel-rms-norm-train"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let d = self.weight.len();
+        let mut y = vec![0f32; x.len()];
+        for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let inv = 1.0 / (ms + self.eps).sqrt();
+            for ((o, v), w) in yr.iter_mut().zip(xr).zip(&self.weight) {
+                *o = v * inv * w;
+            }
+        }
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let x = host_f32(arg)?;
+        let g = host_f32(grad)?;
+        let d = self.weight.len();
+        let mut dx = vec![0f32; x.len()];
+        for ((xr, gr), dr) in x
+            .chunks_exact(d)
+            .zip(g.chunks_exact(d))
+            .zip(dx.chunks_exact_mut(d))
+        {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let inv = 1.0 / (ms + self.eps).sqrt();
+            // dx = inv·(w∘g) − x·inv³·Σ(w∘g∘x)/d
+            let dot: f32 = xr
+                .iter()
+                .zip(gr)
+                .zip(&self.weight)
+                .map(|((x, g), w)| x * g * w)
+                .sum();
+            let k = dot * inv * inv * inv / d as f32;
+            for (((o, x), g), w) in dr.iter_mut().zip(xr).zip(gr).zip(&self.weight) {
+                *o = inv * w * g - x * k;
+            }
+        }
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// Rotate-half RoPE on `(b, h, t, d)` with tables `(t, d/2)` or `(b, t, d/2)`.
+#[derive(Debug, Clone)]
+pub struct RopeOp {
+    /// Cosines.
+    pub cos: Vec<f32>,
+    /// Sines.
+    pub sin: Vec<f32>,
+    /// The tables have a batch dimension.
+    pub per_row: bool,
+}
+
+impl RopeOp {
+    fn apply(&self, x: &[f32], dims: &[usize], sign: f32) -> candle_core::Result<Vec<f32>> {
+        let [b, h, t, d] = dims else {
+            candle_core::bail!("rope: expected a rank-4 input, got {dims:?}")
+        };
+        let (b, h, t, d) = (*b, *h, *t, *d);
+        let half = d / 2;
+        let mut y = vec![0f32; x.len()];
+        for bi in 0..b {
+            for hi in 0..h {
+                for ti in 0..t {
+                    let row = ((bi * h + hi) * t + ti) * d;
+                    let tab = if self.per_row {
+                        (bi * t + ti) * half
+                    } else {
+                        ti * half
+                    };
+                    for i in 0..half {
+                        let (c, s) = (self.cos[tab + i], sign * self.sin[tab + i]);
+                        let (x1, x2) = (x[row + i], x[row + half + i]);
+                        y[row + i] = x1 * c - x2 * s;
+                        y[row + half + i] = x2 * c + x1 * s;
+                    }
+                }
+            }
+        }
+        Ok(y)
+    }
+}
+
+impl CustomOp1 for RopeOp {
+    fn name(&self) -> &'static str {
+        "flywheel-rope-train"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let y = self.apply(x, l.shape().dims(), 1.0)?;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        // The rotation is orthogonal: its transpose rotates by the negated angle.
+        let g = host_f32(grad)?;
+        let dx = self.apply(&g, arg.dims(), -1.0)?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// `softmax(x + mask)` over the last dimension of `(b, h, t, s)`; `mask` is `(b, 1, t, s)`.
+#[derive(Debug, Clone)]
+pub struct MaskedSoftmaxOp {
+    /// The additive mask, or none.
+    pub mask: Option<Vec<f32>>,
+}
+
+impl CustomOp1 for MaskedSoftmaxOp {
+    fn name(&self) -> &'static str {
+        "flywheel-masked-softmax-train"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(st, l, self.name())?;
+        let dims = l.shape().dims();
+        let [b, h, t, s] = dims else {
+            candle_core::bail!("masked softmax: expected a rank-4 input, got {dims:?}")
+        };
+        let (h, t, s) = (*h, *t, *s);
+        let mut y = vec![0f32; x.len()];
+        for (r, (xr, yr)) in x.chunks_exact(s).zip(y.chunks_exact_mut(s)).enumerate() {
+            let bi = r / (h * t);
+            let ti = r % t;
+            let m = self
+                .mask
+                .as_ref()
+                .map(|m| &m[(bi * t + ti) * s..(bi * t + ti + 1) * s]);
+            let val = |j: usize| xr[j] + m.map_or(0.0, |m| m[j]);
+            let max = (0..s).map(val).fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (j, o) in yr.iter_mut().enumerate() {
+                let e = (val(j) - max).exp();
+                *o = e;
+                sum += e;
+            }
+            let inv = 1.0 / sum;
+            yr.iter_mut().for_each(|o| *o *= inv);
+        }
+        let _ = b;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let y = host_f32(res)?;
+        let g = host_f32(grad)?;
+        let s = *arg.dims().last().expect("rank 4");
+        let mut dx = vec![0f32; y.len()];
+        for ((yr, gr), dr) in y
+            .chunks_exact(s)
+            .zip(g.chunks_exact(s))
+            .zip(dx.chunks_exact_mut(s))
+        {
+            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for ((o, y), g) in dr.iter_mut().zip(yr).zip(gr) {
+                *o = y * (g - dot);
+            }
+        }
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// Host copy of a tensor as f32 (tables and masks for the ops above).
+pub fn to_host(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn grads_match(
+        x0: &Tensor,
+        fused: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+        reference: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> anyhow::Result<()> {
+        let r = Tensor::randn(0f32, 1.0, x0.dims(), &Device::Cpu)?;
+        let run = |f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+            let v = Var::from_tensor(x0)?;
+            let y = f(v.as_tensor())?;
+            let loss = (&y * &r)?.sum_all()?;
+            let g = loss.backward()?;
+            Ok((
+                y.flatten_all()?.to_vec1::<f32>()?,
+                g.get(v.as_tensor()).expect("grad").flatten_all()?.to_vec1::<f32>()?,
+            ))
+        };
+        let (yf, gf) = run(&fused)?;
+        let (yr, gr) = run(&reference)?;
+        let md = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        assert!(md(&yf, &yr) < 1e-5, "forward differs: {}", md(&yf, &yr));
+        assert!(md(&gf, &gr) < 1e-4, "backward differs: {}", md(&gf, &gr));
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_matches_the_composition() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 2.0, (3, 5, 24), &dev)?;
+        let w = Tensor::randn(1f32, 0.3, 24, &dev)?;
+        let op = RmsNormOp {
+            weight: to_host(&w)?,
+            eps: 1e-5,
+        };
+        grads_match(
+            &x,
+            |x| x.apply_op1(op.clone()),
+            |x| {
+                let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+                x.broadcast_div(&(ms + 1e-5)?.sqrt()?)?.broadcast_mul(&w)
+            },
+        )
+    }
+
+    #[test]
+    fn rope_matches_the_composition() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 7, 8), &dev)?;
+        for per_row in [false, true] {
+            let shape: Vec<usize> = if per_row { vec![2, 7, 4] } else { vec![7, 4] };
+            let ang = Tensor::randn(0f32, 2.0, shape.as_slice(), &dev)?;
+            let (cos, sin) = (ang.cos()?, ang.sin()?);
+            let op = RopeOp {
+                cos: to_host(&cos)?,
+                sin: to_host(&sin)?,
+                per_row,
+            };
+            grads_match(
+                &x,
+                |x| x.apply_op1(op.clone()),
+                |x| {
+                    let c = Tensor::cat(&[&cos, &cos], D::Minus1)?;
+                    let s = Tensor::cat(&[&sin, &sin], D::Minus1)?;
+                    let (c, s) = if per_row {
+                        (c.unsqueeze(1)?, s.unsqueeze(1)?)
+                    } else {
+                        (c.unsqueeze(0)?.unsqueeze(0)?, s.unsqueeze(0)?.unsqueeze(0)?)
+                    };
+                    let x1 = x.narrow(D::Minus1, 0, 4)?;
+                    let x2 = x.narrow(D::Minus1, 4, 4)?;
+                    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+                    x.broadcast_mul(&c)? + rot.broadcast_mul(&s)?
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn masked_softmax_matches_the_composition() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 3.0, (2, 3, 4, 6), &dev)?;
+        let mut m = vec![0f32; 2 * 4 * 6];
+        for (i, v) in m.iter_mut().enumerate() {
+            if (i % 6) > (i / 6) % 4 + 2 {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        let mask = Tensor::from_vec(m.clone(), (2, 1, 4, 6), &dev)?;
+        let op = MaskedSoftmaxOp { mask: Some(m) };
+        grads_match(
+            &x,
+            |x| x.apply_op1(op.clone()),
+            |x| candle_nn::ops::softmax(&x.broadcast_add(&mask)?, D::Minus1),
+        )
+    }
+}
