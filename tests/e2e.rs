@@ -580,3 +580,58 @@ fn lora_train_resume_generate_with_adapter_and_merge() {
     );
     assert_fails_with(&out, &["no/such/adapter"]);
 }
+
+#[test]
+fn ctrl_c_during_lora_train_saves_a_checkpoint_and_says_how_to_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_gguf(dir.path(), Architecture::Llama);
+    let data = dir.path().join("train.jsonl");
+    std::fs::write(&data, "{\"prompt\":\"he\",\"completion\":\"hehe\"}\n{\"prompt\":\"ab\",\"completion\":\"abab\"}\n").unwrap();
+    let run = dir.path().join("run");
+    let recipe = dir.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nmax_seq_len = 64\n[batch]\nsize = 2\nmax_steps = 1000000\n[checkpoint]\nevery = 0\n[output]\ndir = \"{}\"\n",
+            m.display(),
+            data.display(),
+            run.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .args(["lora-train", recipe.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way, then interrupt it like a user pressing Ctrl-C.
+    let metrics = run.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(&metrics).is_ok_and(|t| t.lines().count() >= 3) {
+        assert!(t0.elapsed().as_secs() < 120, "training never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("--resume") && err.contains("stopped at step"),
+        "{err}"
+    );
+    let ckpts: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(ckpts.len(), 1, "{ckpts:?}");
+    assert!(ckpts[0].starts_with("step-"));
+    assert!(
+        !run.join("adapter").exists(),
+        "an interrupted run writes no final adapter"
+    );
+}

@@ -605,3 +605,21 @@ fn committed_recipes_parse_and_validate() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_message_and_keeps_its_checkpoint() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = tiny_model(dir.path(), None)?;
+    let mut recipe = tiny_recipe(dir.path(), &model, "run", 6)?;
+    recipe.optimizer.lr = 1e30;
+    recipe.optimizer.max_grad_norm = 0.0;
+    recipe.schedule.warmup_steps = 0;
+    recipe.checkpoint.every = 1;
+    let e = Trainer::new(recipe, false)?
+        .run(&mut |_: &flywheel_peft::TrainEvent| {}, None)
+        .expect_err("an lr of 1e30 must diverge")
+        .to_string();
+    assert!(e.contains("became") && e.contains("at step"), "{e}");
+    assert!(dir.path().join("run/checkpoints/step-000001").is_dir());
+    Ok(())
+}
