@@ -497,6 +497,20 @@ fn lora_train_resume_generate_with_adapter_and_merge() {
     let out = flywheel(&["lora-train", recipe.to_str().unwrap()], None, &[]);
     assert_fails_with(&out, &["evry", "r.toml"]);
     write_recipe("");
+    let out = flywheel(
+        &["lora-train", recipe.to_str().unwrap(), "--dry-run"],
+        None,
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(plan["total_steps"], 4);
+    assert_eq!(plan["adapted_modules"], 14);
+    assert_eq!(
+        plan["train_examples"].as_u64().unwrap() + plan["valid_examples"].as_u64().unwrap(),
+        6
+    );
+    assert!(!run.exists(), "a dry run writes nothing");
     let out = flywheel(&["lora-train", recipe.to_str().unwrap()], None, &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let err = text(&out.stderr);

@@ -58,7 +58,7 @@ path = "{model}"
 [data]
 train = "{a.data}"
 system = "{a.system}"
-max_seq_len = 512
+max_seq_len = {a.max_seq_len}
 [lora]
 r = {a.rank}
 alpha = {a.rank * 2}
@@ -70,6 +70,7 @@ kind = "constant"
 [batch]
 size = {a.batch}
 max_steps = {a.steps}
+gradient_checkpointing = {"true" if a.checkpointing else "false"}
 [eval]
 every = 0
 [checkpoint]
@@ -92,17 +93,20 @@ def main():
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-seq-len", type=int, default=512)
+    ap.add_argument("--skip-peft", action="store_true", help="flywheel only (quantized vs dense memory)")
+    ap.add_argument("--checkpointing", action="store_true", help="flywheel with gradient checkpointing")
     a = ap.parse_args()
     BENCH.mkdir(parents=True, exist_ok=True)
-    dense = BENCH / "smollm2-135m-f32"
+    dense = BENCH / (pathlib.Path(a.gguf).name + "-f32")
     if not (dense / "model.safetensors").is_file():
         info = json.loads(subprocess.check_output([a.fw, "info", a.gguf, "--json"], text=True))
         zero_adapter(BENCH / "zero-adapter", info["hidden_size"])
         subprocess.check_call([a.fw, "merge", "-m", a.gguf, "--adapter", str(BENCH / "zero-adapter"), "--out", str(dense)])
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
-    results = {"flywheel gguf (Q4_1)": [], "flywheel dense f32": [], "peft dense f32": []}
+    results = {"flywheel gguf": [], "flywheel dense f32": [], "peft dense f32": []}
     for rep in range(a.repeats):
-        for name, model in [("flywheel gguf (Q4_1)", a.gguf), ("flywheel dense f32", str(dense))]:
+        for name, model in [("flywheel gguf", a.gguf), ("flywheel dense f32", str(dense))]:
             run = BENCH / f"run-{'gguf' if 'gguf' in name else 'dense'}"
             subprocess.run(["rm", "-rf", str(run)], check=True)
             rp = BENCH / "recipe.toml"
@@ -113,6 +117,8 @@ def main():
             results[name].append({"tokens_per_s": tps, "peak_rss_mib": rss,
                                   "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"]})
             print(f"[{rep}] {name}: {tps:.1f} tok/s, peak {rss:.0f} MiB", file=sys.stderr)
+        if a.skip_peft:
+            continue
         check = str(BENCH / "run-dense" / "adapter")
         out, _, rss, _ = peak_rss([a.py, str(ROOT / "scripts/bench/peer_peft_train.py"), "--model", str(dense),
                                    "--data", a.data, "--system", a.system, "--steps", str(a.steps),
@@ -123,7 +129,14 @@ def main():
         results["peft dense f32"].append(r)
         print(f"[{rep}] peft: {r['tokens_per_s']:.1f} tok/s, peak {r['peak_rss_mib']:.0f} MiB; "
               f"loads flywheel adapter: {r.get('flywheel_adapter_loads_in_peft')}", file=sys.stderr)
-    med = {k: {m: statistics.median(x[m] for x in v) for m in ("tokens_per_s", "peak_rss_mib")} for k, v in results.items()}
+    med = {k: {m: statistics.median(x[m] for x in v) for m in ("tokens_per_s", "peak_rss_mib")} for k, v in results.items() if v}
+    if a.skip_peft:
+        q, d = med["flywheel gguf"], med["flywheel dense f32"]
+        print(f"\nLoRA training, {pathlib.Path(a.gguf).name}, r={a.rank} all-linear, batch {a.batch}, {a.steps} steps, {a.threads} threads, gradient checkpointing {a.checkpointing}")
+        for k, v in med.items():
+            print(f"{k:24} {v['tokens_per_s']:10.1f} tok/s {v['peak_rss_mib']:8.0f} MiB peak")
+        print(f"quantized-base peak memory / dense-base: {q['peak_rss_mib'] / d['peak_rss_mib']:.2f}")
+        return
     peft = med["peft dense f32"]
     print(f"\nLoRA training, SmolLM2-135M, r={a.rank} all-linear, batch {a.batch}, {a.steps} steps, "
           f"{a.threads} threads, {a.repeats} interleaved repeats (medians); peer: {results['peft dense f32'][0]['peer']}")
@@ -131,7 +144,7 @@ def main():
     for k, v in med.items():
         print(f"{k:24} {v['tokens_per_s']:10.1f} {v['tokens_per_s'] / peft['tokens_per_s']:7.2f}x "
               f"{v['peak_rss_mib']:13.0f} {v['peak_rss_mib'] / peft['peak_rss_mib']:7.2f}x")
-    q, d = med["flywheel gguf (Q4_1)"], med["flywheel dense f32"]
+    q, d = med["flywheel gguf"], med["flywheel dense f32"]
     print(f"quantized-base peak memory / dense-base: {q['peak_rss_mib'] / d['peak_rss_mib']:.2f}")
     print(f"PEFT loads the flywheel adapter: {all(r.get('flywheel_adapter_loads_in_peft') for r in results['peft dense f32'])}")
     print(json.dumps({"results": results, "medians": med}))

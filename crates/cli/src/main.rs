@@ -60,6 +60,9 @@ enum Cmd {
         /// Continue from the newest checkpoint in the run folder.
         #[arg(long)]
         resume: bool,
+        /// Load the model and data, print what the run would do, and exit without training.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Fold a LoRA adapter into its base model and write a Hugging Face folder.
     Merge {
@@ -268,7 +271,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Chat(a) => chat(a),
         Cmd::Embed { model, batch_size } => embed(&model, batch_size),
         Cmd::Tokenize { model, text, json } => tokenize(&model, &text, json),
-        Cmd::LoraTrain { recipe, resume } => lora_train(&recipe, resume),
+        Cmd::LoraTrain {
+            recipe,
+            resume,
+            dry_run,
+        } => lora_train(&recipe, resume, dry_run),
         Cmd::Merge {
             model,
             adapter,
@@ -599,12 +606,31 @@ fn bench_embed(m: &ModelArgs, file: &str, batch_size: usize, repeats: usize) -> 
     Ok(())
 }
 
-fn lora_train(recipe_path: &str, resume: bool) -> Result<()> {
+fn lora_train(recipe_path: &str, resume: bool, dry_run: bool) -> Result<()> {
     use flywheel_peft::TrainEvent;
     use indicatif::{ProgressBar, ProgressStyle};
     let recipe = flywheel_peft::Recipe::load(std::path::Path::new(recipe_path))?;
     eprintln!("loading {} and the data ...", recipe.model.path);
     let mut trainer = flywheel_peft::Trainer::new(recipe, resume)?;
+    if dry_run {
+        let s = trainer.data_stats();
+        println!(
+            "{}",
+            serde_json::json!({
+                "train_examples": trainer.train_examples().len(),
+                "train_tokens": s.tokens,
+                "answer_tokens": s.target_tokens,
+                "dropped_overlong": s.dropped_overlong,
+                "truncated": s.truncated,
+                "valid_examples": trainer.valid_count(),
+                "trainable_parameters": trainer.adapter().parameter_count(),
+                "adapted_modules": trainer.adapter().params.len(),
+                "total_steps": trainer.total_steps(),
+                "start_step": trainer.step(),
+            })
+        );
+        return Ok(());
+    }
     let stop = trainer.stop_flag();
     let presses = std::sync::atomic::AtomicUsize::new(0);
     ctrlc::set_handler(move || {

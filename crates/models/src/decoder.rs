@@ -330,6 +330,100 @@ struct Block {
     mlp: Mlp,
 }
 
+impl Block {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        positions: &PositionTables,
+        mask: Option<&Tensor>,
+        lc: &mut LayerCache,
+    ) -> Result<Tensor> {
+        let a = self
+            .attn
+            .forward(&self.attn_norm.forward(x)?, rope, positions, mask, lc)?;
+        let x = (a + x)?;
+        Ok((self.mlp.forward(&self.mlp_norm.forward(&x)?)? + x)?)
+    }
+}
+
+/// Gradient checkpointing of one block: the forward pass keeps only the block's input; the
+/// backward pass recomputes the block with gradients on and hands the parameter gradients it
+/// finds to [`crate::train_ops::take_checkpoint_grads`].
+struct CheckpointOp {
+    block: Block,
+    rope: Rope,
+    positions: PositionTables,
+    mask: Option<Tensor>,
+}
+
+impl candle_core::CustomOp1 for CheckpointOp {
+    fn name(&self) -> &'static str {
+        "flywheel-checkpointed-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("checkpointed block: needs a contiguous input")
+        };
+        let x = match s {
+            candle_core::CpuStorage::F32(v) => {
+                Tensor::from_slice(&v[a..b], l.shape(), &Device::Cpu)?
+            }
+            _ => candle_core::bail!("checkpointed block: f32 only"),
+        };
+        let y = crate::train_ops::untracked(|| {
+            self.block.forward(
+                &x,
+                &self.rope,
+                &self.positions,
+                self.mask.as_ref(),
+                &mut LayerCache::default(),
+            )
+        })
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok((
+            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
+            l.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let x = candle_core::Var::from_tensor(&arg.detach())?;
+        let y = self
+            .block
+            .forward(
+                x.as_tensor(),
+                &self.rope,
+                &self.positions,
+                self.mask.as_ref(),
+                &mut LayerCache::default(),
+            )
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut store = (y * grad.detach())?.sum_all()?.backward()?;
+        let dx = store.remove(x.as_tensor());
+        // Gradients of constant leaves can be tensors that still reference the recomputed
+        // graph; detach everything kept so each block's activations are freed right away.
+        let ids: Vec<_> = store.get_ids().copied().collect();
+        for id in ids {
+            if let Some(g) = store.get_id(id).map(Tensor::detach) {
+                store.insert_id(id, g);
+            }
+        }
+        crate::train_ops::push_checkpoint_grads(store);
+        Ok(dx.map(|d| d.detach()))
+    }
+}
+
 /// The KV cache of a (possibly left-padded) batch.
 #[derive(Debug, Clone)]
 pub struct Cache {
@@ -375,9 +469,25 @@ pub struct DecoderModel {
     rope: Rope,
     dtype: DType,
     device: Device,
+    checkpointing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    training: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl DecoderModel {
+    /// Training mode: every layer computes with training numerics (dequantized f32 weights, the
+    /// fused differentiable kernels), so a forward pass equals the one gradients are taken of.
+    pub fn set_training(&self, on: bool) {
+        self.training
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Recompute each block in the backward pass instead of keeping its activations (training on
+    /// CPU in f32): far less memory for about one more forward pass of compute.
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.checkpointing
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Builds the model from `w`; `hook` decides what wraps each projection.
     pub fn load(w: &dyn Weights, cfg: &DecoderConfig, hook: &dyn LinearHook) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
@@ -447,6 +557,8 @@ impl DecoderModel {
             rope,
             dtype: w.dtype(),
             device: w.device().clone(),
+            checkpointing: Default::default(),
+            training: Default::default(),
         })
     }
 
@@ -562,18 +674,29 @@ impl DecoderModel {
             None
         };
         let mut x = self.embed.forward(ids, self.dtype)?;
+        let training = self.training.load(std::sync::atomic::Ordering::Relaxed)
+            && crate::train_ops::grad_enabled();
+        let checkpoint = training
+            && self
+                .checkpointing
+                .load(std::sync::atomic::Ordering::Relaxed)
+            && crate::train_ops::applicable(&x);
+        if training {
+            // Every layer then computes with training numerics (the first block's projections
+            // included), and checkpointed blocks get inputs that carry gradients.
+            x = candle_core::Var::from_tensor(&x)?.as_tensor().clone();
+        }
         for (block, lc) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            let r = x.clone();
-            let a = block.attn.forward(
-                &block.attn_norm.forward(&x)?,
-                &self.rope,
-                &positions,
-                mask.as_ref(),
-                lc,
-            )?;
-            x = (a + r)?;
-            let r = x.clone();
-            x = (block.mlp.forward(&block.mlp_norm.forward(&x)?)? + r)?;
+            x = if checkpoint {
+                x.contiguous()?.apply_op1(CheckpointOp {
+                    block: block.clone(),
+                    rope: self.rope.clone(),
+                    positions: positions.clone(),
+                    mask: mask.clone(),
+                })?
+            } else {
+                block.forward(&x, &self.rope, &positions, mask.as_ref(), lc)?
+            };
         }
         cache.len += t;
         Ok(x)

@@ -27,7 +27,7 @@ impl RmsNorm {
     /// Normalises over the last dimension. A fused kernel at inference; differentiable ops when
     /// the input carries a gradient (training).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.track_op() && crate::train_ops::applicable(x) {
+        if crate::train_ops::training(x) && crate::train_ops::applicable(x) {
             let op = crate::train_ops::RmsNormOp {
                 weight: crate::train_ops::to_host(&self.weight)?,
                 eps: self.eps as f32,
@@ -142,7 +142,7 @@ impl Rope {
             }
         };
         let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
-        if x.track_op() && crate::train_ops::applicable(x) {
+        if crate::train_ops::training(x) && crate::train_ops::applicable(x) {
             let op = crate::train_ops::RopeOp {
                 cos: crate::train_ops::to_host(&cos)?,
                 sin: crate::train_ops::to_host(&sin)?,
@@ -281,7 +281,7 @@ impl Attention {
         let q = q.reshape((b, self.n_kv_heads, group * t, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
-        if scores.track_op() && crate::train_ops::applicable(&scores) {
+        if crate::train_ops::training(&scores) && crate::train_ops::applicable(&scores) {
             // Training: one fused masked softmax (the folded GQA layout is (b, heads, t, seq) in
             // memory), without autograd nodes for the constant mask.
             let op = crate::train_ops::MaskedSoftmaxOp {

@@ -104,7 +104,9 @@ impl Linear {
         let y = match (&self.weight, &self.qmatmul) {
             // Training: the input carries a gradient. Weights are dequantized a slab of rows at a
             // time in forward and backward, so the model never exists dense in memory.
-            (LinearWeight::Quantized(q), _) if x.track_op() && x.device().is_cpu() => {
+            (LinearWeight::Quantized(q), _)
+                if crate::train_ops::training(x) && x.device().is_cpu() =>
+            {
                 let xf = x.to_dtype(DType::F32)?.contiguous()?;
                 xf.apply_op1(FrozenTrainOp {
                     weight: FrozenWeight::Quantized(q.clone()),
@@ -155,7 +157,9 @@ impl Linear {
             }
             // Training on a dense base: the weight is frozen, so only `dx` is computed in the
             // backward pass (candle's matmul would also build a full weight gradient).
-            (LinearWeight::Dense(w), _) if x.track_op() && !w.track_op() && x.device().is_cpu() => {
+            (LinearWeight::Dense(w), _)
+                if crate::train_ops::training(x) && !w.track_op() && x.device().is_cpu() =>
+            {
                 let xc = x.contiguous()?;
                 xc.apply_op1(FrozenTrainOp {
                     weight: FrozenWeight::Dense(w.clone()),

@@ -17,6 +17,43 @@ fn host_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.detach().flatten_all()?.to_vec1::<f32>()
 }
 
+thread_local! {
+    static UNTRACKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static CHECKPOINT_GRADS: std::cell::RefCell<Vec<candle_core::backprop::GradStore>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` in the forward pass of a checkpointed block: trainable parameters are used detached
+/// (no graph is built) while layers keep their training numerics.
+pub fn untracked<R>(f: impl FnOnce() -> R) -> R {
+    let prev = UNTRACKED.with(|u| u.replace(true));
+    let r = f();
+    UNTRACKED.with(|u| u.set(prev));
+    r
+}
+
+/// False inside [`untracked`].
+pub fn grad_enabled() -> bool {
+    !UNTRACKED.with(|u| u.get())
+}
+
+/// Whether layers should compute with training numerics: the input carries a gradient, or a
+/// checkpointed block is running its forward pass.
+pub fn training(x: &Tensor) -> bool {
+    x.track_op() || !grad_enabled()
+}
+
+/// Stores the parameter gradients found while recomputing a checkpointed block.
+pub fn push_checkpoint_grads(store: candle_core::backprop::GradStore) {
+    CHECKPOINT_GRADS.with(|c| c.borrow_mut().push(store));
+}
+
+/// Takes the parameter gradients that checkpointed blocks produced on this thread since the last
+/// call; the trainer adds them to the ones of the outer backward pass.
+pub fn take_checkpoint_grads() -> Vec<candle_core::backprop::GradStore> {
+    CHECKPOINT_GRADS.with(|c| std::mem::take(&mut *c.borrow_mut()))
+}
+
 /// Whether the fused training ops can run on `x`.
 pub fn applicable(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32

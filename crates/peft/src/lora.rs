@@ -232,7 +232,14 @@ impl Projection for LoraLinear {
             return Ok(y);
         };
         let training = p.a.track_op();
-        let xa = x.to_dtype(p.a.dtype())?;
+        // Inside a checkpointed block's forward pass the factors are used detached (no graph);
+        // the block's recomputation in the backward pass uses them as variables.
+        let (a, b) = if flywheel_models::train_ops::grad_enabled() {
+            (p.a.clone(), p.b.clone())
+        } else {
+            (p.a.detach(), p.b.detach())
+        };
+        let xa = x.to_dtype(a.dtype())?;
         let xa = if training && p.dropout > 0.0 && self.seed.enabled() {
             let mask = dropout_mask(xa.dims(), p.dropout, self.seed.get() ^ self.salt);
             let mask = Tensor::from_vec(mask, xa.dims(), xa.device())?.to_dtype(xa.dtype())?;
@@ -240,8 +247,8 @@ impl Projection for LoraLinear {
         } else {
             xa
         };
-        let low = matmul_t(&xa, &p.a)?;
-        let up = (matmul_t(&low, &p.b)? * p.scale)?;
+        let low = matmul_t(&xa, &a)?;
+        let up = (matmul_t(&low, &b)? * p.scale)?;
         Ok((y + up.to_dtype(x.dtype())?)?)
     }
 

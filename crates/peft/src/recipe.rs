@@ -177,6 +177,9 @@ pub struct BatchSection {
     pub max_steps: usize,
     /// Seed for initialisation, shuffling and dropout.
     pub seed: u64,
+    /// Recompute each block in the backward pass instead of keeping its activations: much less
+    /// memory for about one extra forward pass (CPU, f32).
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for BatchSection {
@@ -187,6 +190,7 @@ impl Default for BatchSection {
             epochs: 1.0,
             max_steps: 0,
             seed: 42,
+            gradient_checkpointing: false,
         }
     }
 }

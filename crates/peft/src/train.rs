@@ -173,6 +173,10 @@ impl Trainer {
             dtype: Some(dtype),
         };
         let model = TextModel::load_with_hook(&fmt, &opts, &hook)?;
+        model.model().set_training(true);
+        model
+            .model()
+            .set_gradient_checkpointing(recipe.batch.gradient_checkpointing);
         let adapter = hook.init_trainable(&recipe.lora, recipe.batch.seed, dtype, &device)?;
         let base_sha = model_sha(fmt.path())?;
 
@@ -312,6 +316,16 @@ impl Trainer {
     /// Steps done so far.
     pub fn step(&self) -> usize {
         self.step
+    }
+
+    /// Counts from loading the training data.
+    pub fn data_stats(&self) -> &DataStats {
+        &self.train_stats
+    }
+
+    /// Validation examples.
+    pub fn valid_count(&self) -> usize {
+        self.valid.len()
     }
 
     /// Training examples (after splitting and packing).
@@ -475,13 +489,19 @@ impl Trainer {
             let nll = batch_nll(&self.model, &refs, &self.device)?;
             loss_sum += nll.to_scalar::<f32>()? as f64;
             let scaled = (nll / targets.max(1) as f64)?;
+            let _stale = flywheel_models::train_ops::take_checkpoint_grads();
             let store = scaled.backward()?;
-            for (g, v) in grads.iter_mut().zip(&vars) {
-                if let Some(new) = store.get(v.as_tensor()) {
-                    *g = Some(match g.take() {
-                        Some(acc) => (acc + new)?,
-                        None => new.clone(),
-                    });
+            // Checkpointed blocks hand in the gradients of their recomputation separately.
+            let mut stores = flywheel_models::train_ops::take_checkpoint_grads();
+            stores.push(store);
+            for store in &stores {
+                for (g, v) in grads.iter_mut().zip(&vars) {
+                    if let Some(new) = store.get(v.as_tensor()) {
+                        *g = Some(match g.take() {
+                            Some(acc) => (acc + new)?,
+                            None => new.clone(),
+                        });
+                    }
                 }
             }
         }

@@ -623,3 +623,31 @@ fn a_diverging_run_stops_with_a_clear_message_and_keeps_its_checkpoint() -> anyh
     assert!(dir.path().join("run/checkpoints/step-000001").is_dir());
     Ok(())
 }
+
+#[test]
+fn gradient_checkpointing_trains_the_same_adapter() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    for quant in [None, Some(GgmlDType::Q4_1)] {
+        let sub = dir.path().join(format!("{quant:?}"));
+        std::fs::create_dir_all(&sub)?;
+        let model = tiny_model(&sub, quant)?;
+        let mut adapters = Vec::new();
+        for (i, ckpt) in [false, true].into_iter().enumerate() {
+            let mut r = tiny_recipe(&sub, &model, &format!("run{i}"), 3)?;
+            r.batch.gradient_checkpointing = ckpt;
+            let s = Trainer::new(r, false)?.run(&mut |_: &flywheel_peft::TrainEvent| {}, None)?;
+            adapters.push(Adapter::load(
+                &s.adapter_dir.unwrap(),
+                &Device::Cpu,
+                DType::F32,
+            )?);
+        }
+        for (k, (a1, b1)) in &adapters[0].weights {
+            let (a2, b2) = &adapters[1].weights[k];
+            assert!(max_abs_diff(a1, a2)? < 1e-5, "{quant:?} {k}.A");
+            assert!(max_abs_diff(b1, b2)? < 1e-5, "{quant:?} {k}.B");
+            assert!(b1.abs()?.max_all()?.to_scalar::<f32>()? > 0.0);
+        }
+    }
+    Ok(())
+}
