@@ -276,6 +276,46 @@ impl DecoderConfig {
         Ok(cfg)
     }
 
+    /// The config as a Hugging Face `config.json` (the keys [`DecoderConfig::from_hf_json`] reads).
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let eos = if self.eos_token_ids.len() == 1 {
+            serde_json::json!(self.eos_token_ids[0])
+        } else {
+            serde_json::json!(self.eos_token_ids)
+        };
+        let mut v = serde_json::json!({
+            "model_type": self.arch.name(),
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+        });
+        if self.arch == Architecture::Llama {
+            v["attention_bias"] = serde_json::json!(self.attention_bias);
+            v["mlp_bias"] = serde_json::json!(false);
+        }
+        if let Some(RopeScaling::Llama3(s)) = self.rope_scaling {
+            v["rope_scaling"] = serde_json::json!({
+                "rope_type": "llama3",
+                "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor,
+                "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings,
+            });
+        }
+        v
+    }
+
     /// Checks the dimensions are consistent; names the first bad field.
     pub fn validate(&self, file: &str) -> Result<()> {
         let err = |field: &str, reason: &str| {

@@ -222,21 +222,25 @@ impl FrozenWeight {
         }
     }
 
-    /// Row slabs `(r0, rows r0..r1 as a dense tensor)` covering the matrix.
-    fn slabs(&self, dtype: DType) -> candle_core::Result<Vec<(usize, Tensor)>> {
+    /// Calls `f(r0, rows r0..r1 as a dense tensor)` for row slabs covering the matrix, one slab
+    /// alive at a time.
+    fn for_each_slab(
+        &self,
+        dtype: DType,
+        mut f: impl FnMut(usize, Tensor) -> candle_core::Result<()>,
+    ) -> candle_core::Result<()> {
         let (n, k) = self.dims()?;
         match self {
-            FrozenWeight::Dense(w) => Ok(vec![(0, w.to_dtype(dtype)?)]),
+            FrozenWeight::Dense(w) => f(0, w.to_dtype(dtype)?),
             FrozenWeight::Quantized(q) => {
                 let step = slab_rows(k);
-                let mut out = Vec::new();
                 let mut r0 = 0;
                 while r0 < n {
                     let r1 = (r0 + step).min(n);
-                    out.push((r0, dequantize_rows(q, r0, r1)?.to_dtype(dtype)?));
+                    f(r0, dequantize_rows(q, r0, r1)?.to_dtype(dtype)?)?;
                     r0 = r1;
                 }
-                Ok(out)
+                Ok(())
             }
         }
     }
@@ -259,12 +263,11 @@ impl FrozenTrainOp {
         let (n, k) = self.weight.dims()?;
         let m: usize = dims[..dims.len() - 1].iter().product();
         let x = Tensor::from_slice(xs, (m, k), &candle_core::Device::Cpu)?;
-        let parts = self
-            .weight
-            .slabs(x.dtype())?
-            .into_iter()
-            .map(|(_, w)| x.matmul(&w.t()?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut parts = Vec::new();
+        self.weight.for_each_slab(x.dtype(), |_, w| {
+            parts.push(x.matmul(&w.t()?)?);
+            Ok(())
+        })?;
         let y = if parts.len() == 1 {
             parts.into_iter().next().expect("one part")
         } else {
@@ -324,14 +327,14 @@ impl candle_core::CustomOp1 for FrozenTrainOp {
         let m: usize = dims[..dims.len() - 1].iter().product();
         let g = grad_res.detach().to_dtype(arg.dtype())?.reshape((m, n))?;
         let mut dx: Option<Tensor> = None;
-        for (r0, w) in self.weight.slabs(arg.dtype())? {
-            let rows = w.dim(0)?;
-            let part = g.narrow(1, r0, rows)?.contiguous()?.matmul(&w)?;
-            dx = Some(match dx {
+        self.weight.for_each_slab(arg.dtype(), |r0, w| {
+            let part = g.narrow(1, r0, w.dim(0)?)?.contiguous()?.matmul(&w)?;
+            dx = Some(match dx.take() {
                 Some(acc) => (acc + part)?,
                 None => part,
             });
-        }
+            Ok(())
+        })?;
         let dx = dx.expect("n >= 1").reshape(arg.shape())?;
         Ok(Some(dx))
     }

@@ -169,50 +169,29 @@ pub fn tensor_names(cfg: &DecoderConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
-/// A Hugging Face `config.json` for `cfg`.
+/// A Hugging Face `config.json` for `cfg`: the model's own keys plus the class name and dtype;
+/// `eos` stands in when the config names no EOS token.
 pub fn hf_config(cfg: &DecoderConfig, dtype: DType, eos: &[u32]) -> Value {
     use flywheel_models::Architecture;
-    let (model_type, class) = match cfg.arch {
-        Architecture::Llama => ("llama", "LlamaForCausalLM"),
-        Architecture::Mistral => ("mistral", "MistralForCausalLM"),
-        Architecture::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+    let class = match cfg.arch {
+        Architecture::Llama => "LlamaForCausalLM",
+        Architecture::Mistral => "MistralForCausalLM",
+        Architecture::Qwen2 => "Qwen2ForCausalLM",
     };
-    let eos_ids: Vec<u32> = if cfg.eos_token_ids.is_empty() {
-        eos.to_vec()
+    let mut v = if cfg.eos_token_ids.is_empty() {
+        DecoderConfig {
+            eos_token_ids: eos.to_vec(),
+            ..cfg.clone()
+        }
+        .to_hf_json()
     } else {
-        cfg.eos_token_ids.clone()
+        cfg.to_hf_json()
     };
-    let mut v = json!({
-        "architectures": [class],
-        "model_type": model_type,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": if eos_ids.len() == 1 { json!(eos_ids[0]) } else { json!(eos_ids) },
-        "torch_dtype": match dtype { DType::BF16 => "bfloat16", DType::F16 => "float16", _ => "float32" },
+    v["architectures"] = json!([class]);
+    v["torch_dtype"] = json!(match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
     });
-    if cfg.arch == Architecture::Llama {
-        v["attention_bias"] = json!(cfg.attention_bias);
-        v["mlp_bias"] = json!(false);
-    }
-    if let Some(flywheel_models::RopeScaling::Llama3(s)) = cfg.rope_scaling {
-        v["rope_scaling"] = json!({
-            "rope_type": "llama3",
-            "factor": s.factor,
-            "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_max_position_embeddings,
-        });
-    }
     v
 }

@@ -443,15 +443,21 @@ impl Trainer {
     fn micro_batch(&self, micro: usize) -> Vec<&Example> {
         let n = self.train.len();
         let size = self.recipe.batch.size;
+        // A batch spans at most a few epochs: shuffle each epoch's order once.
+        let mut orders: Vec<(usize, Vec<usize>)> = Vec::new();
         (0..size)
             .map(|i| {
                 let g = micro * size + i;
                 let epoch = g / n;
-                let mut order: Vec<usize> = (0..n).collect();
-                shuffle(
-                    &mut order,
-                    self.recipe.batch.seed.wrapping_add(epoch as u64),
-                );
+                if !orders.iter().any(|(e, _)| *e == epoch) {
+                    let mut order: Vec<usize> = (0..n).collect();
+                    shuffle(
+                        &mut order,
+                        self.recipe.batch.seed.wrapping_add(epoch as u64),
+                    );
+                    orders.push((epoch, order));
+                }
+                let order = &orders.iter().find(|(e, _)| *e == epoch).expect("added").1;
                 &self.train[order[g % n]]
             })
             .collect()
@@ -609,6 +615,15 @@ impl Trainer {
         Ok(out)
     }
 
+    /// Names of the AdamW moments in `optimizer.safetensors`, in [`TrainableAdapter::vars`] order.
+    fn moment_names(&self) -> Vec<String> {
+        self.adapter
+            .params
+            .keys()
+            .flat_map(|k| [format!("{k}.A"), format!("{k}.B")])
+            .collect()
+    }
+
     fn save_checkpoint(&self) -> Result<PathBuf> {
         let dir = self.run_dir.join("checkpoints");
         let final_dir = dir.join(format!("step-{:06}", self.step));
@@ -620,12 +635,7 @@ impl Trainer {
         self.adapter
             .snapshot(&tmp.display().to_string())?
             .save(&tmp, &self.recipe.model.path)?;
-        let names: Vec<String> = self
-            .adapter
-            .params
-            .keys()
-            .flat_map(|k| [format!("{k}.A"), format!("{k}.B")])
-            .collect();
+        let names = self.moment_names();
         let mut tensors = Vec::new();
         for (name, mo) in names.iter().zip(&self.moments) {
             tensors.push((format!("{name}.m"), mo.m.to_dtype(DType::F32)?));
@@ -680,12 +690,7 @@ impl Trainer {
             a.set(&sa.to_dtype(a.dtype())?)?;
             b.set(&sb.to_dtype(b.dtype())?)?;
         }
-        let names: Vec<String> = self
-            .adapter
-            .params
-            .keys()
-            .flat_map(|k| [format!("{k}.A"), format!("{k}.B")])
-            .collect();
+        let names = self.moment_names();
         for (name, mo) in names.iter().zip(self.moments.iter_mut()) {
             let get = |s: &str| {
                 moments

@@ -196,20 +196,7 @@ pub fn write_hf_folder(
         source: e,
     };
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-    let config = serde_json::json!({
-        "model_type": cfg.arch.name(),
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "eos_token_id": cfg.eos_token_ids[0],
-    });
+    let config = cfg.to_hf_json();
     let write = |p: &Path, s: String| std::fs::write(p, s).map_err(|e| io(p, e));
     write(&dir.join("config.json"), config.to_string())?;
     let tok_cfg = serde_json::json!({"chat_template": CHATML, "eos_token": "<|endoftext|>", "add_bos_token": false});
