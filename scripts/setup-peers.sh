@@ -8,7 +8,10 @@
 #   sentence-transformers    (with torch: CPU-only wheel index if reachable,
 #                             otherwise plain `torch` from PyPI)
 #   peft                     (LoRA training peer, with transformers)
-#   numpy, psutil
+#   llama-cpp-python[server] extras (uvicorn, fastapi, sse-starlette,
+#                             starlette-context, pydantic-settings) for
+#                             `python -m llama_cpp.server` (scripts/bench-serve.sh)
+#   numpy, psutil, httpx (load generator for scripts/bench-serve.sh)
 #
 # Venv: <repo>/.venv-peers (git-ignored). Idempotent: packages already present
 # at the wanted version are not reinstalled.
@@ -46,7 +49,7 @@ except m.PackageNotFoundError: pass" "$1")"
 }
 
 # --- small pure deps --------------------------------------------------------
-for pkg in numpy psutil; do
+for pkg in numpy psutil httpx; do
     if have "$pkg"; then
         log "$pkg already installed"
     else
@@ -109,10 +112,24 @@ else
     echo "$WANT_MARKER" > "$MARKER"
 fi
 
+# --- llama-cpp-python[server] extras (OpenAI-compatible peer server) ---------
+# --only-binary keeps pip from ever rebuilding llama-cpp-python here: it is
+# already installed at the pinned version, so only the extra deps are added.
+SERVER_DEPS=(uvicorn fastapi sse-starlette starlette-context pydantic-settings)
+missing=0
+for pkg in "${SERVER_DEPS[@]}"; do have "$pkg" || missing=1; done
+if [ "$missing" = 0 ]; then
+    log "llama-cpp-python[server] extras already installed"
+else
+    log "installing llama-cpp-python[server] extras"
+    "${PIP[@]}" install --quiet --only-binary llama-cpp-python "llama-cpp-python[server]==$LLAMA_CPP_PYTHON_VERSION"
+fi
+
 log "installed versions:"
 "$PY" - <<'EOF'
 import importlib.metadata as m
-for p in ("llama_cpp_python", "sentence-transformers", "torch", "transformers", "peft", "numpy", "psutil"):
+for p in ("llama_cpp_python", "sentence-transformers", "torch", "transformers", "peft", "numpy", "psutil",
+          "httpx", "uvicorn", "fastapi", "sse-starlette", "starlette-context", "pydantic-settings"):
     try:
         print(f"  {p:22s} {m.version(p)}")
     except m.PackageNotFoundError:

@@ -387,6 +387,23 @@ impl Block {
     }
 }
 
+impl Block {
+    /// [`Block::forward`] for one new token of each of several independent sequences.
+    fn forward_decode(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        positions: &[usize],
+        caches: &mut [&mut LayerCache],
+    ) -> Result<Tensor> {
+        let a = self
+            .attn
+            .forward_decode(&self.attn_norm.forward(x)?, rope, positions, caches)?;
+        let x = (a + x)?;
+        Ok((self.mlp.forward(&self.mlp_norm.forward(&x)?)? + x)?)
+    }
+}
+
 /// Gradient checkpointing of one block: the forward pass keeps only the block's input; the
 /// backward pass recomputes the block with gradients on and hands the parameter gradients it
 /// finds to [`crate::train_ops::take_checkpoint_grads`].
@@ -654,6 +671,43 @@ impl DecoderModel {
             Logits::Last => out.squeeze(1)?,
             Logits::All => out,
         })
+    }
+
+    /// One decode step for independent sequences (continuous batching): `ids[i]` is the next
+    /// token of the sequence whose single-row cache is `caches[i]`. Returns `(b, vocab)` f32
+    /// logits. Sequences may have different lengths; each attends only over its own cache.
+    pub fn decode_step(&self, ids: &[u32], caches: &mut [&mut Cache]) -> Result<Tensor> {
+        let b = ids.len();
+        if caches.len() != b || caches.iter().any(|c| c.pads.len() != 1) {
+            return Err(candle_core::Error::Msg(format!(
+                "decode step: {b} tokens for {} caches (each must hold one row)",
+                caches.len()
+            ))
+            .into());
+        }
+        let ctx = self.cfg.max_position_embeddings;
+        let mut positions = Vec::with_capacity(b);
+        for c in caches.iter() {
+            if c.len + 1 > ctx {
+                return Err(Error::Config {
+                    file: "(request)".into(),
+                    field: "max_position_embeddings".into(),
+                    reason: format!("{} tokens exceed the model's context of {ctx}", c.len + 1),
+                });
+            }
+            positions.push(c.len - c.pads[0]);
+        }
+        let input = Tensor::from_slice(ids, (b, 1), &self.device)?;
+        let mut x = self.embed.forward(&input, self.dtype)?;
+        for (l, block) in self.blocks.iter().enumerate() {
+            let mut lcs: Vec<&mut LayerCache> =
+                caches.iter_mut().map(|c| &mut c.layers[l]).collect();
+            x = block.forward_decode(&x, &self.rope, &positions, &mut lcs)?;
+        }
+        for c in caches.iter_mut() {
+            c.len += 1;
+        }
+        Ok(self.head(&x)?.squeeze(1)?)
     }
 
     /// Logits `(n, vocab)` f32 for the positions `rows` of the flattened `(b·t)` batch only

@@ -316,6 +316,58 @@ impl Attention {
         self.finish(&probs, &v, b, t)
     }
 
+    /// One new token for each of `b` independent sequences (continuous batching): `x` is
+    /// `(b, 1, hidden)`; row `i` sits at position `positions[i]` and attends over its own cache.
+    /// The projections run once for the whole batch; attention runs per row. Row `i` computes
+    /// exactly what a batch of that row alone computes.
+    pub fn forward_decode(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        positions: &[usize],
+        caches: &mut [&mut LayerCache],
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        if t != 1 || positions.len() != b || caches.len() != b {
+            return Err(candle_core::Error::Msg(format!(
+                "decode step: {b} rows of {t} tokens, {} positions, {} caches",
+                positions.len(),
+                caches.len()
+            ))
+            .into());
+        }
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, self.n_heads, 1, self.head_dim))?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, self.n_kv_heads, 1, self.head_dim))?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, self.n_kv_heads, 1, self.head_dim))?;
+        let group = self.n_heads / self.n_kv_heads;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut outs = Vec::with_capacity(b);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let pos = PositionTables::Shared(positions[i], 1);
+            let qi = rope.apply(&q.narrow(0, i, 1)?, &pos)?;
+            let ki = rope.apply(&k.narrow(0, i, 1)?, &pos)?;
+            let (kc, vc) = cache.append(&ki, &v.narrow(0, i, 1)?)?;
+            let qi = qi.reshape((1, self.n_kv_heads, group, self.head_dim))?;
+            let scores = (qi.matmul(&kc.t()?)? * scale)?.to_dtype(DType::F32)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vc.dtype())?;
+            outs.push(
+                probs
+                    .matmul(&vc)?
+                    .reshape((1, 1, self.n_heads * self.head_dim))?,
+            );
+        }
+        self.o_proj.forward(&Tensor::cat(&outs, 0)?)
+    }
+
     /// `probs·v`, heads merged back, output projection.
     fn finish(&self, probs: &Tensor, v: &Tensor, b: usize, t: usize) -> Result<Tensor> {
         let out = probs.matmul(v)?; // (b, kv, group*t, d)

@@ -17,7 +17,9 @@ pub mod recipe;
 pub mod train;
 
 pub use adapter::{Adapter, AdapterRecord};
-pub use lora::{LoraConfig, LoraHook, TargetModules, TrainableAdapter};
+pub use lora::{
+    with_routing, LoraConfig, LoraHook, RoutedAdapter, Routing, TargetModules, TrainableAdapter,
+};
 pub use recipe::Recipe;
 pub use train::{TrainEvent, TrainObserver, TrainSummary, Trainer};
 

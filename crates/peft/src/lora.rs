@@ -196,6 +196,7 @@ impl DropoutSeed {
 pub struct LoraLinear {
     base: Linear,
     slot: Slot,
+    name: Arc<str>,
     salt: u64,
     seed: Arc<DropoutSeed>,
 }
@@ -206,6 +207,7 @@ impl LoraLinear {
         Self {
             base,
             slot,
+            name: name.into(),
             salt: fnv1a(name.as_bytes()),
             seed,
         }
@@ -224,9 +226,108 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> flywheel_models::Result<Tensor> {
     Ok(y.reshape(shape)?)
 }
 
+/// `scale · B·A·x` for inference factors, in `x`'s dtype.
+fn low_rank(x: &Tensor, p: &LoraPair) -> flywheel_models::Result<Tensor> {
+    let xa = x.to_dtype(p.a.dtype())?;
+    let up = (matmul_t(&matmul_t(&xa, &p.a)?, &p.b)? * p.scale)?;
+    Ok(up.to_dtype(x.dtype())?)
+}
+
+/// `acc + Σ a[i]·b[i]` with eight fixed lanes: the same sum, in the same order, whatever
+/// batch a row arrives in.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+impl LoraLinear {
+    /// Per-row adapters (serving): each group's rows of `x` (its first axis) get that group's
+    /// update; rows in no group get the base alone. On the CPU every row is computed on its own
+    /// with a fixed summation order, so a request's output never depends on its batch-mates.
+    fn forward_routed(
+        &self,
+        x: &Tensor,
+        y: Tensor,
+        routing: &Routing,
+    ) -> flywheel_models::Result<Tensor> {
+        let rows = x.dim(0)?;
+        if x.device().is_cpu() && x.dtype() == DType::F32 && y.dtype() == DType::F32 {
+            let inp = self.base.in_dim();
+            let out = self.base.out_dim();
+            let per_row = x.elem_count() / rows.max(1) / inp;
+            let xs = x.flatten_all()?.to_vec1::<f32>()?;
+            let mut delta = vec![0f32; rows * per_row * out];
+            let mut any = false;
+            for (adapter, idx) in &routing.groups {
+                let Some(h) = adapter.host.get(&*self.name) else {
+                    continue;
+                };
+                any = true;
+                let mut low = vec![0f32; h.r];
+                for &row in idx {
+                    for t in 0..per_row {
+                        let at = row as usize * per_row + t;
+                        let xv = &xs[at * inp..(at + 1) * inp];
+                        for (j, l) in low.iter_mut().enumerate() {
+                            *l = dot(xv, &h.a[j * inp..(j + 1) * inp]);
+                        }
+                        let d = &mut delta[at * out..(at + 1) * out];
+                        for (o, dv) in d.iter_mut().enumerate() {
+                            *dv = h.scale * dot(&low, &h.b[o * h.r..(o + 1) * h.r]);
+                        }
+                    }
+                }
+            }
+            if !any {
+                return Ok(y);
+            }
+            return Ok((y + Tensor::from_vec(
+                delta,
+                x.dims()
+                    .split_last()
+                    .map(|(_, d)| {
+                        let mut s = d.to_vec();
+                        s.push(out);
+                        s
+                    })
+                    .unwrap_or_default(),
+                x.device(),
+            )?)?);
+        }
+        let mut y = y;
+        for (adapter, idx) in &routing.groups {
+            let Some(p) = adapter.pairs.get(&*self.name) else {
+                continue;
+            };
+            if idx.len() == rows && idx.iter().enumerate().all(|(i, &r)| r as usize == i) {
+                y = (y + low_rank(x, p)?)?;
+                continue;
+            }
+            let ids = Tensor::from_slice(idx, idx.len(), x.device())?;
+            let up = low_rank(&x.index_select(&ids, 0)?, p)?;
+            y = y.index_add(&ids, &up, 0)?;
+        }
+        Ok(y)
+    }
+}
+
 impl Projection for LoraLinear {
     fn forward(&self, x: &Tensor) -> flywheel_models::Result<Tensor> {
         let y = self.base.forward(x)?;
+        if let Some(routing) = ROUTING.with(|r| r.borrow().clone()) {
+            return self.forward_routed(x, y, &routing);
+        }
         let guard = self.slot.read().expect("adapter slot poisoned");
         let Some(p) = guard.as_ref() else {
             return Ok(y);
@@ -291,6 +392,60 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
+}
+
+/// An adapter prepared for serving: its factors by module name, checked against the model.
+/// Immutable once built; requests hold it by `Arc`, so replacing an adapter under the same
+/// name never changes a request already running.
+#[derive(Debug)]
+pub struct RoutedAdapter {
+    /// The factors of each adapted module.
+    pub pairs: BTreeMap<String, LoraPair>,
+    /// The same factors as host f32 (row-major `A (r, in)`, `B (out, r)`), for the CPU path.
+    pub host: BTreeMap<String, HostPair>,
+    /// Trainable parameters (A and B elements).
+    pub parameters: usize,
+    /// The largest rank among the modules.
+    pub rank: usize,
+}
+
+/// One module's factors in host memory.
+#[derive(Debug)]
+pub struct HostPair {
+    /// `A`, `(r, in)` row-major.
+    pub a: Vec<f32>,
+    /// `B`, `(out, r)` row-major.
+    pub b: Vec<f32>,
+    /// Rank.
+    pub r: usize,
+    /// `alpha / r` (or `alpha / √r`).
+    pub scale: f32,
+}
+
+/// Which rows of the next forward passes use which adapter (see [`with_routing`]).
+#[derive(Debug, Clone, Default)]
+pub struct Routing {
+    /// Each adapter with the batch rows (first axis) it applies to.
+    pub groups: Vec<(Arc<RoutedAdapter>, Vec<u32>)>,
+}
+
+thread_local! {
+    static ROUTING: std::cell::RefCell<Option<Arc<Routing>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with per-row adapters: while it runs, every [`LoraLinear`] on this thread applies
+/// `routing` instead of its slot. Rows in no group use the base weights alone.
+pub fn with_routing<R>(routing: Routing, f: impl FnOnce() -> R) -> R {
+    struct Reset(Option<Arc<Routing>>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            let prev = self.0.take();
+            ROUTING.with(|r| *r.borrow_mut() = prev);
+        }
+    }
+    let prev = ROUTING.with(|r| r.borrow_mut().replace(Arc::new(routing)));
+    let _reset = Reset(prev);
+    f()
 }
 
 /// Wraps the projections `selector` picks with [`LoraLinear`] and remembers their slots.
@@ -389,42 +544,83 @@ impl LoraHook {
         })
     }
 
-    /// Installs fixed (inference) factors; every module of the adapter must be wrapped.
-    pub fn install(&self, adapter: &crate::adapter::Adapter) -> Result<()> {
+    /// Checks `adapter` against the wrapped projections (every module present, every shape
+    /// fitting) and prepares it for per-row serving, factors in `dtype`.
+    pub fn prepare(
+        &self,
+        adapter: &crate::adapter::Adapter,
+        dtype: DType,
+    ) -> Result<RoutedAdapter> {
         let slots = self.slots.lock().expect("poisoned");
-        for name in adapter.weights.keys() {
-            if !slots.contains_key(name) {
+        let mut pairs = BTreeMap::new();
+        let mut host = BTreeMap::new();
+        let (mut parameters, mut rank) = (0, 0);
+        for (name, (a, b)) in &adapter.weights {
+            let Some((_, out, inp)) = slots.get(name) else {
                 return Err(Error::Adapter {
                     path: adapter.origin.clone(),
                     reason: format!("adapts `{name}`, which this model does not have"),
                 });
-            }
-        }
-        for (name, (slot, out, inp)) in slots.iter() {
-            let pair = match adapter.weights.get(name) {
-                Some((a, b)) => {
-                    let (r, ain) = a.dims2()?;
-                    let (bout, br) = b.dims2()?;
-                    if ain != *inp || bout != *out || br != r {
-                        return Err(Error::Adapter {
-                            path: adapter.origin.clone(),
-                            reason: format!(
-                                "`{name}`: lora_A {:?} / lora_B {:?} do not fit a {out}x{inp} projection",
-                                a.dims(),
-                                b.dims()
-                            ),
-                        });
-                    }
-                    Some(LoraPair {
-                        a: a.clone(),
-                        b: b.clone(),
-                        scale: adapter.scale_for(r),
-                        dropout: 0.0,
-                    })
-                }
-                None => None,
             };
-            *slot.write().expect("poisoned") = pair;
+            let (r, ain) = a.dims2()?;
+            let (bout, br) = b.dims2()?;
+            if ain != *inp || bout != *out || br != r {
+                return Err(Error::Adapter {
+                    path: adapter.origin.clone(),
+                    reason: format!(
+                        "`{name}`: lora_A {:?} / lora_B {:?} do not fit this model's {out}x{inp} projection",
+                        a.dims(),
+                        b.dims()
+                    ),
+                });
+            }
+            parameters += a.elem_count() + b.elem_count();
+            rank = rank.max(r);
+            host.insert(
+                name.clone(),
+                HostPair {
+                    a: a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                    b: b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                    r,
+                    scale: adapter.scale_for(r) as f32,
+                },
+            );
+            pairs.insert(
+                name.clone(),
+                LoraPair {
+                    a: a.to_dtype(dtype)?,
+                    b: b.to_dtype(dtype)?,
+                    scale: adapter.scale_for(r),
+                    dropout: 0.0,
+                },
+            );
+        }
+        if pairs.is_empty() {
+            return Err(Error::Adapter {
+                path: adapter.origin.clone(),
+                reason: "has no LoRA weights".into(),
+            });
+        }
+        Ok(RoutedAdapter {
+            pairs,
+            host,
+            parameters,
+            rank,
+        })
+    }
+
+    /// Installs fixed (inference) factors; every module of the adapter must be wrapped.
+    pub fn install(&self, adapter: &crate::adapter::Adapter) -> Result<()> {
+        let dtype = adapter
+            .weights
+            .values()
+            .next()
+            .map(|(a, _)| a.dtype())
+            .unwrap_or(DType::F32);
+        let prepared = self.prepare(adapter, dtype)?;
+        let slots = self.slots.lock().expect("poisoned");
+        for (name, (slot, _, _)) in slots.iter() {
+            *slot.write().expect("poisoned") = prepared.pairs.get(name).cloned();
         }
         Ok(())
     }

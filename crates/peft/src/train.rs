@@ -894,7 +894,7 @@ fn fingerprint(r: &Recipe, data: &BTreeMap<String, String>, base: &str) -> Strin
 }
 
 /// sha256 of a model's weight file, or of its safetensors files in order.
-fn model_sha(path: &Path) -> Result<String> {
+pub fn model_sha(path: &Path) -> Result<String> {
     if path.is_file() {
         return sha256_file(path);
     }

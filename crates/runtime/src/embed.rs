@@ -145,6 +145,18 @@ impl EmbeddingModel {
         self.max_len
     }
 
+    /// Tokens the model reads for `text` (special tokens included, truncation applied).
+    pub fn token_count(&self, text: &str) -> Result<usize> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| Error::Tokenizer {
+                file: "(encode)".into(),
+                reason: e.to_string(),
+            })?;
+        Ok(enc.len())
+    }
+
     /// Embeds one padded batch.
     pub fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         if texts.is_empty() {

@@ -345,18 +345,15 @@ impl TextModel {
             flat.extend_from_slice(ids);
         }
         let device = self.model.device();
-        let mut rows: Vec<Row> = items
+        let mut rows: Vec<RowState> = items
             .iter()
-            .map(|(ids, req)| Row {
-                history: ids.clone(),
-                prompt_len: ids.len(),
-                budget: req.max_tokens.min(ctx - longest),
-                sampler: Sampler::new(req.sampling.clone()),
-                detok: IncrementalDecoder::new(&self.tokenizer),
-                stop: StopScanner::new(&req.stop),
-                tokens: vec![],
-                finish: None,
-                ignore_eos: req.ignore_eos,
+            .map(|(ids, req)| {
+                RowState::new(
+                    &self.tokenizer,
+                    ids.clone(),
+                    req,
+                    req.max_tokens.min(ctx - longest),
+                )
             })
             .collect();
         let mut cache = self.model.new_cache(pads);
@@ -365,11 +362,6 @@ impl TextModel {
         let mut logits = self.model.forward(&input, &mut cache, Logits::Last)?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        for row in rows.iter_mut() {
-            if row.budget == 0 {
-                row.finish = Some(FinishReason::Length);
-            }
-        }
         loop {
             let all: Vec<Vec<f32>> = logits.to_vec2::<f32>()?;
             let mut next = Vec::with_capacity(rows.len());
@@ -378,7 +370,7 @@ impl TextModel {
                     next.push(*row.history.last().expect("prompt is not empty"));
                     continue;
                 }
-                let tok = row.sampler.sample(&mut l, &row.history);
+                let tok = row.sample(&mut l);
                 next.push(tok);
                 row.step(tok, &self.eos, &mut *sinks[i])?;
             }
@@ -389,39 +381,77 @@ impl TextModel {
             logits = self.model.forward(&input, &mut cache, Logits::Last)?;
         }
         let decode_s = t1.elapsed().as_secs_f64();
-        Ok(rows
-            .into_iter()
-            .map(|r| GenerateOutput {
-                text: r.stop.text,
-                usage: Usage {
-                    prompt_tokens: r.prompt_len,
-                    completion_tokens: r.tokens.len(),
-                },
-                tokens: r.tokens,
-                finish_reason: r.finish.expect("loop ends when every row finished"),
-                timings: Timings {
-                    prefill_s,
-                    decode_s,
-                },
-            })
-            .collect())
+        let timings = Timings {
+            prefill_s,
+            decode_s,
+        };
+        Ok(rows.into_iter().map(|r| r.output(timings)).collect())
     }
 }
 
-struct Row<'a> {
-    history: Vec<u32>,
-    prompt_len: usize,
+/// One sequence being generated: its sampler, detokenizer, stop strings and token budget.
+/// The generation loop here and the server's continuous-batching engine both drive it.
+pub struct RowState<'a> {
+    /// Prompt and generated tokens (the repeat penalty looks at them).
+    pub history: Vec<u32>,
+    /// Tokens in the prompt.
+    pub prompt_len: usize,
     budget: usize,
     sampler: Sampler,
     detok: IncrementalDecoder<'a>,
     stop: StopScanner,
-    tokens: Vec<u32>,
-    finish: Option<FinishReason>,
+    /// Generated tokens so far.
+    pub tokens: Vec<u32>,
+    /// Why generation ended, once it has.
+    pub finish: Option<FinishReason>,
     ignore_eos: bool,
 }
 
-impl Row<'_> {
-    fn step(&mut self, tok: u32, eos: &[u32], sink: &mut dyn TokenSink) -> Result<()> {
+impl<'a> RowState<'a> {
+    /// A sequence for `prompt` under `req`'s sampling, stop strings and EOS policy, generating
+    /// at most `budget` tokens (`req.max_tokens` already capped by the context).
+    pub fn new(tok: &'a Tokenizer, prompt: Vec<u32>, req: &GenerateRequest, budget: usize) -> Self {
+        let finish = (budget == 0).then_some(FinishReason::Length);
+        Self {
+            prompt_len: prompt.len(),
+            history: prompt,
+            budget,
+            sampler: Sampler::new(req.sampling.clone()),
+            detok: IncrementalDecoder::new(tok),
+            stop: StopScanner::new(&req.stop),
+            tokens: vec![],
+            finish,
+            ignore_eos: req.ignore_eos,
+        }
+    }
+
+    /// Picks the next token from this row's logits.
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        self.sampler.sample(logits, &self.history)
+    }
+
+    /// The accepted output text so far (stop strings removed).
+    pub fn text(&self) -> &str {
+        &self.stop.text
+    }
+
+    /// The result of a finished row.
+    pub fn output(self, timings: Timings) -> GenerateOutput {
+        GenerateOutput {
+            text: self.stop.text,
+            usage: Usage {
+                prompt_tokens: self.prompt_len,
+                completion_tokens: self.tokens.len(),
+            },
+            tokens: self.tokens,
+            finish_reason: self.finish.unwrap_or(FinishReason::Cancelled),
+            timings,
+        }
+    }
+
+    /// Accepts token `tok`: streams its text into `sink` and decides whether the row is done
+    /// (EOS, a stop string, the budget, or the sink cancelling).
+    pub fn step(&mut self, tok: u32, eos: &[u32], sink: &mut dyn TokenSink) -> Result<()> {
         self.tokens.push(tok);
         self.history.push(tok);
         if !self.ignore_eos && eos.contains(&tok) {

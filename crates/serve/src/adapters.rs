@@ -1,0 +1,216 @@
+//! The adapters a server holds: loaded from PEFT folders, checked against the base model,
+//! named, and replaced or removed at run time. Each loaded version is immutable and shared by
+//! `Arc`, so the base weights exist once whatever the number of adapters, and a request keeps
+//! the version it started with.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Instant;
+
+use flywheel_peft::adapter::RECORD_FILE;
+use flywheel_peft::{Adapter, AdapterRecord, LoraHook, RoutedAdapter};
+use serde_json::{json, Value};
+
+use crate::ServeError;
+
+/// One loaded adapter version.
+#[derive(Debug)]
+pub struct LoadedAdapter {
+    /// The name requests select it by.
+    pub name: String,
+    /// The folder it was read from.
+    pub path: PathBuf,
+    /// The factors, checked against the model.
+    pub routed: Arc<RoutedAdapter>,
+    /// What `GET /v1/models` shows about it: config, provenance record, load time.
+    pub info: Value,
+}
+
+/// The adapters of one server.
+pub struct Registry {
+    hook: Arc<LoraHook>,
+    model_path: PathBuf,
+    dtype: candle_core::DType,
+    device: candle_core::Device,
+    dir: Option<PathBuf>,
+    base_sha: OnceLock<Option<String>>,
+    map: RwLock<BTreeMap<String, Arc<LoadedAdapter>>>,
+}
+
+/// Whether `name` can name an adapter.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl Registry {
+    /// A registry over the model loaded from `model_path` through `hook`; `dir` is the only
+    /// folder `POST /v1/adapters` may read from (none: run-time loading is off).
+    pub fn new(
+        hook: Arc<LoraHook>,
+        model_path: PathBuf,
+        device: candle_core::Device,
+        dtype: candle_core::DType,
+        dir: Option<PathBuf>,
+    ) -> Result<Self, ServeError> {
+        let dir = match dir {
+            Some(d) => Some(d.canonicalize().map_err(|e| {
+                ServeError::Startup(format!("--adapters-dir {}: {e}", d.display()))
+            })?),
+            None => None,
+        };
+        Ok(Self {
+            hook,
+            model_path,
+            dtype,
+            device,
+            dir,
+            base_sha: OnceLock::new(),
+            map: RwLock::new(BTreeMap::new()),
+        })
+    }
+
+    /// The folder run-time loads are confined to.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// The adapter named `name`, if loaded.
+    pub fn get(&self, name: &str) -> Option<Arc<LoadedAdapter>> {
+        self.map.read().expect("poisoned").get(name).cloned()
+    }
+
+    /// Every loaded adapter, by name.
+    pub fn list(&self) -> Vec<Arc<LoadedAdapter>> {
+        self.map
+            .read()
+            .expect("poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The names of the loaded adapters.
+    pub fn names(&self) -> Vec<String> {
+        self.map.read().expect("poisoned").keys().cloned().collect()
+    }
+
+    /// Resolves a run-time load request's path: relative to the adapters folder, and never
+    /// outside it (symbolic links and `..` included).
+    pub fn confine(&self, requested: &str) -> Result<PathBuf, ServeError> {
+        let Some(dir) = &self.dir else {
+            return Err(ServeError::Forbidden(
+                "loading adapters at run time is off: start the server with --adapters-dir DIR"
+                    .into(),
+            ));
+        };
+        let p = Path::new(requested);
+        let joined = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            dir.join(p)
+        };
+        let canon = joined.canonicalize().map_err(|_| ServeError::BadRequest {
+            param: Some("path".into()),
+            message: format!(
+                "adapter folder `{requested}` does not exist under the adapters directory"
+            ),
+        })?;
+        if !canon.starts_with(dir) {
+            return Err(ServeError::Forbidden(format!(
+                "`{requested}` is outside the adapters directory"
+            )));
+        }
+        if !canon.is_dir() {
+            return Err(ServeError::BadRequest {
+                param: Some("path".into()),
+                message: format!("`{requested}` is not a folder"),
+            });
+        }
+        Ok(canon)
+    }
+
+    fn base_sha(&self) -> Option<&str> {
+        self.base_sha
+            .get_or_init(|| flywheel_peft::train::model_sha(&self.model_path).ok())
+            .as_deref()
+    }
+
+    /// Reads and checks the adapter in `path` (blocking: call off the async threads). The
+    /// adapter is refused when its shapes do not fit the model or when its provenance record
+    /// names a different base model file (sha256).
+    pub fn read(&self, name: &str, path: &Path) -> Result<LoadedAdapter, ServeError> {
+        if !valid_name(name) {
+            return Err(ServeError::BadRequest {
+                param: Some("name".into()),
+                message: format!(
+                    "adapter name `{name}` must be 1-64 characters of letters, digits, `-`, `_`, `.`"
+                ),
+            });
+        }
+        let t0 = Instant::now();
+        let bad = |reason: String| ServeError::AdapterRefused {
+            name: name.to_string(),
+            reason,
+        };
+        let adapter =
+            Adapter::load(path, &self.device, self.dtype).map_err(|e| bad(e.to_string()))?;
+        let record: Option<AdapterRecord> = std::fs::read_to_string(path.join(RECORD_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        if let Some(r) = &record {
+            if !r.base_model_sha256.is_empty() {
+                if let Some(sha) = self.base_sha() {
+                    if sha != r.base_model_sha256 {
+                        return Err(bad(format!(
+                            "it was trained on a different base model (sha256 {}…, this server runs {}…)",
+                            &r.base_model_sha256[..12.min(r.base_model_sha256.len())],
+                            &sha[..12.min(sha.len())]
+                        )));
+                    }
+                }
+            }
+        }
+        let routed = self
+            .hook
+            .prepare(&adapter, self.dtype)
+            .map_err(|e| bad(e.to_string()))?;
+        let info = json!({
+            "path": path.display().to_string(),
+            "r": adapter.config.r,
+            "lora_alpha": adapter.config.alpha,
+            "use_rslora": adapter.config.use_rslora,
+            "modules": routed.pairs.len(),
+            "parameters": routed.parameters,
+            "base_model": adapter.base_model,
+            "record": record,
+            "load_ms": t0.elapsed().as_secs_f64() * 1e3,
+        });
+        Ok(LoadedAdapter {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            routed: Arc::new(routed),
+            info,
+        })
+    }
+
+    /// Makes `adapter` the version served under its name (replacing any previous one; running
+    /// requests keep theirs).
+    pub fn insert(&self, adapter: LoadedAdapter) -> Arc<LoadedAdapter> {
+        let a = Arc::new(adapter);
+        self.map
+            .write()
+            .expect("poisoned")
+            .insert(a.name.clone(), a.clone());
+        a
+    }
+
+    /// Removes the adapter named `name`; running requests that use it finish with it.
+    pub fn remove(&self, name: &str) -> Option<Arc<LoadedAdapter>> {
+        self.map.write().expect("poisoned").remove(name)
+    }
+}

@@ -1,0 +1,423 @@
+//! The compute engine: one thread owns all tensor work behind a channel, and runs continuous
+//! batching. New requests are prefilled and join the running batch at token boundaries;
+//! finished or abandoned ones leave it. Each row of a decode step applies its own adapter
+//! (rows grouped by adapter); rows without one use the base weights alone.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use candle_core::Tensor;
+use flywheel_api::{FinishReason, GenerateRequest, SamplingParams, Usage};
+use flywheel_models::{Cache, Logits};
+use flywheel_peft::{with_routing, RoutedAdapter, Routing};
+use flywheel_runtime::generate::RowState;
+use flywheel_runtime::TextModel;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What a running request hears from the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// One generated token and the text it completes (possibly empty).
+    Token {
+        /// Text safe to show (whole characters, stop strings held back).
+        text: String,
+        /// The token id.
+        token: u32,
+    },
+    /// Generation ended.
+    Done {
+        /// Why it ended.
+        finish: FinishReason,
+        /// Token counts.
+        usage: Usage,
+    },
+    /// The request failed inside the engine (the server itself keeps running).
+    Failed(String),
+}
+
+/// One generation job, as the engine runs it.
+pub struct Job {
+    /// The tokenized prompt (not empty).
+    pub prompt: Vec<u32>,
+    /// The most tokens to generate (already within the context).
+    pub max_tokens: usize,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Sampling settings.
+    pub sampling: SamplingParams,
+    /// The adapter version this request uses, fixed when it was admitted.
+    pub adapter: Option<Arc<RoutedAdapter>>,
+    /// Keep going past end-of-sequence tokens.
+    pub ignore_eos: bool,
+    /// Where events go; a dropped receiver cancels the job and frees its slot.
+    pub events: UnboundedSender<Event>,
+}
+
+/// Engine limits.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most sequences decoded together.
+    pub max_batch: usize,
+    /// Most requests waiting for a slot; more are refused (HTTP 429).
+    pub max_queue: usize,
+    /// Test hook: a prompt containing this token id makes the engine panic while running it
+    /// (proves that one failing request never takes the server down).
+    #[doc(hidden)]
+    pub panic_on_token: Option<u32>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 32,
+            max_queue: 256,
+            panic_on_token: None,
+        }
+    }
+}
+
+enum Msg {
+    Job(Box<Job>),
+    CancelAll,
+    Shutdown,
+}
+
+/// The queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Busy;
+
+/// Handle to the engine thread.
+pub struct Engine {
+    tx: Mutex<mpsc::Sender<Msg>>,
+    queued: Arc<AtomicUsize>,
+    active: Arc<AtomicUsize>,
+    stopped: Arc<AtomicBool>,
+    max_queue: usize,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Starts the engine thread over `model`.
+    pub fn start(model: Arc<TextModel>, cfg: EngineConfig) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let active = Arc::new(AtomicUsize::new(0));
+        let stopped = Arc::new(AtomicBool::new(false));
+        let max_queue = cfg.max_queue;
+        let worker = Worker {
+            model,
+            cfg,
+            queued: queued.clone(),
+            active: active.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("flywheel-engine".into())
+            .spawn(move || worker.run(rx))
+            .expect("spawning the engine thread");
+        Self {
+            tx: Mutex::new(tx),
+            queued,
+            active,
+            stopped,
+            max_queue,
+            thread: Mutex::new(Some(thread)),
+        }
+    }
+
+    /// Queues a job, or refuses it when the queue is full or the engine stopped.
+    pub fn submit(&self, job: Job) -> Result<(), Busy> {
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(Busy);
+        }
+        let n = self.queued.fetch_add(1, Ordering::SeqCst);
+        if n >= self.max_queue {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(Busy);
+        }
+        let tx = self.tx.lock().expect("engine channel poisoned");
+        if tx.send(Msg::Job(Box::new(job))).is_err() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(Busy);
+        }
+        Ok(())
+    }
+
+    /// Requests waiting for a slot.
+    pub fn queue_depth(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+
+    /// Sequences in the running batch.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Ends every running and queued request now (finish reason `cancelled`); the engine keeps
+    /// serving new ones.
+    pub fn cancel_all(&self) {
+        let _ = self.tx.lock().expect("poisoned").send(Msg::CancelAll);
+    }
+
+    /// Cancels what is left, stops the thread and waits for it.
+    pub fn shutdown(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        let _ = self.tx.lock().expect("poisoned").send(Msg::Shutdown);
+        if let Some(t) = self.thread.lock().expect("poisoned").take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// One sequence in the running batch.
+struct Seq<'a> {
+    row: RowState<'a>,
+    cache: Cache,
+    adapter: Option<Arc<RoutedAdapter>>,
+    events: UnboundedSender<Event>,
+    next: u32,
+}
+
+impl Seq<'_> {
+    /// Sends the final event (if the client is still there).
+    fn finish(self) {
+        let finish = self.row.finish.unwrap_or(FinishReason::Cancelled);
+        let usage = Usage {
+            prompt_tokens: self.row.prompt_len,
+            completion_tokens: self.row.tokens.len(),
+        };
+        let _ = self.events.send(Event::Done { finish, usage });
+    }
+
+    /// Accepts a sampled token and streams it.
+    fn accept(&mut self, tok: u32, eos: &[u32]) -> flywheel_runtime::Result<()> {
+        let events = self.events.clone();
+        let mut sink = |text: &str, token: u32| {
+            if events
+                .send(Event::Token {
+                    text: text.to_string(),
+                    token,
+                })
+                .is_err()
+            {
+                std::ops::ControlFlow::Break(())
+            } else {
+                std::ops::ControlFlow::Continue(())
+            }
+        };
+        self.next = tok;
+        self.row.step(tok, eos, &mut sink)
+    }
+}
+
+struct Worker {
+    model: Arc<TextModel>,
+    cfg: EngineConfig,
+    queued: Arc<AtomicUsize>,
+    active: Arc<AtomicUsize>,
+}
+
+/// The routing for a set of rows: rows grouped by adapter version (pointer identity).
+fn routing<'a>(adapters: impl Iterator<Item = Option<&'a Arc<RoutedAdapter>>>) -> Routing {
+    let mut groups: Vec<(Arc<RoutedAdapter>, Vec<u32>)> = Vec::new();
+    for (i, a) in adapters.enumerate() {
+        let Some(a) = a else { continue };
+        match groups.iter_mut().find(|(g, _)| Arc::ptr_eq(g, a)) {
+            Some((_, rows)) => rows.push(i as u32),
+            None => groups.push((a.clone(), vec![i as u32])),
+        }
+    }
+    Routing { groups }
+}
+
+/// A panic's message.
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+}
+
+impl Worker {
+    fn run(self, rx: mpsc::Receiver<Msg>) {
+        let model = self.model.clone();
+        let tok = model.tokenizer();
+        let eos = model.eos_ids().to_vec();
+        let mut batch: Vec<Seq> = Vec::new();
+        let mut shutdown = false;
+        while !shutdown {
+            let mut incoming: Vec<Box<Job>> = Vec::new();
+            let mut cancel = false;
+            if batch.is_empty() {
+                match rx.recv() {
+                    Ok(Msg::Job(j)) => incoming.push(j),
+                    Ok(Msg::CancelAll) => {}
+                    Ok(Msg::Shutdown) | Err(_) => shutdown = true,
+                }
+            }
+            while !shutdown && batch.len() + incoming.len() < self.cfg.max_batch.max(1) {
+                match rx.try_recv() {
+                    Ok(Msg::Job(j)) => incoming.push(j),
+                    Ok(Msg::CancelAll) => cancel = true,
+                    Ok(Msg::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => shutdown = true,
+                    Err(mpsc::TryRecvError::Empty) => break,
+                }
+            }
+            self.queued.fetch_sub(incoming.len(), Ordering::SeqCst);
+            if shutdown || cancel {
+                // Everything running or waiting ends now, cleanly, with `cancelled`.
+                for s in batch.drain(..) {
+                    s.finish();
+                }
+                let mut rest = incoming;
+                if shutdown {
+                    while let Ok(m) = rx.try_recv() {
+                        if let Msg::Job(j) = m {
+                            self.queued.fetch_sub(1, Ordering::SeqCst);
+                            rest.push(j);
+                        }
+                    }
+                }
+                for j in rest {
+                    let _ = j.events.send(Event::Done {
+                        finish: FinishReason::Cancelled,
+                        usage: Usage {
+                            prompt_tokens: j.prompt.len(),
+                            completion_tokens: 0,
+                        },
+                    });
+                }
+                self.active.store(0, Ordering::SeqCst);
+                continue;
+            }
+            for job in incoming {
+                if job.events.is_closed() {
+                    continue; // the client left while queued
+                }
+                let events = job.events.clone();
+                match std::panic::catch_unwind(AssertUnwindSafe(|| self.prefill(tok, &eos, *job))) {
+                    Ok(Ok(seq)) if seq.row.finish.is_none() => batch.push(seq),
+                    Ok(Ok(seq)) => seq.finish(),
+                    Ok(Err(e)) => {
+                        let _ = events.send(Event::Failed(e));
+                    }
+                    Err(p) => {
+                        let _ = events.send(Event::Failed(format!(
+                            "internal error while reading the prompt: {}",
+                            panic_text(p)
+                        )));
+                    }
+                }
+            }
+            self.active.store(batch.len(), Ordering::SeqCst);
+            if batch.is_empty() {
+                continue;
+            }
+            let step = std::panic::catch_unwind(AssertUnwindSafe(|| self.decode(&mut batch, &eos)));
+            let failure = match step {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(p) => Some(format!(
+                    "internal error while generating: {}",
+                    panic_text(p)
+                )),
+            };
+            if let Some(msg) = failure {
+                for s in batch.drain(..) {
+                    let _ = s.events.send(Event::Failed(msg.clone()));
+                }
+            }
+            let mut keep = Vec::with_capacity(batch.len());
+            for s in batch.drain(..) {
+                if s.row.finish.is_some() {
+                    s.finish();
+                } else if s.events.is_closed() {
+                    // Client gone: the slot is freed at this token boundary.
+                } else {
+                    keep.push(s);
+                }
+            }
+            batch = keep;
+            self.active.store(batch.len(), Ordering::SeqCst);
+        }
+        self.active.store(0, Ordering::SeqCst);
+    }
+
+    /// Runs a new request's prompt and samples its first token.
+    fn prefill<'a>(
+        &self,
+        tok: &'a flywheel_runtime::Tokenizer,
+        eos: &[u32],
+        job: Job,
+    ) -> Result<Seq<'a>, String> {
+        if let Some(bad) = self.cfg.panic_on_token {
+            if job.prompt.contains(&bad) {
+                panic!("test hook: prompt contains token {bad}");
+            }
+        }
+        let model = self.model.model();
+        let ctx = model.config().max_position_embeddings;
+        if job.prompt.is_empty() || job.prompt.len() >= ctx {
+            return Err(format!(
+                "the prompt has {} tokens; the context is {ctx}",
+                job.prompt.len()
+            ));
+        }
+        let req = GenerateRequest {
+            prompt: String::new(),
+            max_tokens: job.max_tokens,
+            stop: job.stop,
+            sampling: job.sampling,
+            ignore_eos: job.ignore_eos,
+        };
+        let budget = job.max_tokens.min(ctx - job.prompt.len());
+        let mut cache = model.new_cache(vec![0]);
+        let input = Tensor::from_slice(&job.prompt, (1, job.prompt.len()), model.device())
+            .map_err(|e| e.to_string())?;
+        let route = routing(std::iter::once(job.adapter.as_ref()));
+        let logits = with_routing(route, || model.forward(&input, &mut cache, Logits::Last))
+            .map_err(|e| e.to_string())?;
+        let mut seq = Seq {
+            row: RowState::new(tok, job.prompt, &req, budget),
+            cache,
+            adapter: job.adapter,
+            events: job.events,
+            next: 0,
+        };
+        if seq.row.finish.is_none() {
+            let mut l = logits
+                .squeeze(0)
+                .and_then(|l| l.to_vec1::<f32>())
+                .map_err(|e| e.to_string())?;
+            let t = seq.row.sample(&mut l);
+            seq.accept(t, eos).map_err(|e| e.to_string())?;
+        }
+        Ok(seq)
+    }
+
+    /// One decode step for every sequence in the batch.
+    fn decode(&self, batch: &mut [Seq], eos: &[u32]) -> Result<(), String> {
+        let model = self.model.model();
+        let ids: Vec<u32> = batch.iter().map(|s| s.next).collect();
+        let route = routing(batch.iter().map(|s| s.adapter.as_ref()));
+        let logits = {
+            let mut caches: Vec<&mut Cache> = batch.iter_mut().map(|s| &mut s.cache).collect();
+            with_routing(route, || model.decode_step(&ids, &mut caches))
+                .map_err(|e| e.to_string())?
+        };
+        let rows = logits.to_vec2::<f32>().map_err(|e| e.to_string())?;
+        for (s, mut l) in batch.iter_mut().zip(rows) {
+            let t = s.row.sample(&mut l);
+            s.accept(t, eos).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,252 @@
+//! flywheel-serve: an OpenAI-compatible HTTP server over the flywheel runtime.
+//!
+//! - [`engine`]: the compute thread with continuous batching and per-row LoRA adapters.
+//! - [`adapters`]: the adapters a server holds, loaded, checked, replaced and removed at run time.
+//! - [`router`]: the HTTP endpoints (chat, completions, embeddings, models, adapters, health,
+//!   metrics), authentication and limits; handlers never run tensor code.
+//! - [`openai`]: the wire format.
+//! - [`metrics`]: Prometheus text metrics.
+#![deny(missing_docs)]
+
+pub mod adapters;
+pub mod engine;
+pub mod metrics;
+pub mod openai;
+pub mod router;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use flywheel_peft::LoraHook;
+use flywheel_runtime::{EmbeddingModel, LoadOptions, ModelFormat, TextModel};
+
+pub use engine::{Engine, EngineConfig};
+pub use router::{router, AppState};
+
+/// Errors of the server, each with its HTTP status and OpenAI error body.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The request is malformed or out of range (400), naming the field when there is one.
+    #[error("{message}")]
+    BadRequest {
+        /// The offending field.
+        param: Option<String>,
+        /// What is wrong.
+        message: String,
+    },
+    /// The model or adapter does not exist (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// An adapter could not be loaded (400 at run time; a startup error on the command line).
+    #[error("adapter `{name}` refused: {reason}")]
+    AdapterRefused {
+        /// The name it was to be served under.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// Not allowed (403), e.g. a path outside the adapters directory.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Missing or wrong API key (401).
+    #[error("missing or invalid API key: send `Authorization: Bearer <key>`")]
+    Unauthorized,
+    /// The queue is full (429, with `Retry-After`).
+    #[error("the server is busy ({0} requests waiting); retry shortly")]
+    Busy(usize),
+    /// The body is larger than the limit (413).
+    #[error("the request body exceeds the limit of {0} bytes")]
+    TooLarge(usize),
+    /// Something failed inside the server (500); the server keeps running.
+    #[error("{0}")]
+    Internal(String),
+    /// The server could not start.
+    #[error("{0}")]
+    Startup(String),
+}
+
+impl ServeError {
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ServeError::BadRequest { .. } | ServeError::AdapterRefused { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            ServeError::NotFound(_) => StatusCode::NOT_FOUND,
+            ServeError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ServeError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ServeError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
+            ServeError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ServeError::Internal(_) | ServeError::Startup(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn kind_and_code(&self) -> (&'static str, Option<&'static str>) {
+        match self {
+            ServeError::BadRequest { .. } => ("invalid_request_error", None),
+            ServeError::AdapterRefused { .. } => ("invalid_request_error", Some("adapter_refused")),
+            ServeError::NotFound(_) => ("invalid_request_error", Some("model_not_found")),
+            ServeError::Forbidden(_) => ("permission_error", None),
+            ServeError::Unauthorized => ("invalid_request_error", Some("invalid_api_key")),
+            ServeError::Busy(_) => ("rate_limit_error", Some("queue_full")),
+            ServeError::TooLarge(_) => ("invalid_request_error", Some("body_too_large")),
+            ServeError::Internal(_) | ServeError::Startup(_) => ("server_error", None),
+        }
+    }
+}
+
+impl IntoResponse for ServeError {
+    fn into_response(self) -> Response {
+        let (kind, code) = self.kind_and_code();
+        let param = match &self {
+            ServeError::BadRequest { param, .. } => param.clone(),
+            ServeError::AdapterRefused { .. } => Some("path".into()),
+            _ => None,
+        };
+        let body = openai::error_body(&self.to_string(), kind, param.as_deref(), code);
+        let mut resp = (self.status(), axum::Json(body)).into_response();
+        if matches!(self, ServeError::Busy(_)) {
+            resp.headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// Everything `flywheel serve` is started with.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The base model (GGUF file, Hugging Face folder or hub id).
+    pub model: String,
+    /// The name requests use for the base model (default: the folder or file name).
+    pub name: Option<String>,
+    /// Adapters to load at startup, `(name, folder)`.
+    pub adapters: Vec<(String, PathBuf)>,
+    /// The only folder `POST /v1/adapters` may read from (none: run-time loads are off).
+    pub adapters_dir: Option<PathBuf>,
+    /// A sentence-embedding model for `/v1/embeddings`.
+    pub embedding_model: Option<String>,
+    /// Device and dtype.
+    pub load: LoadOptions,
+    /// Batch and queue limits.
+    pub engine: EngineConfig,
+    /// When set, every endpoint but `/health` needs `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// How long a graceful shutdown lets running requests finish before cancelling them.
+    pub shutdown_grace: Duration,
+}
+
+impl ServeConfig {
+    /// A config for `model` with defaults for everything else.
+    pub fn new(model: impl Into<String>) -> Self {
+        Self {
+            model: model.into(),
+            name: None,
+            adapters: Vec::new(),
+            adapters_dir: None,
+            embedding_model: None,
+            load: LoadOptions::default(),
+            engine: EngineConfig::default(),
+            api_key: None,
+            max_body_bytes: 4 << 20,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The default name of a model: its folder name, or its file name without extension.
+fn default_name(spec: &str) -> String {
+    let p = std::path::Path::new(spec);
+    let name = if p.is_dir() {
+        p.file_name().map(|s| s.to_string_lossy().to_string())
+    } else {
+        p.file_stem().map(|s| s.to_string_lossy().to_string())
+    };
+    name.filter(|n| !n.is_empty())
+        .unwrap_or_else(|| spec.trim_end_matches('/').to_string())
+}
+
+/// Loads the model, the startup adapters and the embedding model, and starts the engine.
+/// Blocking (seconds): call before serving; readiness follows its return.
+pub fn build_state(cfg: &ServeConfig) -> Result<Arc<AppState>, ServeError> {
+    let fmt = ModelFormat::resolve(&cfg.model).map_err(|e| ServeError::Startup(e.to_string()))?;
+    let hook = Arc::new(LoraHook::all_linear());
+    let model = TextModel::load_with_hook(&fmt, &cfg.load, hook.as_ref())
+        .map_err(|e| ServeError::Startup(format!("loading {}: {e}", cfg.model)))?;
+    let model_path = match &fmt {
+        ModelFormat::Gguf(p) | ModelFormat::HfFolder(p) => p.clone(),
+    };
+    let name = cfg.name.clone().unwrap_or_else(|| default_name(&cfg.model));
+    let registry = adapters::Registry::new(
+        hook,
+        model_path,
+        model.model().device().clone(),
+        model.model().dtype(),
+        cfg.adapters_dir.clone(),
+    )?;
+    for (aname, dir) in &cfg.adapters {
+        if aname == &name {
+            return Err(ServeError::Startup(format!(
+                "adapter name `{aname}` is the base model's name; pick another"
+            )));
+        }
+        let a = registry.read(aname, dir).map_err(|e| {
+            ServeError::Startup(format!("--adapter {aname}={}: {e}", dir.display()))
+        })?;
+        registry.insert(a);
+    }
+    let embedder = match &cfg.embedding_model {
+        Some(spec) => {
+            let m = EmbeddingModel::load(spec, &cfg.load)
+                .map_err(|e| ServeError::Startup(format!("--embedding-model {spec}: {e}")))?;
+            Some((default_name(spec), Arc::new(m)))
+        }
+        None => None,
+    };
+    let model = Arc::new(model);
+    let engine = Engine::start(model.clone(), cfg.engine.clone());
+    Ok(Arc::new(AppState {
+        model,
+        name,
+        engine,
+        registry,
+        embedder,
+        metrics: metrics::Metrics::default(),
+        api_key: cfg.api_key.clone(),
+        max_body_bytes: cfg.max_body_bytes,
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    }))
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves; then stops accepting, lets running
+/// requests finish for up to `grace` (after which they are cancelled), and stops the engine.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let app = router(state.clone());
+    let st = state.clone();
+    let signal = async move {
+        shutdown.await;
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            st.engine.cancel_all();
+        });
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(signal)
+        .await?;
+    let st = state.clone();
+    let _ = tokio::task::spawn_blocking(move || st.engine.shutdown()).await;
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! The OpenAI wire format: request bodies (lenient about fields we do not use, strict about
+//! the types of those we do, naming the bad field), response bodies and stream chunks.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::ServeError;
+
+/// A string or a list of strings (`stop`, `input`, `prompt`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// A single string.
+    One(String),
+    /// Several strings.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// The strings, in order.
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// Message content: plain text or a list of parts (only `text` parts are accepted).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    /// Plain text.
+    Text(String),
+    /// `[{"type": "text", "text": "..."}]`.
+    Parts(Vec<ContentPart>),
+}
+
+/// One part of a message's content.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    /// The part's type (`text`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The text of a text part.
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// One chat message of a request.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Message {
+    /// `system`, `user`, `assistant`, …
+    pub role: String,
+    /// The content (null allowed for assistant messages).
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a last chunk with `usage`.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// The sampling and limit fields chat and completions share.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Common {
+    /// The base model, an adapter, or `BASE:ADAPTER`.
+    pub model: String,
+    /// Most tokens to generate.
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
+    /// Newer name of `max_tokens` (chat).
+    #[serde(default)]
+    pub max_completion_tokens: Option<usize>,
+    /// Sampling temperature (OpenAI's default is 1).
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling.
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// Top-k (extension).
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    /// Min-p (extension).
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    /// Repeat penalty (extension).
+    #[serde(default)]
+    pub repeat_penalty: Option<f32>,
+    /// Seed for reproducible sampling.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Stop strings.
+    #[serde(default)]
+    pub stop: Option<OneOrMany>,
+    /// Number of choices.
+    #[serde(default)]
+    pub n: Option<usize>,
+    /// Stream as server-sent events.
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// Keep generating past end-of-sequence tokens (extension, as llama.cpp's server; for
+    /// benchmarks with fixed lengths).
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
+    /// Streaming options.
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+}
+
+/// The chat-only part of `POST /v1/chat/completions` (the rest is [`Common`]).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatBody {
+    /// The conversation.
+    pub messages: Vec<Message>,
+}
+
+/// The completions-only part of `POST /v1/completions` (the rest is [`Common`]).
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionBody {
+    /// The prompt (one string, or a list holding one).
+    pub prompt: OneOrMany,
+}
+
+/// `POST /v1/embeddings`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbeddingRequest {
+    /// The embedding model's name.
+    pub model: String,
+    /// Text(s) to embed.
+    pub input: OneOrMany,
+    /// Only `float` is supported.
+    #[serde(default)]
+    pub encoding_format: Option<String>,
+}
+
+/// `POST /v1/adapters`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LoadAdapterRequest {
+    /// The name requests will use.
+    pub name: String,
+    /// The folder, relative to the adapters directory (or absolute inside it).
+    pub path: String,
+}
+
+/// Parses a JSON body into `T`, naming the field on a type error.
+pub fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ServeError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let missing = inner
+            .to_string()
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next().map(str::to_string));
+        let param = (path != ".").then(|| path.clone()).or(missing);
+        let message = if inner.is_syntax() || inner.is_eof() {
+            format!("the body is not valid JSON: {inner}")
+        } else if let Some(p) = &param {
+            format!("field `{p}`: {inner}")
+        } else {
+            format!("invalid request: {inner}")
+        };
+        ServeError::BadRequest { param, message }
+    })
+}
+
+/// Token counts in a response.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct UsageBody {
+    /// Prompt tokens (counted once whatever `n`).
+    pub prompt_tokens: usize,
+    /// Generated tokens over all choices.
+    pub completion_tokens: usize,
+    /// The sum.
+    pub total_tokens: usize,
+}
+
+impl UsageBody {
+    /// Usage from prompt and completion counts.
+    pub fn new(prompt: usize, completion: usize) -> Self {
+        Self {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+        }
+    }
+}
+
+/// The OpenAI name of a finish reason.
+pub fn finish_name(f: flywheel_api::FinishReason) -> &'static str {
+    match f {
+        flywheel_api::FinishReason::Stop => "stop",
+        flywheel_api::FinishReason::Length => "length",
+        flywheel_api::FinishReason::Cancelled => "cancelled",
+    }
+}
+
+/// An OpenAI error body.
+pub fn error_body(message: &str, kind: &str, param: Option<&str>, code: Option<&str>) -> Value {
+    json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
+}

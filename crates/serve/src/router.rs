@@ -1,0 +1,808 @@
+//! The HTTP endpoints. Handlers parse and check requests, tokenize, and hand generation to the
+//! engine thread (embeddings to a blocking task); they never run tensor code themselves.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use flywheel_api::{ChatMessage, FinishReason, SamplingParams};
+use flywheel_runtime::{EmbeddingModel, TextModel};
+use futures_util::{FutureExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::adapters::{LoadedAdapter, Registry};
+use crate::engine::{Busy, Engine, Event, Job};
+use crate::metrics::Metrics;
+use crate::openai::{self, Common, OneOrMany, UsageBody};
+use crate::ServeError;
+
+/// Everything the handlers share.
+pub struct AppState {
+    /// The base model (weights exist once; adapters are applied per request).
+    pub model: Arc<TextModel>,
+    /// The base model's name in requests.
+    pub name: String,
+    /// The compute thread.
+    pub engine: Engine,
+    /// Loaded adapters.
+    pub registry: Registry,
+    /// The embedding model and its name.
+    pub embedder: Option<(String, Arc<EmbeddingModel>)>,
+    /// Counters and histograms.
+    pub metrics: Metrics,
+    /// Required bearer token, if any.
+    pub api_key: Option<String>,
+    /// Request body limit.
+    pub max_body_bytes: usize,
+    /// Unix time the server started (`created` of the models).
+    pub created: u64,
+}
+
+type St = State<Arc<AppState>>;
+
+/// The router with every endpoint, authentication, the body limit and panic isolation.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/adapters", post(load_adapter))
+        .route("/v1/adapters/{name}", delete(unload_adapter))
+        .fallback(no_route)
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn(catch_panic))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// A panic in a handler becomes a 500; the server keeps running.
+async fn catch_panic(req: Request, next: Next) -> Response {
+    match std::panic::AssertUnwindSafe(next.run(req))
+        .catch_unwind()
+        .await
+    {
+        Ok(r) => r,
+        Err(_) => {
+            ServeError::Internal("internal error while handling the request".into()).into_response()
+        }
+    }
+}
+
+/// `Authorization: Bearer <key>` on every endpoint but `/health`, when a key is set.
+async fn auth(State(st): St, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.api_key {
+        if req.uri().path() != "/health" {
+            let ok = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|v| constant_time_eq(v.trim().as_bytes(), key.as_bytes()));
+            if !ok {
+                return ServeError::Unauthorized.into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn no_route(req: Request) -> Response {
+    ServeError::NotFound(format!(
+        "no endpoint {} {}; see GET /v1/models, POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/adapters",
+        req.method(),
+        req.uri().path()
+    ))
+    .into_response()
+}
+
+/// The body, or a 413/400 in the OpenAI error shape.
+fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ServeError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ServeError::TooLarge(limit)
+        } else {
+            ServeError::BadRequest {
+                param: None,
+                message: format!("could not read the body: {e}"),
+            }
+        }
+    })
+}
+
+async fn health(State(st): St) -> Json<Value> {
+    Json(json!({
+        "status": "ok",
+        "model": st.name,
+        "adapters": st.registry.names(),
+        "queue_depth": st.engine.queue_depth(),
+        "batch_size": st.engine.active(),
+    }))
+}
+
+async fn metrics(State(st): St) -> Response {
+    let text = st.metrics.render(
+        st.engine.queue_depth(),
+        st.engine.active(),
+        st.registry.names().len(),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn models(State(st): St) -> Json<Value> {
+    let cfg = st.model.model().config();
+    let mut data = vec![json!({
+        "id": st.name,
+        "object": "model",
+        "created": st.created,
+        "owned_by": "flywheel",
+        "context_length": cfg.max_position_embeddings,
+        "architecture": cfg.arch.name(),
+    })];
+    for a in st.registry.list() {
+        data.push(json!({
+            "id": a.name,
+            "object": "model",
+            "created": st.created,
+            "owned_by": "flywheel",
+            "parent": st.name,
+            "adapter": a.info,
+        }));
+    }
+    if let Some((name, _)) = &st.embedder {
+        data.push(json!({
+            "id": name,
+            "object": "model",
+            "created": st.created,
+            "owned_by": "flywheel",
+            "kind": "embedding",
+        }));
+    }
+    Json(json!({"object": "list", "data": data}))
+}
+
+impl AppState {
+    /// Every name a generation request may use.
+    fn generation_names(&self) -> Vec<String> {
+        let mut v = vec![self.name.clone()];
+        v.extend(self.registry.names());
+        v
+    }
+
+    /// Resolves `model`: the base name, an adapter's name, or `BASE:ADAPTER`.
+    fn resolve(&self, model: &str) -> Result<Option<Arc<LoadedAdapter>>, ServeError> {
+        if model == self.name {
+            return Ok(None);
+        }
+        let adapter = match model.split_once(':') {
+            Some((base, a)) if base == self.name => a,
+            _ => model,
+        };
+        self.registry.get(adapter).map(Some).ok_or_else(|| {
+            ServeError::NotFound(format!(
+                "model `{model}` does not exist; available: {}",
+                self.generation_names().join(", ")
+            ))
+        })
+    }
+}
+
+/// A checked generation request, ready for the engine.
+struct Prepared {
+    label: String,
+    adapter: Option<Arc<LoadedAdapter>>,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    stop: Vec<String>,
+    sampling: SamplingParams,
+    n: usize,
+    stream: bool,
+    include_usage: bool,
+    ignore_eos: bool,
+}
+
+fn bad(param: &str, message: String) -> ServeError {
+    ServeError::BadRequest {
+        param: Some(param.into()),
+        message,
+    }
+}
+
+/// Checks the shared fields and the prompt's length against the context.
+fn prepare(
+    st: &AppState,
+    c: Common,
+    adapter: Option<Arc<LoadedAdapter>>,
+    prompt: Vec<u32>,
+    prompt_field: &str,
+    default_max: Option<usize>,
+) -> Result<Prepared, ServeError> {
+    let ctx = st.model.model().config().max_position_embeddings;
+    if prompt.is_empty() {
+        return Err(bad(prompt_field, "the prompt is empty".into()));
+    }
+    if prompt.len() >= ctx {
+        return Err(bad(
+            prompt_field,
+            format!(
+                "the prompt has {} tokens; the model's context is {ctx} tokens",
+                prompt.len()
+            ),
+        ));
+    }
+    let room = ctx - prompt.len();
+    let requested = c.max_completion_tokens.or(c.max_tokens);
+    let max_tokens = match requested {
+        Some(0) => return Err(bad("max_tokens", "must be at least 1".into())),
+        Some(m) if m > room => {
+            return Err(bad(
+                "max_tokens",
+                format!(
+                    "the prompt ({} tokens) + max_tokens ({m}) exceed the model's context of {ctx} tokens; at most {room} can be generated",
+                    prompt.len()
+                ),
+            ))
+        }
+        Some(m) => m,
+        None => default_max.unwrap_or(room).min(room),
+    };
+    let n = c.n.unwrap_or(1);
+    if !(1..=16).contains(&n) {
+        return Err(bad("n", format!("must be between 1 and 16, got {n}")));
+    }
+    let stop = c.stop.map(OneOrMany::into_vec).unwrap_or_default();
+    if stop.len() > 16 {
+        return Err(bad("stop", "at most 16 stop strings".into()));
+    }
+    let sampling = SamplingParams {
+        temperature: c.temperature.unwrap_or(1.0),
+        top_k: c.top_k.unwrap_or(0),
+        top_p: c.top_p.unwrap_or(1.0),
+        min_p: c.min_p.unwrap_or(0.0),
+        repeat_penalty: c.repeat_penalty.unwrap_or(1.0),
+        repeat_last_n: 64,
+        seed: c.seed.unwrap_or_else(rand::random),
+    };
+    sampling.validate().map_err(|e| match e {
+        flywheel_api::ApiError::InvalidField { field, reason } => {
+            bad(field, format!("`{field}` {reason}"))
+        }
+    })?;
+    let label = adapter
+        .as_ref()
+        .map(|a| a.name.clone())
+        .unwrap_or_else(|| st.name.clone());
+    Ok(Prepared {
+        label,
+        adapter,
+        prompt,
+        max_tokens,
+        stop,
+        sampling,
+        n,
+        stream: c.stream.unwrap_or(false),
+        include_usage: c.stream_options.is_some_and(|o| o.include_usage),
+        ignore_eos: c.ignore_eos.unwrap_or(false),
+    })
+}
+
+/// Submits `p.n` jobs (seeds `seed`, `seed+1`, …); a full queue refuses them all.
+fn submit(
+    engine: &Engine,
+    p: &Prepared,
+) -> Result<Vec<mpsc::UnboundedReceiver<Event>>, ServeError> {
+    let mut rxs = Vec::with_capacity(p.n);
+    for i in 0..p.n {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut sampling = p.sampling.clone();
+        sampling.seed = sampling.seed.wrapping_add(i as u64);
+        let job = Job {
+            prompt: p.prompt.clone(),
+            max_tokens: p.max_tokens,
+            stop: p.stop.clone(),
+            sampling,
+            adapter: p.adapter.as_ref().map(|a| a.routed.clone()),
+            ignore_eos: p.ignore_eos,
+            events: tx,
+        };
+        if let Err(Busy) = engine.submit(job) {
+            // Dropping `rxs` cancels the choices already queued.
+            return Err(ServeError::Busy(engine.queue_depth()));
+        }
+        rxs.push(rx);
+    }
+    Ok(rxs)
+}
+
+/// One finished choice.
+struct Choice {
+    text: String,
+    finish: FinishReason,
+    completion_tokens: usize,
+    ttft: Option<f64>,
+}
+
+async fn collect(
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    t0: Instant,
+) -> Result<Choice, ServeError> {
+    let mut text = String::new();
+    let mut ttft = None;
+    loop {
+        match rx.recv().await {
+            Some(Event::Token { text: piece, .. }) => {
+                ttft.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+                text.push_str(&piece);
+            }
+            Some(Event::Done { finish, usage }) => {
+                return Ok(Choice {
+                    text,
+                    finish,
+                    completion_tokens: usage.completion_tokens,
+                    ttft,
+                })
+            }
+            Some(Event::Failed(m)) => return Err(ServeError::Internal(m)),
+            None => return Err(ServeError::Internal("the engine stopped".into())),
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn new_id(prefix: &str) -> String {
+    format!(
+        "{prefix}-{:016x}{:08x}",
+        rand::random::<u64>(),
+        rand::random::<u32>()
+    )
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+impl Kind {
+    fn endpoint(self) -> &'static str {
+        match self {
+            Kind::Chat => "chat",
+            Kind::Completion => "completions",
+        }
+    }
+}
+
+async fn chat(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    let t0 = Instant::now();
+    let res = async {
+        let body = body_bytes(body, st.max_body_bytes)?;
+        let common: Common = openai::parse(&body)?;
+        let adapter = st.resolve(&common.model)?;
+        let chat: openai::ChatBody = openai::parse(&body)?;
+        if chat.messages.is_empty() {
+            return Err(bad("messages", "must hold at least one message".into()));
+        }
+        let mut msgs = Vec::with_capacity(chat.messages.len());
+        for (i, m) in chat.messages.into_iter().enumerate() {
+            let content = match m.content {
+                None => String::new(),
+                Some(openai::Content::Text(t)) => t,
+                Some(openai::Content::Parts(parts)) => {
+                    let mut s = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), p.text) {
+                            ("text", Some(t)) => s.push_str(&t),
+                            (k, _) => {
+                                return Err(bad(
+                                    &format!("messages[{i}].content"),
+                                    format!(
+                                        "content parts of type `{k}` are not supported (text only)"
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                    s
+                }
+            };
+            msgs.push(ChatMessage::new(m.role, content));
+        }
+        let prompt = st
+            .model
+            .render_chat(&msgs)
+            .and_then(|p| st.model.encode_prompt(&p))
+            .map_err(|e| bad("messages", e.to_string()))?;
+        let p = prepare(&st, common, adapter, prompt, "messages", None)?;
+        Ok::<_, ServeError>(p)
+    }
+    .await;
+    match res {
+        Ok(p) => generate(st, p, Kind::Chat, t0).await,
+        Err(e) => {
+            st.metrics.request("chat", "-", e.status().as_u16());
+            e.into_response()
+        }
+    }
+}
+
+async fn completions(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    let t0 = Instant::now();
+    let res = async {
+        let body = body_bytes(body, st.max_body_bytes)?;
+        let common: Common = openai::parse(&body)?;
+        let adapter = st.resolve(&common.model)?;
+        let b: openai::CompletionBody = openai::parse(&body)?;
+        let prompts = b.prompt.into_vec();
+        if prompts.len() != 1 {
+            return Err(bad(
+                "prompt",
+                format!(
+                    "give one prompt per request (got {}); use `n` for several choices",
+                    prompts.len()
+                ),
+            ));
+        }
+        let prompt = st
+            .model
+            .encode_prompt(&prompts[0])
+            .map_err(|e| bad("prompt", e.to_string()))?;
+        prepare(&st, common, adapter, prompt, "prompt", Some(16))
+    }
+    .await;
+    match res {
+        Ok(p) => generate(st, p, Kind::Completion, t0).await,
+        Err(e) => {
+            st.metrics.request("completions", "-", e.status().as_u16());
+            e.into_response()
+        }
+    }
+}
+
+/// Runs a prepared request: a JSON response, or a server-sent-event stream.
+async fn generate(st: Arc<AppState>, p: Prepared, kind: Kind, t0: Instant) -> Response {
+    let rxs = match submit(&st.engine, &p) {
+        Ok(r) => r,
+        Err(e) => {
+            st.metrics
+                .request(kind.endpoint(), &p.label, e.status().as_u16());
+            return e.into_response();
+        }
+    };
+    if p.stream {
+        return stream(st, p, kind, rxs, t0);
+    }
+    let results = futures_util::future::join_all(rxs.into_iter().map(|rx| collect(rx, t0))).await;
+    let mut choices = Vec::with_capacity(results.len());
+    for r in results {
+        match r {
+            Ok(c) => choices.push(c),
+            Err(e) => {
+                st.metrics
+                    .request(kind.endpoint(), &p.label, e.status().as_u16());
+                return e.into_response();
+            }
+        }
+    }
+    let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
+    let ttft = choices.iter().filter_map(|c| c.ttft).reduce(f64::min);
+    st.metrics.generation(
+        &p.label,
+        p.prompt.len(),
+        completion,
+        t0.elapsed().as_secs_f64(),
+        ttft,
+    );
+    st.metrics.request(kind.endpoint(), &p.label, 200);
+    let usage = UsageBody::new(p.prompt.len(), completion);
+    let body = match kind {
+        Kind::Chat => json!({
+            "id": new_id("chatcmpl"),
+            "object": "chat.completion",
+            "created": now_secs(),
+            "model": p.label,
+            "choices": choices.iter().enumerate().map(|(i, c)| json!({
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": openai::finish_name(c.finish),
+                "logprobs": null,
+            })).collect::<Vec<_>>(),
+            "usage": usage,
+        }),
+        Kind::Completion => json!({
+            "id": new_id("cmpl"),
+            "object": "text_completion",
+            "created": now_secs(),
+            "model": p.label,
+            "choices": choices.iter().enumerate().map(|(i, c)| json!({
+                "index": i,
+                "text": c.text,
+                "finish_reason": openai::finish_name(c.finish),
+                "logprobs": null,
+            })).collect::<Vec<_>>(),
+            "usage": usage,
+        }),
+    };
+    Json(body).into_response()
+}
+
+/// Streams the choices as server-sent events. A client that goes away drops the stream, which
+/// drops the engine's receivers, which frees the slots at the next token boundary.
+fn stream(
+    st: Arc<AppState>,
+    p: Prepared,
+    kind: Kind,
+    rxs: Vec<mpsc::UnboundedReceiver<Event>>,
+    t0: Instant,
+) -> Response {
+    let (out, out_rx) = mpsc::channel::<SseEvent>(64);
+    let id = new_id(if kind == Kind::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    });
+    let created = now_secs();
+    let label = p.label.clone();
+    let object = if kind == Kind::Chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    let chunk = move |choices: Value, usage: Option<UsageBody>| {
+        let mut v = json!({"id": id, "object": object, "created": created, "model": label, "choices": choices});
+        if let Some(u) = usage {
+            v["usage"] = json!(u);
+        }
+        SseEvent::default().data(v.to_string())
+    };
+    tokio::spawn(async move {
+        let n = rxs.len();
+        if kind == Kind::Chat {
+            for i in 0..n {
+                let c = chunk(
+                    json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
+                    None,
+                );
+                if out.send(c).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let streams = rxs.into_iter().enumerate().map(|(i, rx)| {
+            futures_util::stream::unfold(rx, move |mut rx| async move {
+                rx.recv().await.map(|e| ((i, e), rx))
+            })
+            .boxed()
+        });
+        let mut merged = futures_util::stream::select_all(streams);
+        let mut completion = 0;
+        let mut ttft: Option<f64> = None;
+        let mut status = 200;
+        while let Some((i, ev)) = merged.next().await {
+            let c = match ev {
+                Event::Token { text, .. } => {
+                    ttft.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+                    if text.is_empty() {
+                        continue;
+                    }
+                    match kind {
+                        Kind::Chat => chunk(
+                            json!([{"index": i, "delta": {"content": text}, "finish_reason": null}]),
+                            None,
+                        ),
+                        Kind::Completion => chunk(
+                            json!([{"index": i, "text": text, "finish_reason": null, "logprobs": null}]),
+                            None,
+                        ),
+                    }
+                }
+                Event::Done { finish, usage } => {
+                    completion += usage.completion_tokens;
+                    let f = openai::finish_name(finish);
+                    match kind {
+                        Kind::Chat => {
+                            chunk(json!([{"index": i, "delta": {}, "finish_reason": f}]), None)
+                        }
+                        Kind::Completion => chunk(
+                            json!([{"index": i, "text": "", "finish_reason": f, "logprobs": null}]),
+                            None,
+                        ),
+                    }
+                }
+                Event::Failed(m) => {
+                    status = 500;
+                    SseEvent::default()
+                        .data(openai::error_body(&m, "server_error", None, None).to_string())
+                }
+            };
+            if out.send(c).await.is_err() {
+                status = 499; // client closed the stream
+                break;
+            }
+            if status != 200 {
+                break;
+            }
+        }
+        if status == 200 {
+            if p.include_usage {
+                let _ = out
+                    .send(chunk(
+                        json!([]),
+                        Some(UsageBody::new(p.prompt.len(), completion)),
+                    ))
+                    .await;
+            }
+            let _ = out.send(SseEvent::default().data("[DONE]")).await;
+            st.metrics.generation(
+                &p.label,
+                p.prompt.len(),
+                completion,
+                t0.elapsed().as_secs_f64(),
+                ttft,
+            );
+        }
+        st.metrics.request(kind.endpoint(), &p.label, status);
+    });
+    let body = futures_util::stream::unfold(out_rx, |mut rx| async move {
+        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
+    });
+    Sse::new(body)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+async fn embeddings(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    let res = async {
+        let body = body_bytes(body, st.max_body_bytes)?;
+        let req: openai::EmbeddingRequest = openai::parse(&body)?;
+        let Some((name, model)) = st.embedder.clone() else {
+            return Err(ServeError::NotFound(format!(
+                "model `{}`: this server has no embedding model (start it with --embedding-model DIR)",
+                req.model
+            )));
+        };
+        if req.model != name {
+            return Err(ServeError::NotFound(format!(
+                "embedding model `{}` does not exist; available: {name}",
+                req.model
+            )));
+        }
+        let base64 = match req.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(f) => {
+                return Err(bad(
+                    "encoding_format",
+                    format!("`{f}` is not supported; use `float` or `base64`"),
+                ))
+            }
+        };
+        let texts = req.input.into_vec();
+        if texts.is_empty() || texts.len() > 2048 {
+            return Err(bad("input", format!("must hold 1 to 2048 texts, got {}", texts.len())));
+        }
+        if let Some(i) = texts.iter().position(|t| t.is_empty()) {
+            return Err(bad(&format!("input[{i}]"), "must not be an empty string".into()));
+        }
+        let (vectors, tokens) = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let tokens: usize = refs.iter().map(|t| model.token_count(t).unwrap_or(0)).sum();
+            model.embed_all(&refs, 32).map(|v| (v, tokens))
+        })
+        .await
+        .map_err(|e| ServeError::Internal(format!("embedding task failed: {e}")))?
+        .map_err(|e| ServeError::Internal(e.to_string()))?;
+        Ok::<_, ServeError>(json!({
+            "object": "list",
+            "model": name,
+            "data": vectors.into_iter().enumerate().map(|(i, v)| {
+                let embedding = if base64 {
+                    // Little-endian f32 bytes, as OpenAI sends them (its client's default).
+                    use base64::Engine as _;
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                } else {
+                    json!(v)
+                };
+                json!({"object": "embedding", "index": i, "embedding": embedding})
+            }).collect::<Vec<_>>(),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }))
+    }
+    .await;
+    let label = st
+        .embedder
+        .as_ref()
+        .map(|e| e.0.clone())
+        .unwrap_or_default();
+    match res {
+        Ok(v) => {
+            st.metrics.request("embeddings", &label, 200);
+            Json(v).into_response()
+        }
+        Err(e) => {
+            st.metrics
+                .request("embeddings", &label, e.status().as_u16());
+            e.into_response()
+        }
+    }
+}
+
+async fn load_adapter(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    let res = async {
+        let body = body_bytes(body, st.max_body_bytes)?;
+        let req: openai::LoadAdapterRequest = openai::parse(&body)?;
+        let reserved = st.embedder.as_ref().map(|e| e.0.as_str());
+        if req.name == st.name || Some(req.name.as_str()) == reserved {
+            return Err(bad(
+                "name",
+                format!("`{}` is the name of a model this server runs", req.name),
+            ));
+        }
+        let path = st.registry.confine(&req.path)?;
+        let st2 = st.clone();
+        let name = req.name.clone();
+        let t0 = Instant::now();
+        let loaded = tokio::task::spawn_blocking(move || st2.registry.read(&name, &path))
+            .await
+            .map_err(|e| ServeError::Internal(format!("adapter load task failed: {e}")))??;
+        let replaced = st.registry.get(&req.name).is_some();
+        let a = st.registry.insert(loaded);
+        Ok::<_, ServeError>(json!({
+            "name": a.name,
+            "replaced": replaced,
+            "load_ms": t0.elapsed().as_secs_f64() * 1e3,
+            "adapter": a.info,
+        }))
+    }
+    .await;
+    match res {
+        Ok(v) => {
+            st.metrics.request("adapters", "-", 201);
+            (StatusCode::CREATED, Json(v)).into_response()
+        }
+        Err(e) => {
+            st.metrics.request("adapters", "-", e.status().as_u16());
+            e.into_response()
+        }
+    }
+}
+
+async fn unload_adapter(State(st): St, Path(name): Path<String>) -> Response {
+    match st.registry.remove(&name) {
+        Some(a) => {
+            st.metrics.request("adapters", "-", 200);
+            Json(json!({"name": a.name, "deleted": true})).into_response()
+        }
+        None => {
+            let e = ServeError::NotFound(format!(
+                "adapter `{name}` is not loaded; loaded: {}",
+                st.registry.names().join(", ")
+            ));
+            st.metrics.request("adapters", "-", 404);
+            e.into_response()
+        }
+    }
+}
