@@ -504,6 +504,23 @@ impl Cache {
     pub fn batch_size(&self) -> usize {
         self.pads.len()
     }
+
+    /// Keeps only the first `len` positions (a shared prompt prefix); longer caches are cut,
+    /// shorter ones are an error.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len > self.len {
+            return Err(candle_core::Error::Msg(format!(
+                "cannot cut a cache of {} positions to {len}",
+                self.len
+            ))
+            .into());
+        }
+        for l in &mut self.layers {
+            l.truncate(len)?;
+        }
+        self.len = len;
+        Ok(())
+    }
 }
 
 /// Which logits a forward pass returns.
@@ -671,6 +688,11 @@ impl DecoderModel {
             Logits::Last => out.squeeze(1)?,
             Logits::All => out,
         })
+    }
+
+    /// Feeds `ids` into `cache` without computing logits (all but the last chunk of a prompt).
+    pub fn feed(&self, ids: &Tensor, cache: &mut Cache) -> Result<()> {
+        self.hidden(ids, cache).map(|_| ())
     }
 
     /// One decode step for independent sequences (continuous batching): `ids[i]` is the next

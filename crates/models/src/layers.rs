@@ -203,8 +203,17 @@ pub struct LayerCache {
 }
 
 impl LayerCache {
+    /// Keeps the first `len` positions.
+    pub(crate) fn truncate(&mut self, len: usize) -> Result<()> {
+        if let (Some(k), Some(v)) = (&self.k, &self.v) {
+            self.k = Some(k.narrow(2, 0, len)?.contiguous()?);
+            self.v = Some(v.narrow(2, 0, len)?.contiguous()?);
+        }
+        Ok(())
+    }
+
     /// Appends new keys/values and returns the whole cached sequence.
-    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (k, v) = match (&self.k, &self.v) {
             (Some(pk), Some(pv)) => (
                 Tensor::cat(&[pk, k], 2)?.contiguous()?,

@@ -266,32 +266,37 @@ impl LoraLinear {
             let inp = self.base.in_dim();
             let out = self.base.out_dim();
             let per_row = x.elem_count() / rows.max(1) / inp;
-            let xs = x.flatten_all()?.to_vec1::<f32>()?;
-            let mut delta = vec![0f32; rows * per_row * out];
-            let mut any = false;
+            // Which adapter (if any) each token position uses.
+            let mut owner: Vec<Option<&HostPair>> = vec![None; rows * per_row];
             for (adapter, idx) in &routing.groups {
-                let Some(h) = adapter.host.get(&*self.name) else {
-                    continue;
-                };
-                any = true;
-                let mut low = vec![0f32; h.r];
-                for &row in idx {
-                    for t in 0..per_row {
-                        let at = row as usize * per_row + t;
-                        let xv = &xs[at * inp..(at + 1) * inp];
-                        for (j, l) in low.iter_mut().enumerate() {
-                            *l = dot(xv, &h.a[j * inp..(j + 1) * inp]);
-                        }
-                        let d = &mut delta[at * out..(at + 1) * out];
-                        for (o, dv) in d.iter_mut().enumerate() {
-                            *dv = h.scale * dot(&low, &h.b[o * h.r..(o + 1) * h.r]);
-                        }
+                if let Some(h) = adapter.host.get(&*self.name) {
+                    for &row in idx {
+                        let at = row as usize * per_row;
+                        owner[at..at + per_row].fill(Some(h));
                     }
                 }
             }
-            if !any {
+            if owner.iter().all(Option::is_none) {
                 return Ok(y);
             }
+            let xs = x.flatten_all()?.to_vec1::<f32>()?;
+            let mut delta = vec![0f32; rows * per_row * out];
+            // Positions are independent (each computed alone), so they run in parallel without
+            // changing any result.
+            use rayon::prelude::*;
+            delta
+                .par_chunks_mut(out)
+                .zip(xs.par_chunks(inp))
+                .zip(owner.par_iter())
+                .for_each(|((d, xv), h)| {
+                    let Some(h) = h else { return };
+                    let low: Vec<f32> = (0..h.r)
+                        .map(|j| dot(xv, &h.a[j * inp..(j + 1) * inp]))
+                        .collect();
+                    for (o, dv) in d.iter_mut().enumerate() {
+                        *dv = h.scale * dot(&low, &h.b[o * h.r..(o + 1) * h.r]);
+                    }
+                });
             return Ok((y + Tensor::from_vec(
                 delta,
                 x.dims()

@@ -34,7 +34,7 @@ pub struct Registry {
     dtype: candle_core::DType,
     device: candle_core::Device,
     dir: Option<PathBuf>,
-    base_sha: OnceLock<Option<String>>,
+    base_sha: Arc<OnceLock<Option<String>>>,
     map: RwLock<BTreeMap<String, Arc<LoadedAdapter>>>,
 }
 
@@ -63,13 +63,22 @@ impl Registry {
             })?),
             None => None,
         };
+        // The base model's sha256 (checked against adapters' provenance records) is computed
+        // in the background, so the first run-time load does not pay for hashing the model.
+        let base_sha = Arc::new(OnceLock::new());
+        {
+            let (cell, path) = (base_sha.clone(), model_path.clone());
+            std::thread::spawn(move || {
+                cell.get_or_init(|| flywheel_peft::train::model_sha(&path).ok());
+            });
+        }
         Ok(Self {
             hook,
             model_path,
             dtype,
             device,
             dir,
-            base_sha: OnceLock::new(),
+            base_sha,
             map: RwLock::new(BTreeMap::new()),
         })
     }

@@ -94,6 +94,7 @@ pub struct Engine {
     tx: Mutex<mpsc::Sender<Msg>>,
     queued: Arc<AtomicUsize>,
     active: Arc<AtomicUsize>,
+    reused: Arc<AtomicUsize>,
     stopped: Arc<AtomicBool>,
     max_queue: usize,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -107,11 +108,14 @@ impl Engine {
         let active = Arc::new(AtomicUsize::new(0));
         let stopped = Arc::new(AtomicBool::new(false));
         let max_queue = cfg.max_queue;
+        let reused = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
             model,
             cfg,
             queued: queued.clone(),
             active: active.clone(),
+            reused: reused.clone(),
+            prefixes: Default::default(),
         };
         let thread = std::thread::Builder::new()
             .name("flywheel-engine".into())
@@ -121,6 +125,7 @@ impl Engine {
             tx: Mutex::new(tx),
             queued,
             active,
+            reused,
             stopped,
             max_queue,
             thread: Mutex::new(Some(thread)),
@@ -153,6 +158,11 @@ impl Engine {
     /// Sequences in the running batch.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::SeqCst)
+    }
+
+    /// Prompt tokens taken from the prefix cache instead of being computed, so far.
+    pub fn reused_prompt_tokens(&self) -> usize {
+        self.reused.load(Ordering::SeqCst)
     }
 
     /// Ends every running and queued request now (finish reason `cancelled`); the engine keeps
@@ -223,6 +233,66 @@ struct Worker {
     cfg: EngineConfig,
     queued: Arc<AtomicUsize>,
     active: Arc<AtomicUsize>,
+    reused: Arc<AtomicUsize>,
+    prefixes: std::cell::RefCell<PrefixCache>,
+}
+
+/// Prompts are fed in chunks at fixed positions (multiples of this), so a prompt whose first
+/// chunks are cached computes exactly what it computes from scratch.
+pub const PREFILL_CHUNK: usize = 16;
+/// Prompt prefixes kept (most recently used first out last).
+const PREFIX_ENTRIES: usize = 32;
+
+/// The KV caches of recent prompts, cut at chunk boundaries, by adapter version: a new prompt
+/// that starts the same way (a chat template's system prompt, few-shot examples) skips those
+/// chunks. The entry holds its adapter's `Arc`, so a version is never confused with another.
+#[derive(Default)]
+struct PrefixCache {
+    entries: std::collections::VecDeque<(Option<Arc<RoutedAdapter>>, Vec<u32>, Cache)>,
+}
+
+fn same_adapter(a: &Option<Arc<RoutedAdapter>>, b: &Option<Arc<RoutedAdapter>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+        _ => false,
+    }
+}
+
+impl PrefixCache {
+    /// The longest cached prefix of `prompt` (whole chunks, leaving at least one token to feed).
+    fn lookup(
+        &self,
+        adapter: &Option<Arc<RoutedAdapter>>,
+        prompt: &[u32],
+    ) -> Option<(Cache, usize)> {
+        let limit = prompt.len().saturating_sub(1);
+        let (i, len) = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, (a, _, _))| same_adapter(a, adapter))
+            .map(|(i, (_, toks, _))| {
+                let common = toks.iter().zip(prompt).take_while(|(x, y)| x == y).count();
+                (i, common.min(limit) / PREFILL_CHUNK * PREFILL_CHUNK)
+            })
+            .max_by_key(|&(_, len)| len)?;
+        if len == 0 {
+            return None;
+        }
+        let mut cache = self.entries[i].2.clone();
+        cache.truncate(len).ok()?;
+        Some((cache, len))
+    }
+
+    fn store(&mut self, adapter: Option<Arc<RoutedAdapter>>, tokens: Vec<u32>, cache: Cache) {
+        self.entries
+            .retain(|(a, t, _)| !(same_adapter(a, &adapter) && *t == tokens));
+        self.entries.push_back((adapter, tokens, cache));
+        while self.entries.len() > PREFIX_ENTRIES {
+            self.entries.pop_front();
+        }
+    }
 }
 
 /// The routing for a set of rows: rows grouped by adapter version (pointer identity).
@@ -379,12 +449,43 @@ impl Worker {
             ignore_eos: job.ignore_eos,
         };
         let budget = job.max_tokens.min(ctx - job.prompt.len());
-        let mut cache = model.new_cache(vec![0]);
-        let input = Tensor::from_slice(&job.prompt, (1, job.prompt.len()), model.device())
-            .map_err(|e| e.to_string())?;
+        let prompt = &job.prompt;
+        let (mut cache, start) = self
+            .prefixes
+            .borrow()
+            .lookup(&job.adapter, prompt)
+            .unwrap_or_else(|| (model.new_cache(vec![0]), 0));
+        self.reused.fetch_add(start, Ordering::SeqCst);
+        let t = prompt.len();
+        let whole = t / PREFILL_CHUNK * PREFILL_CHUNK;
         let route = routing(std::iter::once(job.adapter.as_ref()));
-        let logits = with_routing(route, || model.forward(&input, &mut cache, Logits::Last))
-            .map_err(|e| e.to_string())?;
+        let mut snapshot = None;
+        let logits = with_routing(route, || -> flywheel_models::Result<Tensor> {
+            let mut pos = start;
+            loop {
+                let end = (pos + PREFILL_CHUNK).min(t);
+                let ids = Tensor::from_slice(&prompt[pos..end], (1, end - pos), model.device())?;
+                let out = if end == t {
+                    Some(model.forward(&ids, &mut cache, Logits::Last)?)
+                } else {
+                    model.feed(&ids, &mut cache)?;
+                    None
+                };
+                if end == whole && whole > start {
+                    snapshot = Some(cache.clone());
+                }
+                if let Some(l) = out {
+                    return Ok(l);
+                }
+                pos = end;
+            }
+        })
+        .map_err(|e| e.to_string())?;
+        if let Some(c) = snapshot {
+            self.prefixes
+                .borrow_mut()
+                .store(job.adapter.clone(), prompt[..whole].to_vec(), c);
+        }
         let mut seq = Seq {
             row: RowState::new(tok, job.prompt, &req, budget),
             cache,

@@ -83,7 +83,13 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition, with the engine's gauges.
-    pub fn render(&self, queue_depth: usize, active: usize, adapters: usize) -> String {
+    pub fn render(
+        &self,
+        queue_depth: usize,
+        active: usize,
+        adapters: usize,
+        reused: usize,
+    ) -> String {
         let g = self.inner.lock().expect("poisoned");
         let mut s = String::new();
         let _ = writeln!(
@@ -141,6 +147,12 @@ impl Metrics {
                 let _ = writeln!(s, "{name}_count{{model=\"{m}\"}} {}", h.n);
             }
         }
+        let _ = writeln!(
+            s,
+            "# HELP flywheel_prefix_cache_tokens_total Prompt tokens taken from the prefix cache."
+        );
+        let _ = writeln!(s, "# TYPE flywheel_prefix_cache_tokens_total counter");
+        let _ = writeln!(s, "flywheel_prefix_cache_tokens_total {reused}");
         for (name, help, v) in [
             (
                 "flywheel_queue_depth",

@@ -142,6 +142,7 @@ async fn metrics(State(st): St) -> Response {
         st.engine.queue_depth(),
         st.engine.active(),
         st.registry.names().len(),
+        st.engine.reused_prompt_tokens(),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -693,3 +693,34 @@ async fn a_client_leaving_mid_stream_frees_its_slot() -> anyhow::Result<()> {
     assert_eq!(s, StatusCode::OK);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_prompt_prefix_gives_exactly_the_cold_result() -> anyhow::Result<()> {
+    let shared = "You are a careful assistant. Answer in one line. ";
+    let first = completion("a", &format!("{shared}First question?"), 12);
+    let second = completion("a", &format!("{shared}Second one!"), 12);
+    // Cold: a fresh server answers the second prompt.
+    let cold = fixture_with(true, |_| {})?;
+    let (s, want) = post(&cold.app, "/v1/completions", second.clone()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(cold.state.engine.reused_prompt_tokens(), 0);
+    // Warm: the first prompt leaves its prefix in the cache; the second reuses it.
+    let warm = fixture_with(true, |_| {})?;
+    post(&warm.app, "/v1/completions", first).await;
+    let (s, got) = post(&warm.app, "/v1/completions", second.clone()).await;
+    assert_eq!(s, StatusCode::OK);
+    let reused = warm.state.engine.reused_prompt_tokens();
+    assert!(
+        reused >= 32,
+        "only {reused} prompt tokens came from the cache"
+    );
+    assert_eq!(got["choices"], want["choices"]);
+    // Another adapter never reuses a prefix computed under `a`.
+    let mut other = second;
+    other["model"] = json!("b");
+    post(&warm.app, "/v1/completions", other).await;
+    assert_eq!(warm.state.engine.reused_prompt_tokens(), reused);
+    let (_, _, m) = call(&warm.app, "GET", "/metrics", None, &[]).await;
+    assert!(String::from_utf8(m)?.contains(&format!("flywheel_prefix_cache_tokens_total {reused}")));
+    Ok(())
+}
