@@ -841,13 +841,19 @@ fn serve_works_with_the_official_openai_client() {
         python.display()
     );
     let dir = tempfile::tempdir().unwrap();
-    let fixture = root.join("tests/fixtures/peft-adapter-smollm2");
-    for name in ["fx", "fx2", "fx3", "hot-src"] {
-        let d = dir.path().join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        for f in ["adapter_config.json", "adapter_model.safetensors"] {
-            std::fs::copy(fixture.join(f), d.join(f)).unwrap();
+    // Four distinct adapters: the PEFT fixture, and copies with B scaled.
+    let fixture = flywheel_peft::Adapter::load(
+        &root.join("tests/fixtures/peft-adapter-smollm2"),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    for (name, factor) in [("fx", 1.0), ("fx2", 3.0), ("fx3", -2.0), ("hot-src", 0.5)] {
+        let mut a = fixture.clone();
+        for (_, b) in a.weights.values_mut() {
+            *b = (&*b * factor).unwrap();
         }
+        a.save(&dir.path().join(name), "smollm2").unwrap();
     }
     let ad = |n: &str| format!("{n}={}", dir.path().join(n).display());
     let server = Server::start(&[

@@ -290,11 +290,13 @@ impl LoraLinear {
                 .zip(owner.par_iter())
                 .for_each(|((d, xv), h)| {
                     let Some(h) = h else { return };
-                    let low: Vec<f32> = (0..h.r)
-                        .map(|j| dot(xv, &h.a[j * inp..(j + 1) * inp]))
-                        .collect();
-                    for (o, dv) in d.iter_mut().enumerate() {
-                        *dv = h.scale * dot(&low, &h.b[o * h.r..(o + 1) * h.r]);
+                    // low = scale · A·x, then d = Σ_j low_j · Bᵀ[j] (contiguous rows of Bᵀ,
+                    // in a fixed order).
+                    for j in 0..h.r {
+                        let lj = h.scale * dot(xv, &h.a[j * inp..(j + 1) * inp]);
+                        for (dv, bv) in d.iter_mut().zip(&h.b_t[j * out..(j + 1) * out]) {
+                            *dv += lj * bv;
+                        }
                     }
                 });
             return Ok((y + Tensor::from_vec(
@@ -419,8 +421,8 @@ pub struct RoutedAdapter {
 pub struct HostPair {
     /// `A`, `(r, in)` row-major.
     pub a: Vec<f32>,
-    /// `B`, `(out, r)` row-major.
-    pub b: Vec<f32>,
+    /// `Bᵀ`, `(r, out)` row-major.
+    pub b_t: Vec<f32>,
     /// Rank.
     pub r: usize,
     /// `alpha / r` (or `alpha / √r`).
@@ -585,7 +587,12 @@ impl LoraHook {
                 name.clone(),
                 HostPair {
                     a: a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
-                    b: b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                    b_t: b
+                        .to_dtype(DType::F32)?
+                        .t()?
+                        .contiguous()?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
                     r,
                     scale: adapter.scale_for(r) as f32,
                 },

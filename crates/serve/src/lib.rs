@@ -190,9 +190,9 @@ pub fn build_state(cfg: &ServeConfig) -> Result<Arc<AppState>, ServeError> {
         cfg.adapters_dir.clone(),
     )?;
     for (aname, dir) in &cfg.adapters {
-        if aname == &name {
+        if aname == &name || aname == "base" {
             return Err(ServeError::Startup(format!(
-                "adapter name `{aname}` is the base model's name; pick another"
+                "adapter name `{aname}` names the base model; pick another"
             )));
         }
         let a = registry.read(aname, dir).map_err(|e| {

@@ -187,13 +187,14 @@ impl AppState {
         v
     }
 
-    /// Resolves `model`: the base name, an adapter's name, or `BASE:ADAPTER`.
+    /// Resolves `model`: the base name (or `base`), an adapter's name, or `BASE:ADAPTER`
+    /// (`base:ADAPTER` too). Adapters may not be named like the base or `base`.
     fn resolve(&self, model: &str) -> Result<Option<Arc<LoadedAdapter>>, ServeError> {
-        if model == self.name {
+        if model == self.name || model == "base" {
             return Ok(None);
         }
         let adapter = match model.split_once(':') {
-            Some((base, a)) if base == self.name => a,
+            Some((base, a)) if base == self.name || base == "base" => a,
             _ => model,
         };
         self.registry.get(adapter).map(Some).ok_or_else(|| {
@@ -756,7 +757,7 @@ async fn load_adapter(State(st): St, body: Result<Bytes, BytesRejection>) -> Res
         let body = body_bytes(body, st.max_body_bytes)?;
         let req: openai::LoadAdapterRequest = openai::parse(&body)?;
         let reserved = st.embedder.as_ref().map(|e| e.0.as_str());
-        if req.name == st.name || Some(req.name.as_str()) == reserved {
+        if req.name == st.name || req.name == "base" || Some(req.name.as_str()) == reserved {
             return Err(bad(
                 "name",
                 format!("`{}` is the name of a model this server runs", req.name),

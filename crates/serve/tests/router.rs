@@ -414,12 +414,20 @@ async fn adapters_load_unload_and_refuse_bad_ones() -> anyhow::Result<()> {
             .1,
     );
     assert_ne!(base, with_a, "an adapter must change the output");
-    let prefixed = text_of(
-        &post(app, "/v1/completions", completion("tiny:a", "hello", 8))
+    for name in ["tiny:a", "base:a"] {
+        let prefixed = text_of(
+            &post(app, "/v1/completions", completion(name, "hello", 8))
+                .await
+                .1,
+        );
+        assert_eq!(prefixed, with_a, "{name}");
+    }
+    let base_alias = text_of(
+        &post(app, "/v1/completions", completion("base", "hello", 8))
             .await
             .1,
     );
-    assert_eq!(prefixed, with_a);
+    assert_eq!(base_alias, base);
 
     // Hot load under a new name, use it, unload it.
     let (s, v) = post(app, "/v1/adapters", json!({"name": "hot", "path": "a2"})).await;
@@ -506,8 +514,10 @@ async fn adapters_load_unload_and_refuse_bad_ones() -> anyhow::Result<()> {
     assert_error(s, &v, StatusCode::BAD_REQUEST, "different base model");
     let (s, v) = post(app, "/v1/adapters", json!({"name": "../x", "path": "b"})).await;
     assert_error(s, &v, StatusCode::BAD_REQUEST, "adapter name");
-    let (s, v) = post(app, "/v1/adapters", json!({"name": "tiny", "path": "b"})).await;
-    assert_error(s, &v, StatusCode::BAD_REQUEST, "name of a model");
+    for reserved in ["tiny", "base"] {
+        let (s, v) = post(app, "/v1/adapters", json!({"name": reserved, "path": "b"})).await;
+        assert_error(s, &v, StatusCode::BAD_REQUEST, "name of a model");
+    }
     assert_eq!(f.state.registry.names(), ["a", "b", "c"]);
     Ok(())
 }
