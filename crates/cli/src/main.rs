@@ -173,17 +173,7 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn options(&self) -> Result<LoadOptions> {
-        if let Some(t) = self.threads {
-            if t == 0 {
-                bail!("--threads must be at least 1");
-            }
-            // candle reads the same variable as rayon when it sizes its pool.
-            std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-        }
-        Ok(LoadOptions {
-            device: parse_device(&self.device)?,
-            dtype: self.dtype.as_deref().map(parse_dtype).transpose()?,
-        })
+        load_options(&self.device, self.dtype.as_deref(), self.threads)
     }
 
     fn load_text(&self) -> Result<TextModel> {
@@ -362,13 +352,23 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn serve(a: ServeArgs) -> Result<()> {
-    if let Some(t) = a.threads {
+/// Device, dtype and CPU threads from the command line.
+fn load_options(device: &str, dtype: Option<&str>, threads: Option<usize>) -> Result<LoadOptions> {
+    if let Some(t) = threads {
         if t == 0 {
             bail!("--threads must be at least 1");
         }
+        // candle reads the same variable as rayon when it sizes its pool.
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
+    Ok(LoadOptions {
+        device: parse_device(device)?,
+        dtype: dtype.map(parse_dtype).transpose()?,
+    })
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let load = load_options(&a.device, a.dtype.as_deref(), a.threads)?;
     let mut cfg = flywheel_serve::ServeConfig::new(&a.model);
     cfg.name = a.name;
     for spec in &a.adapters {
@@ -379,10 +379,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     }
     cfg.adapters_dir = a.adapters_dir.map(Into::into);
     cfg.embedding_model = a.embedding_model;
-    cfg.load = LoadOptions {
-        device: parse_device(&a.device)?,
-        dtype: a.dtype.as_deref().map(parse_dtype).transpose()?,
-    };
+    cfg.load = load;
     if a.max_batch == 0 {
         bail!("--max-batch must be at least 1");
     }

@@ -382,12 +382,15 @@ impl Block {
         let a = self
             .attn
             .forward(&self.attn_norm.forward(x)?, rope, positions, mask, lc)?;
-        let x = (a + x)?;
+        self.residual_mlp(x, a)
+    }
+
+    /// The rest of the block after attention: residual, then the MLP with its residual.
+    fn residual_mlp(&self, x: &Tensor, attn: Tensor) -> Result<Tensor> {
+        let x = (attn + x)?;
         Ok((self.mlp.forward(&self.mlp_norm.forward(&x)?)? + x)?)
     }
-}
 
-impl Block {
     /// [`Block::forward`] for one new token of each of several independent sequences.
     fn forward_decode(
         &self,
@@ -399,8 +402,7 @@ impl Block {
         let a = self
             .attn
             .forward_decode(&self.attn_norm.forward(x)?, rope, positions, caches)?;
-        let x = (a + x)?;
-        Ok((self.mlp.forward(&self.mlp_norm.forward(&x)?)? + x)?)
+        self.residual_mlp(x, a)
     }
 }
 

@@ -299,18 +299,8 @@ impl LoraLinear {
                         }
                     }
                 });
-            return Ok((y + Tensor::from_vec(
-                delta,
-                x.dims()
-                    .split_last()
-                    .map(|(_, d)| {
-                        let mut s = d.to_vec();
-                        s.push(out);
-                        s
-                    })
-                    .unwrap_or_default(),
-                x.device(),
-            )?)?);
+            let delta = Tensor::from_vec(delta, y.shape(), y.device())?;
+            return Ok((y + delta)?);
         }
         let mut y = y;
         for (adapter, idx) in &routing.groups {

@@ -398,89 +398,93 @@ impl Kind {
 }
 
 async fn chat(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    respond(st, body, Kind::Chat, chat_request).await
+}
+
+async fn completions(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    respond(st, body, Kind::Completion, completion_request).await
+}
+
+/// Reads, checks and runs a chat or completion request; errors are counted and answered.
+async fn respond(
+    st: Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+    kind: Kind,
+    build: fn(&AppState, &[u8]) -> Result<Prepared, ServeError>,
+) -> Response {
     let t0 = Instant::now();
-    let res = async {
-        let body = body_bytes(body, st.max_body_bytes)?;
-        let common: Common = openai::parse(&body)?;
-        let adapter = st.resolve(&common.model)?;
-        let chat: openai::ChatBody = openai::parse(&body)?;
-        if chat.messages.is_empty() {
-            return Err(bad("messages", "must hold at least one message".into()));
-        }
-        let mut msgs = Vec::with_capacity(chat.messages.len());
-        for (i, m) in chat.messages.into_iter().enumerate() {
-            let content = match m.content {
-                None => String::new(),
-                Some(openai::Content::Text(t)) => t,
-                Some(openai::Content::Parts(parts)) => {
-                    let mut s = String::new();
-                    for p in parts {
-                        match (p.kind.as_str(), p.text) {
-                            ("text", Some(t)) => s.push_str(&t),
-                            (k, _) => {
-                                return Err(bad(
-                                    &format!("messages[{i}].content"),
-                                    format!(
-                                        "content parts of type `{k}` are not supported (text only)"
-                                    ),
-                                ))
-                            }
-                        }
-                    }
-                    s
-                }
-            };
-            msgs.push(ChatMessage::new(m.role, content));
-        }
-        let prompt = st
-            .model
-            .render_chat(&msgs)
-            .and_then(|p| st.model.encode_prompt(&p))
-            .map_err(|e| bad("messages", e.to_string()))?;
-        let p = prepare(&st, common, adapter, prompt, "messages", None)?;
-        Ok::<_, ServeError>(p)
-    }
-    .await;
-    match res {
-        Ok(p) => generate(st, p, Kind::Chat, t0).await,
+    match body_bytes(body, st.max_body_bytes).and_then(|b| build(&st, &b)) {
+        Ok(p) => generate(st, p, kind, t0).await,
         Err(e) => {
-            st.metrics.request("chat", "-", e.status().as_u16());
+            st.metrics
+                .request(kind.endpoint(), "-", e.status().as_u16());
             e.into_response()
         }
     }
 }
 
-async fn completions(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
-    let t0 = Instant::now();
-    let res = async {
-        let body = body_bytes(body, st.max_body_bytes)?;
-        let common: Common = openai::parse(&body)?;
-        let adapter = st.resolve(&common.model)?;
-        let b: openai::CompletionBody = openai::parse(&body)?;
-        let prompts = b.prompt.into_vec();
-        if prompts.len() != 1 {
-            return Err(bad(
-                "prompt",
-                format!(
-                    "give one prompt per request (got {}); use `n` for several choices",
-                    prompts.len()
-                ),
-            ));
-        }
-        let prompt = st
-            .model
-            .encode_prompt(&prompts[0])
-            .map_err(|e| bad("prompt", e.to_string()))?;
-        prepare(&st, common, adapter, prompt, "prompt", Some(16))
+/// A chat request: the messages rendered through the model's chat template.
+fn chat_request(st: &AppState, body: &[u8]) -> Result<Prepared, ServeError> {
+    // Parsed twice on purpose: `Common` and the messages each name their own bad fields.
+    let common: Common = openai::parse(body)?;
+    let adapter = st.resolve(&common.model)?;
+    let chat: openai::ChatBody = openai::parse(body)?;
+    if chat.messages.is_empty() {
+        return Err(bad("messages", "must hold at least one message".into()));
     }
-    .await;
-    match res {
-        Ok(p) => generate(st, p, Kind::Completion, t0).await,
-        Err(e) => {
-            st.metrics.request("completions", "-", e.status().as_u16());
-            e.into_response()
-        }
+    let mut msgs = Vec::with_capacity(chat.messages.len());
+    for (i, m) in chat.messages.into_iter().enumerate() {
+        let content = match m.content {
+            None => String::new(),
+            Some(openai::Content::Text(t)) => t,
+            Some(openai::Content::Parts(parts)) => {
+                let mut s = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => s.push_str(&t),
+                        (k, _) => {
+                            return Err(bad(
+                                &format!("messages[{i}].content"),
+                                format!(
+                                    "content parts of type `{k}` are not supported (text only)"
+                                ),
+                            ))
+                        }
+                    }
+                }
+                s
+            }
+        };
+        msgs.push(ChatMessage::new(m.role, content));
     }
+    let prompt = st
+        .model
+        .render_chat(&msgs)
+        .and_then(|p| st.model.encode_prompt(&p))
+        .map_err(|e| bad("messages", e.to_string()))?;
+    prepare(st, common, adapter, prompt, "messages", None)
+}
+
+/// A completion request: one plain prompt.
+fn completion_request(st: &AppState, body: &[u8]) -> Result<Prepared, ServeError> {
+    let common: Common = openai::parse(body)?;
+    let adapter = st.resolve(&common.model)?;
+    let b: openai::CompletionBody = openai::parse(body)?;
+    let prompts = b.prompt.into_vec();
+    if prompts.len() != 1 {
+        return Err(bad(
+            "prompt",
+            format!(
+                "give one prompt per request (got {}); use `n` for several choices",
+                prompts.len()
+            ),
+        ));
+    }
+    let prompt = st
+        .model
+        .encode_prompt(&prompts[0])
+        .map_err(|e| bad("prompt", e.to_string()))?;
+    prepare(st, common, adapter, prompt, "prompt", Some(16))
 }
 
 /// Runs a prepared request: a JSON response, or a server-sent-event stream.
@@ -519,34 +523,34 @@ async fn generate(st: Arc<AppState>, p: Prepared, kind: Kind, t0: Instant) -> Re
     );
     st.metrics.request(kind.endpoint(), &p.label, 200);
     let usage = UsageBody::new(p.prompt.len(), completion);
-    let body = match kind {
-        Kind::Chat => json!({
-            "id": new_id("chatcmpl"),
-            "object": "chat.completion",
-            "created": now_secs(),
-            "model": p.label,
-            "choices": choices.iter().enumerate().map(|(i, c)| json!({
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "finish_reason": openai::finish_name(c.finish),
-                "logprobs": null,
-            })).collect::<Vec<_>>(),
-            "usage": usage,
-        }),
-        Kind::Completion => json!({
-            "id": new_id("cmpl"),
-            "object": "text_completion",
-            "created": now_secs(),
-            "model": p.label,
-            "choices": choices.iter().enumerate().map(|(i, c)| json!({
-                "index": i,
-                "text": c.text,
-                "finish_reason": openai::finish_name(c.finish),
-                "logprobs": null,
-            })).collect::<Vec<_>>(),
-            "usage": usage,
-        }),
+    let (id, object) = match kind {
+        Kind::Chat => ("chatcmpl", "chat.completion"),
+        Kind::Completion => ("cmpl", "text_completion"),
     };
+    let choices: Vec<Value> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut v = json!({
+                "index": i,
+                "finish_reason": openai::finish_name(c.finish),
+                "logprobs": null,
+            });
+            match kind {
+                Kind::Chat => v["message"] = json!({"role": "assistant", "content": c.text}),
+                Kind::Completion => v["text"] = json!(c.text),
+            }
+            v
+        })
+        .collect();
+    let body = json!({
+        "id": new_id(id),
+        "object": object,
+        "created": now_secs(),
+        "model": p.label,
+        "choices": choices,
+        "usage": usage,
+    });
     Json(body).into_response()
 }
 
