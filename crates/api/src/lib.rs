@@ -230,6 +230,34 @@ pub trait Embedder {
     fn embed(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, Self::Error>;
 }
 
+/// One passage a retriever returned, with where it came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetrievedChunk {
+    /// The chunk's id in its store.
+    pub chunk_id: i64,
+    /// The source document's path, relative to the indexed folder.
+    pub path: String,
+    /// The heading trail above the chunk (`Page › Section › Subsection`), empty when none.
+    pub heading: String,
+    /// The chunk's text, exactly as it appears in the extracted document text.
+    pub text: String,
+    /// Byte span of the chunk in the extracted document text.
+    pub span: (usize, usize),
+    /// 1-based first and last line of the chunk in the extracted document text.
+    pub lines: (usize, usize),
+    /// The score that ranked it (higher is better; its scale depends on the search mode).
+    pub score: f32,
+}
+
+/// Something that finds the passages most relevant to a query. Implemented by the retrieval
+/// layer's embedded store; a networked vector database can implement it too.
+pub trait Retriever {
+    /// The error type of this retriever.
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Returns up to `top_k` passages for `query`, best first.
+    fn retrieve(&mut self, query: &str, top_k: usize) -> Result<Vec<RetrievedChunk>, Self::Error>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,11 +10,13 @@ use flywheel_runtime::{
 use std::io::{BufRead, IsTerminal, Write};
 use std::ops::ControlFlow;
 
+mod rag;
+
 #[derive(Parser)]
 #[command(
     name = "flywheel",
     version,
-    about = "Local LLM runtime: generate, chat, embed, LoRA training and merging, an OpenAI-compatible server (RAG, eval to come)"
+    about = "Local LLM runtime: generate, chat, embed, LoRA training and merging, an OpenAI-compatible server, retrieval (RAG); eval to come"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -81,6 +83,9 @@ enum Cmd {
     },
     /// Serve an OpenAI-compatible endpoint; requests pick an adapter by `model` name.
     Serve(ServeArgs),
+    /// Retrieval: index documents, search, answer with citations, evaluate.
+    #[command(subcommand)]
+    Rag(rag::RagCmd),
     /// Measure prefill and decode speed (used by scripts/bench-generate.sh); prints one JSON line.
     Bench {
         #[command(flatten)]
@@ -338,6 +343,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Serve(a) => serve(a),
+        Cmd::Rag(c) => rag::run(c),
         Cmd::Bench {
             model,
             prompt_tokens,

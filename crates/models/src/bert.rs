@@ -20,6 +20,7 @@ pub enum Pooling {
 /// A BERT encoder with pooling.
 pub struct SentenceEncoder {
     model: BertModel,
+    packed: Option<crate::bert_packed::PackedBert>,
     pooling: Pooling,
     hidden: usize,
 }
@@ -64,8 +65,22 @@ impl SentenceEncoder {
                 .unwrap_or_default(),
             reason: format!("cannot build the BERT encoder: {e}"),
         })?;
+        let packed = if crate::bert_packed::usable(device, dtype) {
+            let cfg_json: serde_json::Value =
+                serde_json::from_str(config_json).map_err(|e| Error::BadFile {
+                    file: config_file.to_string(),
+                    reason: e.to_string(),
+                })?;
+            // SAFETY: as above.
+            #[allow(unsafe_code)]
+            let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, DType::F32, device)? };
+            Some(crate::bert_packed::PackedBert::load(vb, &cfg_json)?)
+        } else {
+            None
+        };
         Ok(Self {
             model,
+            packed,
             pooling,
             hidden: cfg.hidden_size,
         })
@@ -74,6 +89,42 @@ impl SentenceEncoder {
     /// Width of the sentence vectors.
     pub fn dim(&self) -> usize {
         self.hidden
+    }
+
+    /// Whether [`Self::embed_packed`] runs the packed CPU encoder (no padding).
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
+    }
+
+    /// Pooled, L2-normalised vectors of unpadded sequences `(ids, type ids)` through the packed
+    /// CPU encoder; `None` when this encoder runs on another device or dtype (use `forward`).
+    pub fn embed_packed(&self, seqs: &[(&[u32], &[u32])]) -> Option<Result<Vec<Vec<f32>>>> {
+        let packed = self.packed.as_ref()?;
+        let h = self.hidden;
+        Some(packed.forward(seqs).map(|x| {
+            let mut out = Vec::with_capacity(seqs.len());
+            let mut o = 0;
+            for (ids, _) in seqs {
+                let t = ids.len();
+                let mut v = vec![0f32; h];
+                match self.pooling {
+                    Pooling::Cls => v.copy_from_slice(&x[o * h..(o + 1) * h]),
+                    Pooling::Mean => {
+                        for r in 0..t {
+                            for (a, b) in v.iter_mut().zip(&x[(o + r) * h..(o + r + 1) * h]) {
+                                *a += b;
+                            }
+                        }
+                        v.iter_mut().for_each(|a| *a /= t.max(1) as f32);
+                    }
+                }
+                let n = v.iter().map(|a| a * a).sum::<f32>().sqrt().max(1e-12);
+                v.iter_mut().for_each(|a| *a /= n);
+                out.push(v);
+                o += t;
+            }
+            out
+        }))
     }
 
     /// `ids`, `type_ids`, `mask`: `(b, t)` u32 (mask 1 for real tokens). Returns unit vectors `(b, hidden)` f32.

@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod bert;
+pub mod bert_packed;
 pub mod decoder;
 pub mod layers;
 pub mod linear;

@@ -12,6 +12,9 @@ use crate::load::{
 };
 use crate::{Error, Result};
 
+/// Tokens per packed CPU batch (large enough for efficient GEMMs, small enough for the cache).
+const PACKED_TOKENS: usize = 2048;
+
 /// A loaded sentence encoder.
 pub struct EmbeddingModel {
     encoder: SentenceEncoder,
@@ -157,18 +160,57 @@ impl EmbeddingModel {
         Ok(enc.len())
     }
 
-    /// Embeds one padded batch.
-    pub fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
-        if texts.is_empty() {
-            return Ok(vec![]);
-        }
-        let enc = self
-            .tokenizer
+    /// Byte spans of the tokens of `text` (no special tokens, no truncation): what a chunker
+    /// counts when it cuts text to the model's window.
+    pub fn token_offsets(&self, text: &str) -> Result<Vec<(usize, usize)>> {
+        let mut tok = self.tokenizer.clone();
+        tok.with_truncation(None).map_err(|e| Error::Tokenizer {
+            file: "(encode)".into(),
+            reason: e.to_string(),
+        })?;
+        let enc = tok.encode(text, false).map_err(|e| Error::Tokenizer {
+            file: "(encode)".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(enc.get_offsets().to_vec())
+    }
+
+    fn encode_all(&self, texts: &[&str]) -> Result<Vec<tokenizers::Encoding>> {
+        self.tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| Error::Tokenizer {
                 file: "(encode)".into(),
                 reason: e.to_string(),
-            })?;
+            })
+    }
+
+    /// Embeds one batch (packed without padding on the CPU, padded elsewhere).
+    pub fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        if texts.is_empty() {
+            return Ok(vec![]);
+        }
+        let enc = self.encode_all(texts)?;
+        let seqs: Vec<(&[u32], &[u32])> = enc
+            .iter()
+            .map(|e| (e.get_ids(), e.get_type_ids()))
+            .collect();
+        if let Some(r) = self.encoder.embed_packed(&seqs) {
+            return Ok(r?);
+        }
+        self.padded(&enc)
+    }
+
+    /// Embeds one batch through candle's padded encoder, whatever the device (the packed CPU
+    /// encoder is checked against it).
+    pub fn embed_padded(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        if texts.is_empty() {
+            return Ok(vec![]);
+        }
+        let enc = self.encode_all(texts)?;
+        self.padded(&enc)
+    }
+
+    fn padded(&self, enc: &[tokenizers::Encoding]) -> Result<Vec<Vec<f32>>> {
         let t = enc.iter().map(|e| e.len()).max().unwrap_or(1).max(1);
         let b = enc.len();
         let (mut ids, mut types, mut mask) =
@@ -198,6 +240,28 @@ impl EmbeddingModel {
     /// Embeds any number of texts in batches of `batch_size`, grouping similar lengths to cut padding;
     /// vectors come back in input order.
     pub fn embed_all(&self, texts: &[&str], batch_size: usize) -> Result<Vec<Vec<f32>>> {
+        if self.encoder.is_packed() {
+            // No padding: group texts by total tokens so every GEMM is large.
+            let enc = self.encode_all(texts)?;
+            let mut out = Vec::with_capacity(texts.len());
+            let mut start = 0;
+            while start < enc.len() {
+                let mut end = start;
+                let mut tokens = 0;
+                while end < enc.len() && (end == start || tokens + enc[end].len() <= PACKED_TOKENS)
+                {
+                    tokens += enc[end].len();
+                    end += 1;
+                }
+                let seqs: Vec<(&[u32], &[u32])> = enc[start..end]
+                    .iter()
+                    .map(|e| (e.get_ids(), e.get_type_ids()))
+                    .collect();
+                out.extend(self.encoder.embed_packed(&seqs).expect("packed encoder")?);
+                start = end;
+            }
+            return Ok(out);
+        }
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| texts[i].len());
         let mut out = vec![Vec::new(); texts.len()];

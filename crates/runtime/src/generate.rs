@@ -317,6 +317,48 @@ impl TextModel {
         self.generate_ids(&items, &mut refs)
     }
 
+    /// A prompt must be non-empty and leave room in the context window.
+    fn check_prompt(&self, ids: &[u32]) -> Result<()> {
+        let ctx = self.model.config().max_position_embeddings;
+        if ids.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        if ids.len() >= ctx {
+            return Err(Error::PromptTooLong {
+                tokens: ids.len(),
+                context: ctx,
+            });
+        }
+        Ok(())
+    }
+
+    /// The model's next-token logits after each prompt (prompts run in left-padded batches of
+    /// `batch_size`). Used to score answers such as "yes"/"no" without generating.
+    pub fn next_token_logits(
+        &self,
+        prompts: &[Vec<u32>],
+        batch_size: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(prompts.len());
+        for group in prompts.chunks(batch_size.max(1)) {
+            for ids in group {
+                self.check_prompt(ids)?;
+            }
+            let longest = group.iter().map(Vec::len).max().unwrap_or(0);
+            let pads: Vec<usize> = group.iter().map(|ids| longest - ids.len()).collect();
+            let mut flat = Vec::with_capacity(group.len() * longest);
+            for (ids, &pad) in group.iter().zip(&pads) {
+                flat.extend(std::iter::repeat_n(0u32, pad));
+                flat.extend_from_slice(ids);
+            }
+            let mut cache = self.model.new_cache(pads);
+            let input = Tensor::from_vec(flat, (group.len(), longest), self.model.device())?;
+            let logits = self.model.forward(&input, &mut cache, Logits::Last)?;
+            out.extend(logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?);
+        }
+        Ok(out)
+    }
+
     /// The generation loop over pre-tokenized prompts: one batched prefill, then one decode
     /// step per token for every unfinished row.
     pub fn generate_ids(
@@ -327,15 +369,7 @@ impl TextModel {
         let ctx = self.model.config().max_position_embeddings;
         for (ids, req) in items {
             req.sampling.validate()?;
-            if ids.is_empty() {
-                return Err(Error::EmptyPrompt);
-            }
-            if ids.len() >= ctx {
-                return Err(Error::PromptTooLong {
-                    tokens: ids.len(),
-                    context: ctx,
-                });
-            }
+            self.check_prompt(ids)?;
         }
         let longest = items.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
         let pads: Vec<usize> = items.iter().map(|(ids, _)| longest - ids.len()).collect();

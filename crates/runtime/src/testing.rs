@@ -270,3 +270,139 @@ pub fn tiny_weights(cfg: &DecoderConfig, seed: u64) -> Result<MemoryWeights> {
         DType::F32,
     )?)
 }
+
+/// Writes a seeded random BERT sentence encoder (hidden 32, 2 layers, 4 heads, WordPiece over
+/// letters, digits, punctuation and a few whole words; mean pooling; 128-token window) as a
+/// sentence-transformers folder, for retrieval tests that need an embedder in milliseconds.
+pub fn write_tiny_bert_folder(dir: &Path, seed: u64) -> Result<()> {
+    let io = |p: &Path, e: std::io::Error| Error::Io {
+        path: p.display().to_string(),
+        source: e,
+    };
+    std::fs::create_dir_all(dir.join("1_Pooling")).map_err(|e| io(dir, e))?;
+    let mut vocab: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for c in ('a'..='z').chain('0'..='9') {
+        vocab.push(c.to_string());
+        vocab.push(format!("##{c}"));
+    }
+    for p in [
+        ".", ",", "?", "!", ":", ";", "(", ")", "-", "'", "\"", "/", "_", "=", "[", "]",
+    ] {
+        vocab.push(p.to_string());
+    }
+    for w in [
+        "the", "python", "install", "debugger", "file", "list", "how", "what", "is", "do",
+    ] {
+        vocab.push(w.to_string());
+    }
+    let map: serde_json::Map<String, serde_json::Value> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), serde_json::Value::from(i)))
+        .collect();
+    let added: Vec<serde_json::Value> = vocab[..5]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true, "strip_accents": null, "lowercase": true},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {"type": "BertProcessing", "sep": ["[SEP]", 3], "cls": ["[CLS]", 2]},
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##", "max_input_chars_per_word": 100, "vocab": map}
+    });
+    let tok_path = dir.join("tokenizer.json");
+    std::fs::write(&tok_path, tok.to_string()).map_err(|e| io(&tok_path, e))?;
+    let (h, layers, inter, max_pos) = (32usize, 2usize, 64usize, 160usize);
+    let config = serde_json::json!({
+        "model_type": "bert", "vocab_size": vocab.len(), "hidden_size": h,
+        "num_hidden_layers": layers, "num_attention_heads": 4, "intermediate_size": inter,
+        "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+        "max_position_embeddings": max_pos, "type_vocab_size": 2, "initializer_range": 0.02,
+        "layer_norm_eps": 1e-12, "pad_token_id": 0, "classifier_dropout": null
+    });
+    let write = |p: &Path, s: String| std::fs::write(p, s).map_err(|e| io(p, e));
+    write(&dir.join("config.json"), config.to_string())?;
+    write(
+        &dir.join("1_Pooling/config.json"),
+        serde_json::json!({"word_embedding_dimension": h, "pooling_mode_mean_tokens": true, "pooling_mode_cls_token": false}).to_string(),
+    )?;
+    write(
+        &dir.join("sentence_bert_config.json"),
+        serde_json::json!({"max_seq_length": 128, "do_lower_case": false}).to_string(),
+    )?;
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rand = |n: usize, scale: f32, offset: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                offset + scale * (((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+            })
+            .collect()
+    };
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut put = |name: String, shape: Vec<usize>, data: Vec<f32>| -> Result<()> {
+        tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+        Ok(())
+    };
+    let v = vocab.len();
+    put(
+        "embeddings.word_embeddings.weight".into(),
+        vec![v, h],
+        rand(v * h, 1.0, 0.0),
+    )?;
+    put(
+        "embeddings.position_embeddings.weight".into(),
+        vec![max_pos, h],
+        rand(max_pos * h, 0.2, 0.0),
+    )?;
+    put(
+        "embeddings.token_type_embeddings.weight".into(),
+        vec![2, h],
+        rand(2 * h, 0.2, 0.0),
+    )?;
+    put(
+        "embeddings.LayerNorm.weight".into(),
+        vec![h],
+        rand(h, 0.1, 1.0),
+    )?;
+    put(
+        "embeddings.LayerNorm.bias".into(),
+        vec![h],
+        rand(h, 0.1, 0.0),
+    )?;
+    for l in 0..layers {
+        let p = format!("encoder.layer.{l}");
+        for (name, o, i) in [
+            ("attention.self.query", h, h),
+            ("attention.self.key", h, h),
+            ("attention.self.value", h, h),
+            ("attention.output.dense", h, h),
+            ("intermediate.dense", inter, h),
+            ("output.dense", h, inter),
+        ] {
+            let scale = 1.0 / (i as f32).sqrt();
+            put(
+                format!("{p}.{name}.weight"),
+                vec![o, i],
+                rand(o * i, scale, 0.0),
+            )?;
+            put(format!("{p}.{name}.bias"), vec![o], rand(o, 0.05, 0.0))?;
+        }
+        for name in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            put(format!("{p}.{name}.weight"), vec![h], rand(h, 0.1, 1.0))?;
+            put(format!("{p}.{name}.bias"), vec![h], rand(h, 0.1, 0.0))?;
+        }
+    }
+    let path = dir.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &path)?;
+    let _ = DType::F32;
+    Ok(())
+}

@@ -263,3 +263,35 @@ fn streaming_never_splits_a_character() -> anyhow::Result<()> {
     assert_eq!(dec.flush()?, "\u{FFFD}");
     Ok(())
 }
+
+#[test]
+fn packed_cpu_encoder_matches_the_padded_candle_encoder() {
+    use flywheel_runtime::EmbeddingModel;
+    let dir = tempfile::tempdir().unwrap();
+    flywheel_runtime::testing::write_tiny_bert_folder(dir.path(), 5).unwrap();
+    let em = EmbeddingModel::load(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let texts = [
+        "how do I install python?",
+        "a",
+        "the debugger is called pdb; it stops at breakpoints (and more) 123",
+        "what is a list comprehension, and when should I use one instead of a loop?",
+    ];
+    // Packed path (no padding) vs candle's padded path, per text and as one batch.
+    let packed = em.embed_all(&texts, 8).unwrap();
+    let padded = em.embed_padded(&texts).unwrap();
+    assert_eq!(packed.len(), texts.len());
+    for (i, (a, b)) in packed.iter().zip(&padded).enumerate() {
+        assert_eq!(a.len(), 32);
+        let d = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-5, "text {i}: packed and padded differ by {d}");
+        let n: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((n - 1.0).abs() < 1e-5);
+    }
+    // Distinct texts give distinct vectors (the model is not degenerate).
+    let cos: f32 = packed[0].iter().zip(&packed[2]).map(|(x, y)| x * y).sum();
+    assert!(cos < 0.999, "{cos}");
+}
