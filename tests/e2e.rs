@@ -899,3 +899,202 @@ fn serve_works_with_the_official_openai_client() {
         "{report}"
     );
 }
+
+/// A folder of `n` small Markdown pages (page i mentions topic i) and a tiny BERT embedder.
+fn rag_corpus(dir: &Path, n: usize, version: &str) -> (PathBuf, PathBuf) {
+    let docs = dir.join("docs");
+    for i in 0..n {
+        let sub = if i % 2 == 0 { "guides" } else { "ref" };
+        let p = docs.join(sub).join(format!("page{i:02}.md"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(
+            &p,
+            format!("# Page {i}\n\nTopic{i} is explained here ({version}).\n\n## Details\n\nMore about topic{i} and its options.\n"),
+        )
+        .unwrap();
+    }
+    let bert = dir.join("bert");
+    if !bert.exists() {
+        flywheel_runtime::testing::write_tiny_bert_folder(&bert, 9).unwrap();
+    }
+    (docs, bert)
+}
+
+#[test]
+fn rag_index_search_ask_eval_and_a_killed_index_run_leaves_the_store_intact() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let (docs, bert) = rag_corpus(dir.path(), 30, "v1");
+    let store = dir.path().join("kb.sqlite");
+    let (s, d, b) = (
+        store.to_str().unwrap(),
+        docs.to_str().unwrap(),
+        bert.to_str().unwrap(),
+    );
+    let out = flywheel(
+        &["rag", "index", "--store", s, "--embedder", b, d],
+        None,
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["added"], 30, "{report}");
+    let before = flywheel_rag::Store::open(&store).unwrap();
+    let old_text = before.document_text("guides/page00.md").unwrap().unwrap();
+    let old_chunks = before.chunk_count().unwrap();
+    drop(before);
+
+    // Change 10 pages and add 5, then kill -9 an index run while it is inside its transaction.
+    let (docs, _) = rag_corpus(dir.path(), 10, "v2");
+    for i in 30..35 {
+        std::fs::write(
+            docs.join(format!("guides/new{i}.md")),
+            format!("# New {i}\n\nfresh text {i}\n"),
+        )
+        .unwrap();
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .args(["rag", "index", "--store", s, "--embedder", b, d])
+        .env("FLYWHEEL_TEST_PAUSE_AFTER_DOCS", "3")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    loop {
+        let line = lines
+            .next()
+            .expect("index run ended before pausing")
+            .unwrap();
+        if line.contains("paused inside the index transaction") {
+            break;
+        }
+        seen.push(line);
+    }
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    let st = flywheel_rag::Store::open(&store).unwrap();
+    st.check().unwrap();
+    assert_eq!(
+        st.documents().unwrap().len(),
+        30,
+        "the killed run changed the store"
+    );
+    assert_eq!(
+        st.document_text("guides/page00.md").unwrap().unwrap(),
+        old_text
+    );
+    assert_eq!(st.chunk_count().unwrap(), old_chunks);
+    drop(st);
+
+    // A normal run afterwards applies the changes.
+    let out = flywheel(&["rag", "index", "--store", s, d], None, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&report["added"], &report["updated"], &report["unchanged"]),
+        (&5.into(), &10.into(), &20.into()),
+        "{report}"
+    );
+
+    // Search: BM25 finds the page that names the topic; filters hold; JSON lines parse.
+    let out = flywheel(
+        &[
+            "rag",
+            "search",
+            "--store",
+            s,
+            "--mode",
+            "bm25",
+            "--json",
+            "--filter",
+            "path=ref/*",
+            "topic7 options",
+        ],
+        None,
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let hits: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!hits.is_empty());
+    assert_eq!(hits[0]["path"], "ref/page07.md");
+    assert!(hits
+        .iter()
+        .all(|h| h["path"].as_str().unwrap().starts_with("ref/")));
+
+    // Ask: an answer with a source list from the store; a missing store is a clear error.
+    let model = long_tiny_gguf(dir.path());
+    let out = flywheel(
+        &[
+            "rag",
+            "ask",
+            "--store",
+            s,
+            "--model",
+            model.to_str().unwrap(),
+            "--max-tokens",
+            "8",
+            "--min-similarity",
+            "0",
+            "--json",
+            "what is topic3?",
+        ],
+        None,
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let context = answer["context"].as_array().unwrap();
+    assert!(!context.is_empty());
+    for c in context {
+        assert!(c["path"].as_str().unwrap().ends_with(".md"));
+    }
+    let out = flywheel(
+        &["rag", "search", "--store", "/nonexistent/kb.sqlite", "q"],
+        None,
+        &[],
+    );
+    assert_fails_with(&out, &["/nonexistent/kb.sqlite", "rag index"]);
+    let out = flywheel(
+        &["rag", "search", "--store", s, "--mode", "semantic", "q"],
+        None,
+        &[],
+    );
+    assert_fails_with(&out, &["--mode", "semantic"]);
+
+    // Eval: a table per mode from a question file with gold sections.
+    let q = dir.path().join("q.jsonl");
+    std::fs::write(
+        &q,
+        "{\"id\":\"1\",\"question\":\"topic5 options\",\"path\":\"ref/page05.md\",\"heading\":\"Details\"}\n{\"id\":\"2\",\"question\":\"topic12\",\"path\":\"guides/page12.md\",\"heading\":\"Page 12\"}\n",
+    )
+    .unwrap();
+    let out = flywheel(
+        &[
+            "rag",
+            "eval",
+            "--store",
+            s,
+            "--questions",
+            q.to_str().unwrap(),
+            "--modes",
+            "dense,bm25,hybrid",
+        ],
+        None,
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    for m in ["| dense |", "| bm25 |", "| hybrid |", "recall@5"] {
+        assert!(table.contains(m), "{table}");
+    }
+    let bm25_row = table.lines().find(|l| l.starts_with("| bm25 |")).unwrap();
+    assert!(
+        bm25_row.contains("| 2 | 1.000 |"),
+        "BM25 should find both gold sections first: {table}"
+    );
+}

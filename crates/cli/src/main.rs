@@ -125,6 +125,10 @@ struct ServeArgs {
     /// A sentence-embedding model folder for /v1/embeddings.
     #[arg(long)]
     embedding_model: Option<String>,
+    /// A retrieval store (`flywheel rag index`): chat requests with a `retrieval` object get
+    /// its passages as context and the response lists them as `sources`.
+    #[arg(long, value_name = "STORE")]
+    rag: Option<std::path::PathBuf>,
     /// Address to bind (127.0.0.1 keeps the server local).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -385,6 +389,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     }
     cfg.adapters_dir = a.adapters_dir.map(Into::into);
     cfg.embedding_model = a.embedding_model;
+    cfg.rag = a.rag;
     cfg.load = load;
     if a.max_batch == 0 {
         bail!("--max-batch must be at least 1");

@@ -242,7 +242,8 @@ fn load_embedder(c: &Common, store: Option<&Store>) -> Result<(EmbeddingModel, L
 
 fn index(a: IndexArgs) -> Result<()> {
     let mut store = Store::open(&a.common.store)?;
-    let (embedder, _) = load_embedder(&a.common, None)?;
+    // Re-runs keep the store's embedder unless --embedder says otherwise.
+    let (embedder, _) = load_embedder(&a.common, Some(&store))?;
     let opts = IndexOptions {
         include: a.include,
         exclude: a.exclude,

@@ -6,12 +6,14 @@
 //!   metrics), authentication and limits; handlers never run tensor code.
 //! - [`openai`]: the wire format.
 //! - [`metrics`]: Prometheus text metrics.
+//! - [`rag`]: retrieval from a `flywheel rag` store for chat requests (`--rag`).
 #![deny(missing_docs)]
 
 pub mod adapters;
 pub mod engine;
 pub mod metrics;
 pub mod openai;
+pub mod rag;
 pub mod router;
 
 use std::path::PathBuf;
@@ -129,6 +131,8 @@ pub struct ServeConfig {
     pub adapters_dir: Option<PathBuf>,
     /// A sentence-embedding model for `/v1/embeddings`.
     pub embedding_model: Option<String>,
+    /// A retrieval store (`flywheel rag index`) chat requests may retrieve from.
+    pub rag: Option<PathBuf>,
     /// Device and dtype.
     pub load: LoadOptions,
     /// Batch and queue limits.
@@ -150,6 +154,7 @@ impl ServeConfig {
             adapters: Vec::new(),
             adapters_dir: None,
             embedding_model: None,
+            rag: None,
             load: LoadOptions::default(),
             engine: EngineConfig::default(),
             api_key: None,
@@ -208,6 +213,14 @@ pub fn build_state(cfg: &ServeConfig) -> Result<Arc<AppState>, ServeError> {
         }
         None => None,
     };
+    let rag = match &cfg.rag {
+        Some(path) => Some(rag::RagState::open(
+            path,
+            embedder.as_ref().map(|(_, e)| e.clone()),
+            &cfg.load,
+        )?),
+        None => None,
+    };
     let model = Arc::new(model);
     let engine = Engine::start(model.clone(), cfg.engine.clone());
     Ok(Arc::new(AppState {
@@ -216,6 +229,7 @@ pub fn build_state(cfg: &ServeConfig) -> Result<Arc<AppState>, ServeError> {
         engine,
         registry,
         embedder,
+        rag,
         metrics: metrics::Metrics::default(),
         api_key: cfg.api_key.clone(),
         max_body_bytes: cfg.max_body_bytes,

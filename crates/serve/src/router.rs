@@ -38,6 +38,8 @@ pub struct AppState {
     pub registry: Registry,
     /// The embedding model and its name.
     pub embedder: Option<(String, Arc<EmbeddingModel>)>,
+    /// The retrieval store chat requests may use (`--rag`).
+    pub rag: Option<crate::rag::RagState>,
     /// Counters and histograms.
     pub metrics: Metrics,
     /// Required bearer token, if any.
@@ -218,6 +220,8 @@ struct Prepared {
     stream: bool,
     include_usage: bool,
     ignore_eos: bool,
+    /// Retrieved passages the prompt holds (retrieval requests only).
+    sources: Option<Value>,
 }
 
 fn bad(param: &str, message: String) -> ServeError {
@@ -302,6 +306,7 @@ fn prepare(
         stream: c.stream.unwrap_or(false),
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
         ignore_eos: c.ignore_eos.unwrap_or(false),
+        sources: None,
     })
 }
 
@@ -457,12 +462,25 @@ fn chat_request(st: &AppState, body: &[u8]) -> Result<Prepared, ServeError> {
         };
         msgs.push(ChatMessage::new(m.role, content));
     }
+    let rag_body: crate::rag::RagBody = openai::parse(body)?;
+    let sources = match (rag_body.retrieval, &st.rag) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(bad(
+                "retrieval",
+                "this server has no retrieval store (start it with --rag STORE)".into(),
+            ))
+        }
+        (Some(r), Some(rag)) => Some(rag.augment(&mut msgs, &r)?),
+    };
     let prompt = st
         .model
         .render_chat(&msgs)
         .and_then(|p| st.model.encode_prompt(&p))
         .map_err(|e| bad("messages", e.to_string()))?;
-    prepare(st, common, adapter, prompt, "messages", None)
+    let mut p = prepare(st, common, adapter, prompt, "messages", None)?;
+    p.sources = sources;
+    Ok(p)
 }
 
 /// A completion request: one plain prompt.
@@ -543,7 +561,7 @@ async fn generate(st: Arc<AppState>, p: Prepared, kind: Kind, t0: Instant) -> Re
             v
         })
         .collect();
-    let body = json!({
+    let mut body = json!({
         "id": new_id(id),
         "object": object,
         "created": now_secs(),
@@ -551,6 +569,9 @@ async fn generate(st: Arc<AppState>, p: Prepared, kind: Kind, t0: Instant) -> Re
         "choices": choices,
         "usage": usage,
     });
+    if let Some(s) = &p.sources {
+        body["sources"] = s.clone();
+    }
     Json(body).into_response()
 }
 
@@ -576,21 +597,31 @@ fn stream(
     } else {
         "text_completion"
     };
-    let chunk = move |choices: Value, usage: Option<UsageBody>| {
+    let chunk_value = move |choices: Value, usage: Option<UsageBody>| {
         let mut v = json!({"id": id, "object": object, "created": created, "model": label, "choices": choices});
         if let Some(u) = usage {
             v["usage"] = json!(u);
         }
-        SseEvent::default().data(v.to_string())
+        v
     };
+    let cv = chunk_value.clone();
+    let chunk = move |choices: Value, usage: Option<UsageBody>| {
+        SseEvent::default().data(cv(choices, usage).to_string())
+    };
+    let sources = p.sources.clone();
     tokio::spawn(async move {
         let n = rxs.len();
         if kind == Kind::Chat {
             for i in 0..n {
-                let c = chunk(
+                let mut v = chunk_value(
                     json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
                     None,
                 );
+                // The retrieved sources travel with the first chunk.
+                if let (0, Some(s)) = (i, &sources) {
+                    v["sources"] = s.clone();
+                }
+                let c = SseEvent::default().data(v.to_string());
                 if out.send(c).await.is_err() {
                     return;
                 }
