@@ -30,7 +30,7 @@ pub struct AskOptions {
     pub min_similarity: f32,
     /// Ask the model whether each answer sentence is supported by the passages it cites.
     pub fact_check: bool,
-    /// Sampling for the answer (greedy by default).
+    /// Sampling for the answer (greedy with repeat penalty 1.1 by default).
     pub sampling: SamplingParams,
 }
 
@@ -42,7 +42,11 @@ impl Default for AskOptions {
             max_tokens: 256,
             min_similarity: 0.25,
             fact_check: false,
-            sampling: SamplingParams::greedy(),
+            // Greedy, with a mild repeat penalty: small models otherwise loop on one sentence.
+            sampling: SamplingParams {
+                repeat_penalty: 1.1,
+                ..SamplingParams::greedy()
+            },
         }
     }
 }

@@ -25,7 +25,7 @@ pub use answer::{ask, Answer, AskOptions};
 pub use chunk::ChunkConfig;
 pub use index::{index_folder, IndexOptions, IndexReport};
 pub use llm::{Llm, Reranker};
-pub use search::{DenseBackend, DenseIndex, Filter, Mode, SearchOptions, Searcher};
+pub use search::{DenseBackend, DenseIndex, Filter, Mode, SearchOptions, Searcher, StoreRetriever};
 pub use store::Store;
 
 /// Errors of the retrieval layer.

@@ -612,6 +612,26 @@ impl<'a> Searcher<'a> {
     }
 }
 
+/// A [`Searcher`] with fixed options, as the api's [`flywheel_api::Retriever`] (what the
+/// evaluation harness and other callers that only know the trait use).
+pub struct StoreRetriever<'a> {
+    /// The searcher.
+    pub searcher: Searcher<'a>,
+    /// Options for every query (`top_k` is taken from each call).
+    pub options: SearchOptions,
+}
+
+impl flywheel_api::Retriever for StoreRetriever<'_> {
+    type Error = Error;
+    fn retrieve(&mut self, query: &str, top_k: usize) -> Result<Vec<RetrievedChunk>> {
+        let opts = SearchOptions {
+            top_k,
+            ..self.options.clone()
+        };
+        Ok(self.searcher.search(query, &opts)?.hits)
+    }
+}
+
 /// The text a chunk is embedded and judged as: its heading trail, a blank line, its text.
 pub fn passage_text(heading: &str, text: &str) -> String {
     if heading.is_empty() {

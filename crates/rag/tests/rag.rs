@@ -261,6 +261,14 @@ fn bm25_finds_the_obvious_document_and_filters_apply() {
             .hits;
         assert!(hits.iter().all(|h| h.path.ends_with(".md")), "{mode:?}");
     }
+    // The api's Retriever trait over the same store.
+    let mut r = flywheel_rag::StoreRetriever {
+        searcher: Searcher::new(&store, &dense, &f.embedder),
+        options: opts(Mode::Bm25, &[]),
+    };
+    let hits = flywheel_api::Retriever::retrieve(&mut r, "install packages with pip", 2).unwrap();
+    assert_eq!(hits.len(), 2);
+    assert_eq!(hits[0].path, "guides/install.md");
     // Dense results come back in cosine order.
     let hits = s.search("anything", &opts(Mode::Dense, &[])).unwrap().hits;
     assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
