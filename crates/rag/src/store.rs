@@ -383,19 +383,42 @@ impl Store {
     }
 }
 
+/// English function words left out of BM25 queries: they match most chunks, add nothing to the
+/// ranking and make FTS5 score every row.
+const STOPWORDS: &[&str] = &[
+    "a", "about", "an", "and", "are", "as", "at", "be", "by", "can", "do", "does", "for", "from",
+    "has", "have", "how", "i", "if", "in", "is", "it", "its", "me", "my", "of", "on", "or", "so",
+    "that", "the", "their", "there", "these", "this", "to", "was", "we", "what", "when", "where",
+    "which", "who", "why", "will", "with", "you", "your",
+];
+
 /// Turns free text into an FTS5 query: every word quoted (so no word is read as an operator)
-/// and joined with OR, letting bm25 weigh them. `None` when the text has no words.
+/// and joined with OR, letting bm25 weigh them; stopwords are dropped unless nothing else is
+/// left. `None` when the text has no words.
 pub fn fts_query(text: &str) -> Option<String> {
     let words: Vec<String> = text
         .split(|c: char| !c.is_alphanumeric() && c != '_')
         .filter(|w| !w.is_empty())
-        .map(|w| format!("\"{}\"", w.to_lowercase()))
+        .map(str::to_lowercase)
         .collect();
-    if words.is_empty() {
-        None
+    let content: Vec<&String> = words
+        .iter()
+        .filter(|w| !STOPWORDS.contains(&w.as_str()))
+        .collect();
+    let keep: Vec<&String> = if content.is_empty() {
+        words.iter().collect()
     } else {
-        Some(words.join(" OR "))
+        content
+    };
+    if keep.is_empty() {
+        return None;
     }
+    Some(
+        keep.iter()
+            .map(|w| format!("\"{w}\""))
+            .collect::<Vec<_>>()
+            .join(" OR "),
+    )
 }
 
 /// The write side of one index run (a transaction).
@@ -563,7 +586,12 @@ mod tests {
     fn fts_query_quotes_words() {
         assert_eq!(
             fts_query("How do I (NOT) use \"pdb\"?").unwrap(),
-            "\"how\" OR \"do\" OR \"i\" OR \"not\" OR \"use\" OR \"pdb\""
+            "\"not\" OR \"use\" OR \"pdb\""
+        );
+        // Only stopwords: keep them rather than search for nothing.
+        assert_eq!(
+            fts_query("Who is it?").unwrap(),
+            "\"who\" OR \"is\" OR \"it\""
         );
         assert_eq!(fts_query("?! --"), None);
     }
