@@ -103,6 +103,56 @@ fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
     }
 }
 
+fn read_meta(conn: &Connection, path: &Path, key: &str) -> Result<Option<String>> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+        .map_err(sql_err(path))
+}
+
+fn write_meta(conn: &Connection, path: &Path, key: &str, value: &str) -> Result<()> {
+    conn.execute(
+        "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )
+    .map_err(sql_err(path))?;
+    Ok(())
+}
+
+/// Every chunk's vector, in chunk-id order; a vector of the wrong length is an error.
+fn read_vectors(conn: &Connection, path: &Path) -> Result<Vectors> {
+    let err = sql_err(path);
+    let mut st = conn
+        .prepare("SELECT id, doc_id, vector FROM chunks ORDER BY id")
+        .map_err(&err)?;
+    let mut rows = st.query([]).map_err(&err)?;
+    let mut v = Vectors::default();
+    while let Some(r) = rows.next().map_err(&err)? {
+        let id: i64 = r.get(0).map_err(&err)?;
+        let doc: i64 = r.get(1).map_err(&err)?;
+        let blob: Vec<u8> = r.get(2).map_err(&err)?;
+        if v.dim == 0 {
+            v.dim = blob.len() / 4;
+        }
+        if blob.len() != v.dim * 4 {
+            return Err(Error::Store {
+                path: path.display().to_string(),
+                reason: format!(
+                    "chunk {id} has a {}-byte vector; expected {}",
+                    blob.len(),
+                    v.dim * 4
+                ),
+            });
+        }
+        v.ids.push(id);
+        v.docs.push(doc);
+        v.data.extend(
+            blob.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
+    }
+    Ok(v)
+}
+
 impl Store {
     /// Opens (creating if needed) the store at `path`.
     pub fn open(path: &Path) -> Result<Self> {
@@ -159,21 +209,12 @@ impl Store {
 
     /// A value from the meta table.
     pub fn meta(&self, key: &str) -> Result<Option<String>> {
-        self.conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-            .optional()
-            .map_err(self.err())
+        read_meta(&self.conn, &self.path, key)
     }
 
     /// Sets a meta value (outside any index run).
     pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
-        self.conn
-            .execute(
-                "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                params![key, value],
-            )
-            .map_err(self.err())?;
-        Ok(())
+        write_meta(&self.conn, &self.path, key, value)
     }
 
     /// Starts an index run: everything written through the returned writer becomes visible
@@ -218,38 +259,7 @@ impl Store {
 
     /// Every chunk's vector.
     pub fn vectors(&self) -> Result<Vectors> {
-        let mut st = self
-            .conn
-            .prepare("SELECT id, doc_id, vector FROM chunks ORDER BY id")
-            .map_err(self.err())?;
-        let mut rows = st.query([]).map_err(self.err())?;
-        let mut v = Vectors::default();
-        while let Some(r) = rows.next().map_err(self.err())? {
-            let id: i64 = r.get(0).map_err(self.err())?;
-            let doc: i64 = r.get(1).map_err(self.err())?;
-            let blob: Vec<u8> = r.get(2).map_err(self.err())?;
-            let dim = blob.len() / 4;
-            if v.dim == 0 {
-                v.dim = dim;
-            }
-            if dim != v.dim || !blob.len().is_multiple_of(4) {
-                return Err(Error::Store {
-                    path: self.path.display().to_string(),
-                    reason: format!(
-                        "chunk {id} has a {}-byte vector; expected {}",
-                        blob.len(),
-                        v.dim * 4
-                    ),
-                });
-            }
-            v.ids.push(id);
-            v.docs.push(doc);
-            v.data.extend(
-                blob.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
-        }
-        Ok(v)
+        read_vectors(&self.conn, &self.path)
     }
 
     /// The stored HNSW graph, if one was built for the current generation.
@@ -434,21 +444,12 @@ impl Writer<'_> {
 
     /// Sets a meta value inside the run.
     pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
-        self.tx
-            .execute(
-                "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                params![key, value],
-            )
-            .map_err(self.err())?;
-        Ok(())
+        write_meta(&self.tx, &self.path, key, value)
     }
 
     /// A meta value as this run sees it.
     pub fn meta(&self, key: &str) -> Result<Option<String>> {
-        self.tx
-            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-            .optional()
-            .map_err(self.err())
+        read_meta(&self.tx, &self.path, key)
     }
 
     /// Every document as this run sees it: path → (id, content hash).
@@ -538,23 +539,7 @@ impl Writer<'_> {
 
     /// Every chunk's vector as this run sees it.
     pub fn vectors(&self) -> Result<Vectors> {
-        let mut st = self
-            .tx
-            .prepare("SELECT id, doc_id, vector FROM chunks ORDER BY id")
-            .map_err(self.err())?;
-        let mut rows = st.query([]).map_err(self.err())?;
-        let mut v = Vectors::default();
-        while let Some(r) = rows.next().map_err(self.err())? {
-            v.ids.push(r.get(0).map_err(self.err())?);
-            v.docs.push(r.get(1).map_err(self.err())?);
-            let blob: Vec<u8> = r.get(2).map_err(self.err())?;
-            v.dim = blob.len() / 4;
-            v.data.extend(
-                blob.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
-        }
-        Ok(v)
+        read_vectors(&self.tx, &self.path)
     }
 
     /// Replaces the stored HNSW graph (or removes it with `None`).
