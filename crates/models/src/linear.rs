@@ -113,6 +113,24 @@ impl Linear {
                 })?
                 .to_dtype(x.dtype())?
             }
+            // Prefill (many rows): dequantize a slab of weight rows at a time and use the f32
+            // GEMM, which beats any per-row integer dot product once the slab's dequantization
+            // is shared by enough rows.
+            (LinearWeight::Quantized(q), _)
+                if choice == KernelChoice::Auto
+                    && x.dtype() == DType::F32
+                    && x.device().is_cpu()
+                    && positions_of(x) >= GEMM_MIN_ROWS =>
+            {
+                let xf = x.contiguous()?;
+                let dims = xf.dims().to_vec();
+                let xs = xf.flatten_all()?.to_vec1::<f32>()?;
+                let (y, shape) = FrozenTrainOp {
+                    weight: FrozenWeight::Quantized(q.clone()),
+                }
+                .forward_cpu(&xs, &dims)?;
+                Tensor::from_vec(y, shape, x.device())?
+            }
             (LinearWeight::Quantized(q), _)
                 if choice != KernelChoice::Candle
                     && x.dtype() == DType::F32
@@ -182,6 +200,21 @@ impl Linear {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
             None => y,
         })
+    }
+}
+
+/// From this many positions per sequence on, quantized weights are dequantized slab by slab
+/// and multiplied with the f32 GEMM (prefill); fewer use the integer kernels (decode, and the
+/// server's 16-token prompt chunks). The choice looks at positions, not batch rows, so a
+/// sequence computes the same way alone or in a batch of equal length.
+pub const GEMM_MIN_ROWS: usize = 32;
+
+/// Positions per sequence: the second-to-last dimension (the rows of a 2-D input).
+fn positions_of(x: &Tensor) -> usize {
+    let d = x.dims();
+    match d.len() {
+        0 | 1 => 1,
+        n => d[n - 2],
     }
 }
 
@@ -343,8 +376,11 @@ impl candle_core::CustomOp1 for FrozenTrainOp {
 /// Which kernel a quantized [`Linear`] uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelChoice {
-    /// flywheel-kernels where they cover the block type, else candle.
+    /// Prefill-sized inputs: the slab-dequantized f32 GEMM; otherwise flywheel-kernels where
+    /// they cover the block type, else candle.
     Auto,
+    /// flywheel-kernels' SIMD integer path where it covers the block type, whatever the rows.
+    Kernels,
     /// flywheel-kernels' portable scalar path where it covers the block type.
     Scalar,
     /// Always candle's kernels (the reference oracle).
@@ -454,7 +490,7 @@ mod tests {
         let x = (Tensor::randn(0f32, 1.0, (3, 37, 128), &dev)? * 4.0)?;
         for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let l = Linear::quantized(Arc::new(QTensor::quantize(&w, dt)?), None)?;
-            let ours = l.forward_with(&x, KernelChoice::Auto)?;
+            let ours = l.forward_with(&x, KernelChoice::Kernels)?;
             let scalar = l.forward_with(&x, KernelChoice::Scalar)?;
             let candle = l.forward_with(&x, KernelChoice::Candle)?;
             let scale = candle.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -466,6 +502,26 @@ mod tests {
             assert!(
                 d_ca <= 5e-3 * scale,
                 "{dt:?}: ours vs candle {d_ca} (scale {scale})"
+            );
+            // 37 positions take the prefill GEMM: exactly x·dequant(W)ᵀ up to summation order.
+            let gemm = l.forward_with(&x, KernelChoice::Auto)?;
+            let wq = QTensor::quantize(&w, dt)?.dequantize(&dev)?;
+            let reference = Linear::dense(wq, None)?.forward(&x)?;
+            let d_ge = (&gemm - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d_ge <= 1e-5 * scale, "{dt:?}: gemm vs dense {d_ge}");
+            let d_gk = (&gemm - &ours)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            // The integer kernels also round activations to 8 bits; the GEMM does not.
+            assert!(
+                d_gk <= 2e-2 * scale,
+                "{dt:?}: gemm vs kernels {d_gk} (scale {scale})"
+            );
+            // Below the threshold Auto is the integer kernel.
+            let few = x.narrow(1, 0, 2)?;
+            let a = l.forward_with(&few, KernelChoice::Auto)?;
+            let k = l.forward_with(&few, KernelChoice::Kernels)?;
+            assert_eq!(
+                a.flatten_all()?.to_vec1::<f32>()?,
+                k.flatten_all()?.to_vec1::<f32>()?
             );
         }
         Ok(())
