@@ -10,6 +10,7 @@ use flywheel_runtime::{
 use std::io::{BufRead, IsTerminal, Write};
 use std::ops::ControlFlow;
 
+mod eval;
 mod rag;
 
 #[derive(Parser)]
@@ -86,6 +87,9 @@ enum Cmd {
     /// Retrieval: index documents, search, answer with citations, evaluate.
     #[command(subcommand)]
     Rag(rag::RagCmd),
+    /// Evaluate configurations of a task (the optimization ladder) and compare runs.
+    #[command(subcommand)]
+    Eval(eval::EvalCmd),
     /// Measure prefill and decode speed (used by scripts/bench-generate.sh); prints one JSON line.
     Bench {
         #[command(flatten)]
@@ -348,6 +352,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Serve(a) => serve(a),
         Cmd::Rag(c) => rag::run(c),
+        Cmd::Eval(c) => eval::run(c),
         Cmd::Bench {
             model,
             prompt_tokens,

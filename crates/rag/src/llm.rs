@@ -55,6 +55,26 @@ impl<'a> Llm<'a> {
         self.model
     }
 
+    /// A system + user chat turn rendered with the model's template (plain text without one).
+    pub fn chat_prompt(&self, system: &str, user: &str) -> Result<String> {
+        self.prompt(system, user)
+    }
+
+    /// Whether the tokenizer has single-token yes and no words (judgements need them).
+    pub fn can_judge(&self) -> bool {
+        !self.yes.is_empty() && !self.no.is_empty()
+    }
+
+    /// Builds a prompt around `passage`, cut until `reserve` tokens of the window stay free.
+    pub fn fit_passage(
+        &self,
+        passage: &str,
+        reserve: usize,
+        build: &dyn Fn(&str) -> Result<String>,
+    ) -> Result<String> {
+        self.fit(passage, reserve, build)
+    }
+
     fn prompt(&self, system: &str, user: &str) -> Result<String> {
         let msgs = [
             ChatMessage::new("system", system),
@@ -152,6 +172,16 @@ impl<'a> Llm<'a> {
     /// P("yes") against P("no") for the next token after each prompt (0.5 when the
     /// tokenizer has no single-token yes/no).
     pub fn yes_probability(&self, prompts: &[String]) -> Result<Vec<f32>> {
+        Ok(self
+            .yes_probability_checked(prompts)?
+            .into_iter()
+            .map(|p| p.unwrap_or(0.5))
+            .collect())
+    }
+
+    /// P("yes") against P("no"), or `None` where it cannot be read (no single-token yes/no in
+    /// the vocabulary, or non-finite logits).
+    pub fn yes_probability_checked(&self, prompts: &[String]) -> Result<Vec<Option<f32>>> {
         let ids: Vec<Vec<u32>> = prompts
             .iter()
             .map(|p| self.model.encode_prompt(p))
@@ -167,11 +197,11 @@ impl<'a> Llm<'a> {
                 };
                 let (y, n) = (best(&self.yes), best(&self.no));
                 if !y.is_finite() || !n.is_finite() {
-                    return 0.5;
+                    return None;
                 }
                 let m = y.max(n);
                 let (ey, en) = ((y - m).exp(), (n - m).exp());
-                ey / (ey + en)
+                Some(ey / (ey + en))
             })
             .collect())
     }
