@@ -1098,3 +1098,122 @@ fn rag_index_search_ask_eval_and_a_killed_index_run_leaves_the_store_intact() {
         "BM25 should find both gold sections first: {table}"
     );
 }
+
+#[test]
+fn eval_ladder_on_the_real_models_writes_reports_compares_and_rejects_bad_specs() {
+    let (Some(chat), Some(emb)) = (
+        real("models/smollm2-135m-instruct"),
+        real("models/all-minilm-l6-v2"),
+    ) else {
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let data = |rel: &str| root.join(rel).display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let spec = format!(
+        r#"
+name = "e2e-sql"
+task = "sql"
+output = "{out}"
+[dataset]
+path = "{test}"
+limit = 3
+prompt = "prompt"
+reference = "completion"
+db_id = "db_id"
+db_dir = "{db}"
+[model]
+path = "{chat}"
+[embedder]
+path = "{emb}"
+[examples]
+path = "{train}"
+answer = "completion"
+[defaults]
+max_tokens = 48
+[[rungs]]
+name = "prompt only"
+[[rungs]]
+name = "retrieved few-shot + self-correction"
+few_shot = {{ k = 2, select = "question" }}
+self_correct = {{ max_retries = 1 }}
+"#,
+        out = run_dir.display(),
+        test = data("data/sql/test.jsonl"),
+        db = data("data/sql/db"),
+        train = data("data/sql/train.jsonl"),
+    );
+    let spec_path = dir.path().join("spec.toml");
+    std::fs::write(&spec_path, &spec).unwrap();
+    let out = flywheel(&["eval", "run", spec_path.to_str().unwrap()], None, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let md = text(&out.stdout);
+    assert!(
+        md.contains("| prompt only |") && md.contains("execution_accuracy"),
+        "{md}"
+    );
+    for f in [
+        "report.md",
+        "report.html",
+        "ladder.png",
+        "results.jsonl",
+        "summary.json",
+    ] {
+        assert!(run_dir.join(f).exists(), "{f}");
+    }
+    let results = std::fs::read_to_string(run_dir.join("results.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = results
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    for l in &lines {
+        let s = &l["scores"]["execution_accuracy"];
+        assert!(s == 0.0 || s == 1.0, "{l}");
+        assert!(l["prompt"].as_str().unwrap().contains("CREATE TABLE"));
+    }
+    // A second call finds everything done and rewrites nothing.
+    let again = flywheel(&["eval", "run", spec_path.to_str().unwrap()], None, &[]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(text(&again.stderr).contains("6 results from an earlier run"));
+    assert_eq!(
+        std::fs::read_to_string(run_dir.join("results.jsonl")).unwrap(),
+        results
+    );
+    // Reports rewrite from the results; two runs compare question by question.
+    std::fs::remove_file(run_dir.join("report.html")).unwrap();
+    let rep = flywheel(&["eval", "report", run_dir.to_str().unwrap()], None, &[]);
+    assert!(rep.status.success() && run_dir.join("report.html").exists());
+    let copy = dir.path().join("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    std::fs::copy(run_dir.join("results.jsonl"), copy.join("results.jsonl")).unwrap();
+    let cmp = flywheel(
+        &[
+            "eval",
+            "compare",
+            run_dir.to_str().unwrap(),
+            copy.to_str().unwrap(),
+        ],
+        None,
+        &[],
+    );
+    assert!(cmp.status.success(), "{}", text(&cmp.stderr));
+    assert!(text(&cmp.stdout).contains("| copy / prompt only |"));
+
+    // Bad specs fail with the key or file named.
+    std::fs::write(&spec_path, spec.replace("limit = 3", "limit = 3\nlimt = 4")).unwrap();
+    let bad = flywheel(&["eval", "run", spec_path.to_str().unwrap()], None, &[]);
+    assert_fails_with(&bad, &["limt"]);
+    std::fs::write(
+        &spec_path,
+        spec.replace("data/sql/test.jsonl", "data/sql/nope.jsonl")
+            .replace(
+                &run_dir.display().to_string(),
+                &dir.path().join("run2").display().to_string(),
+            ),
+    )
+    .unwrap();
+    let bad = flywheel(&["eval", "run", spec_path.to_str().unwrap()], None, &[]);
+    assert_fails_with(&bad, &["nope.jsonl"]);
+}

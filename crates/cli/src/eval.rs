@@ -21,6 +21,21 @@ pub enum EvalCmd {
         /// The run folder (holds spec.toml and results.jsonl).
         dir: PathBuf,
     },
+    /// Write training data whose prompts are built like a rung's (its template and retrieved
+    /// examples), for a LoRA that learns to use retrieved examples.
+    MakeData {
+        /// The eval spec.
+        spec: PathBuf,
+        /// The rung whose prompts to copy.
+        #[arg(long)]
+        rung: String,
+        /// A JSONL file with the dataset's fields (default: the spec's example store).
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Where to write `{"prompt","completion"}` lines.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Compare two run folders question by question (markdown on stdout).
     Compare {
         /// The first run folder.
@@ -58,6 +73,10 @@ struct Bars {
 impl Observer for Bars {
     fn loaded(&mut self, what: &str) {
         eprintln!("loaded {what}");
+    }
+
+    fn note(&mut self, message: &str) {
+        eprintln!("{message}");
     }
 
     fn rung_started(
@@ -112,6 +131,30 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
             let spec = EvalSpec::load(&dir.join(flywheel_eval::runner::SPEC_COPY))?;
             flywheel_eval::write_reports(&dir, &spec)?;
             print_report(&dir)
+        }
+        EvalCmd::MakeData {
+            spec,
+            rung,
+            input,
+            out,
+        } => {
+            let spec = EvalSpec::load(&spec)?;
+            let mut ds = spec.dataset.clone();
+            ds.limit = 0;
+            ds.id = None;
+            match input {
+                Some(p) => ds.path = p,
+                None => {
+                    let ex = spec
+                        .examples
+                        .as_ref()
+                        .context("the spec has no [examples] store; pass --input")?;
+                    ds.path = ex.path.clone();
+                }
+            }
+            let n = flywheel_eval::runner::make_training_data(&spec, &rung, &ds, &out)?;
+            eprintln!("wrote {n} examples to {}", out.display());
+            Ok(())
         }
         EvalCmd::Compare { a, b, out } => {
             let md = flywheel_eval::compare(&a, &b)?;

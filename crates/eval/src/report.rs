@@ -406,8 +406,15 @@ pub fn read_run(dir: &Path) -> Result<(Vec<ResultRecord>, Vec<Timing>)> {
 
 /// Writes report.md, report.html, ladder.png and summary.json into the run folder.
 pub fn write_reports(dir: &Path, spec: &EvalSpec) -> Result<Vec<RungSummary>> {
-    let (records, timings) = read_run(dir)?;
+    let (mut records, mut timings) = read_run(dir)?;
     let order: Vec<String> = spec.resolved_rungs().into_iter().map(|r| r.name).collect();
+    // Only this spec's rungs and questions (a run folder may hold more from a longer run).
+    let ids: std::collections::HashSet<String> = crate::data::read_dataset(&spec.dataset)?
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    records.retain(|r| order.contains(&r.rung) && ids.contains(&r.id));
+    timings.retain(|t| order.contains(&t.rung) && ids.contains(&t.id));
     let primary = spec.primary_metric();
     let rows = summarize(&records, &timings, &order, &primary, spec.seed);
     let md = markdown(spec, &rows);

@@ -146,6 +146,8 @@ pub struct RunOutcome {
 pub trait Observer {
     /// Called once the models are loaded.
     fn loaded(&mut self, _what: &str) {}
+    /// Something the user should know (results dropped because a rung changed).
+    fn note(&mut self, _message: &str) {}
     /// A rung starts: its index, the rung count, the question count and how many are done.
     fn rung_started(
         &mut self,
@@ -166,18 +168,40 @@ pub trait Observer {
 pub struct Quiet;
 impl Observer for Quiet {}
 
-/// The spec's identity: results made under another hash are not resumed.
-pub fn spec_hash(spec: &EvalSpec) -> String {
-    let json = serde_json::to_string(spec).unwrap_or_default();
+fn sha(text: &str) -> String {
     let mut h = Sha256::new();
-    h.update(json.as_bytes());
+    h.update(text.as_bytes());
     format!("{:x}", h.finalize())
+}
+
+/// The identity of what every rung shares (task, dataset fields, models, example store, judge,
+/// seed, primary metric). Results made under another one are never resumed. The dataset's
+/// `limit`, the name, the output folder and the rungs are not part of it: a longer or shorter
+/// run reuses the questions already answered, and each rung has its own hash.
+pub fn spec_hash(spec: &EvalSpec) -> String {
+    let mut shared = spec.clone();
+    shared.dataset.limit = 0;
+    shared.name = String::new();
+    shared.output = None;
+    shared.rungs.clear();
+    shared.defaults = Default::default();
+    sha(&serde_json::to_string(&shared).unwrap_or_default())
+}
+
+/// The identity of one resolved rung under a shared hash.
+pub fn rung_hash(shared: &str, rung: &Rung) -> String {
+    sha(&format!(
+        "{shared}\n{}",
+        serde_json::to_string(rung).unwrap_or_default()
+    ))
 }
 
 #[derive(Serialize, Deserialize)]
 struct State {
     spec_sha256: String,
     name: String,
+    #[serde(default)]
+    rungs: BTreeMap<String, String>,
     complete: bool,
 }
 
@@ -233,6 +257,15 @@ pub fn read_jsonl_repair<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Ve
     Ok(out)
 }
 
+fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut text = String::new();
+    for r in rows {
+        text.push_str(&serde_json::to_string(r).unwrap_or_default());
+        text.push('\n');
+    }
+    crate::atomic_write(path, text.as_bytes())
+}
+
 fn load_options(m: &ModelSpec) -> Result<LoadOptions> {
     Ok(LoadOptions {
         device: flywheel_runtime::parse_device(&m.device)?,
@@ -264,6 +297,155 @@ pub fn normalize_sql(s: &str) -> String {
         .trim_end_matches(';')
         .trim()
         .to_lowercase()
+}
+
+/// The rung's user message for `ex` with the chosen examples and passages.
+fn render_user(
+    rung: &Rung,
+    ex: &Example,
+    all_shots: &[Shot],
+    shots: &[usize],
+    context: &[(usize, String, String)],
+) -> Result<String> {
+    let env = minijinja::Environment::new();
+    let examples: Vec<&Shot> = shots.iter().map(|&i| &all_shots[i]).collect();
+    let ctx: Vec<serde_json::Value> = context
+        .iter()
+        .map(|(n, source, text)| serde_json::json!({"n": n, "source": source, "text": text}))
+        .collect();
+    env.render_str(
+        &rung.template,
+        minijinja::context! {
+            prompt => ex.prompt,
+            question => ex.question,
+            examples => examples,
+            context => ctx,
+            record => ex.record,
+        },
+    )
+    .map_err(|e| Error::Template {
+        rung: rung.name.clone(),
+        reason: e.to_string(),
+    })
+}
+
+/// The `k` examples of `pool` most similar to `query` (most similar last, nearest the
+/// question), leaving out any whose question is `skip` (the question itself).
+fn nearest(shots: &[Shot], query: &[f32], pool: &[Vec<f32>], k: usize, skip: &str) -> Vec<usize> {
+    let skip = metrics::normalize_answer(skip);
+    let mut scored: Vec<(usize, f32)> = pool
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| metrics::normalize_answer(&shots[*i].question) != skip)
+        .map(|(i, v)| (i, dot(query, v)))
+        .collect();
+    scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut out: Vec<usize> = scored.into_iter().take(k).map(|(i, _)| i).collect();
+    out.reverse();
+    out
+}
+
+/// Writes training data whose prompts are built the way `rung` builds them (its template and
+/// its few-shot examples, retrieved from the example store for each training question, the
+/// question itself left out), so a LoRA learns to use retrieved examples ("RAG examples in
+/// training"). Each line is `{"prompt", "completion"}`, the completion being the reference.
+/// Returns the number of lines written.
+pub fn make_training_data(
+    spec: &EvalSpec,
+    rung_name: &str,
+    input: &crate::spec::DatasetSpec,
+    out: &Path,
+) -> Result<usize> {
+    let rungs = spec.resolved_rungs();
+    let rung = rungs
+        .iter()
+        .find(|r| r.name == rung_name)
+        .ok_or_else(|| Error::Config {
+            field: "rungs".into(),
+            reason: format!(
+                "no rung named `{rung_name}` (have: {})",
+                rungs
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })?;
+    if rung.retrieval.is_some() {
+        return Err(Error::Config {
+            field: format!("rung `{rung_name}`.retrieval"),
+            reason: "document retrieval is not supported when making training data".into(),
+        });
+    }
+    let examples = read_dataset(input)?;
+    let shots = match &spec.examples {
+        Some(e) => read_examples(e)?,
+        None => Vec::new(),
+    };
+    let mut picks: Vec<Vec<usize>> = vec![Vec::new(); examples.len()];
+    if let Some(fs) = &rung.few_shot {
+        match fs.select {
+            Select::Hyde => return Err(Error::Config {
+                field: format!("rung `{rung_name}`.few_shot.select"),
+                reason:
+                    "HyDE needs generation; make training data from a `question` or `fixed` rung"
+                        .into(),
+            }),
+            Select::Fixed => {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
+                let fixed = rand::seq::index::sample(&mut rng, shots.len(), fs.k.min(shots.len()))
+                    .into_vec();
+                picks.iter_mut().for_each(|p| p.clone_from(&fixed));
+            }
+            Select::Question => {
+                let e = spec.embedder.as_ref().ok_or_else(|| Error::Config {
+                    field: "embedder".into(),
+                    reason: "retrieved examples need an embedding model".into(),
+                })?;
+                let embedder = EmbeddingModel::load(&e.path, &load_options(e)?)?;
+                let pool: Vec<Vec<f32>> = embedder
+                    .embed_all(
+                        &shots
+                            .iter()
+                            .map(|s| s.question.as_str())
+                            .collect::<Vec<_>>(),
+                        32,
+                    )?
+                    .into_iter()
+                    .map(unit)
+                    .collect();
+                let qs: Vec<Vec<f32>> = embedder
+                    .embed_all(
+                        &examples
+                            .iter()
+                            .map(|x| x.question.as_str())
+                            .collect::<Vec<_>>(),
+                        32,
+                    )?
+                    .into_iter()
+                    .map(unit)
+                    .collect();
+                for (p, (ex, q)) in picks.iter_mut().zip(examples.iter().zip(&qs)) {
+                    *p = nearest(&shots, q, &pool, fs.k, &ex.question);
+                }
+            }
+        }
+    }
+    let mut text = String::new();
+    for (ex, p) in examples.iter().zip(&picks) {
+        let reference = ex.reference.clone().ok_or_else(|| Error::Config {
+            field: "dataset.reference".into(),
+            reason: "training data needs the reference answer field".into(),
+        })?;
+        let prompt = render_user(rung, ex, &shots, p, &[])?;
+        text.push_str(&serde_json::json!({"prompt": prompt, "completion": reference}).to_string());
+        text.push('\n');
+    }
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
+    }
+    crate::atomic_write(out, text.as_bytes())?;
+    Ok(examples.len())
 }
 
 /// Everything a run holds while it works.
@@ -372,41 +554,11 @@ impl Ctx<'_> {
         shots: &[usize],
         context: &[(usize, String, String)],
     ) -> Result<String> {
-        let env = minijinja::Environment::new();
-        let examples: Vec<&Shot> = shots.iter().map(|&i| &self.shots[i]).collect();
-        let ctx: Vec<serde_json::Value> = context
-            .iter()
-            .map(|(n, source, text)| serde_json::json!({"n": n, "source": source, "text": text}))
-            .collect();
-        env.render_str(
-            &rung.template,
-            minijinja::context! {
-                prompt => ex.prompt,
-                question => ex.question,
-                examples => examples,
-                context => ctx,
-                record => ex.record,
-            },
-        )
-        .map_err(|e| Error::Template {
-            rung: rung.name.clone(),
-            reason: e.to_string(),
-        })
+        render_user(rung, ex, self.shots, shots, context)
     }
 
     fn nearest(&self, query: &[f32], pool: &[Vec<f32>], k: usize, skip: &str) -> Vec<usize> {
-        let skip = metrics::normalize_answer(skip);
-        let mut scored: Vec<(usize, f32)> = pool
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| metrics::normalize_answer(&self.shots[*i].question) != skip)
-            .map(|(i, v)| (i, dot(query, v)))
-            .collect();
-        scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        // Most similar last: nearest to the question in the prompt.
-        let mut out: Vec<usize> = scored.into_iter().take(k).map(|(i, _)| i).collect();
-        out.reverse();
-        out
+        nearest(self.shots, query, pool, k, skip)
     }
 
     fn retrieve(&mut self, rung: &Rung, ex: &Example) -> Result<Retrieved> {
@@ -744,6 +896,7 @@ pub fn run(spec: &EvalSpec, opts: &RunOptions, obs: &mut dyn Observer) -> Result
     let timings_path = dir.join(TIMINGS_FILE);
     let state_path = dir.join(STATE_FILE);
     let hash = spec_hash(spec);
+    let rungs = spec.resolved_rungs();
     if opts.fresh {
         for p in [&results_path, &timings_path, &state_path] {
             if p.exists() {
@@ -751,37 +904,71 @@ pub fn run(spec: &EvalSpec, opts: &RunOptions, obs: &mut dyn Observer) -> Result
             }
         }
     }
-    if let Ok(text) = std::fs::read_to_string(&state_path) {
-        let st: State = serde_json::from_str(&text).map_err(|e| Error::Data {
+    let old: Option<State> = match std::fs::read_to_string(&state_path) {
+        Ok(text) => Some(serde_json::from_str(&text).map_err(|e| Error::Data {
             path: state_path.display().to_string(),
             line: 0,
             reason: e.to_string(),
-        })?;
+        })?),
+        Err(_) => None,
+    };
+    if let Some(st) = &old {
         if st.spec_sha256 != hash && results_path.exists() {
             return Err(Error::Resume(format!(
-                "{} holds results of a different spec (name `{}`); pass --fresh to discard them, or set another `output`",
+                "{} holds results made with another dataset, model, example store, judge or seed (spec `{}`); pass --fresh to discard them, or set another `output`",
                 dir.display(),
                 st.name
             )));
         }
     }
+    // Rungs keep their results while their settings stay the same; a changed rung is redone.
+    let mut hashes = old.as_ref().map(|s| s.rungs.clone()).unwrap_or_default();
+    let mut changed = HashSet::new();
+    for r in &rungs {
+        let h = rung_hash(&hash, r);
+        if hashes.get(&r.name).is_some_and(|old| *old != h) {
+            changed.insert(r.name.clone());
+        }
+        hashes.insert(r.name.clone(), h);
+    }
+    let mut previous: Vec<ResultRecord> = read_jsonl_repair(&results_path)?;
+    let mut timings: Vec<Timing> = read_jsonl_repair(&timings_path)?;
+    let known = |rung: &str| old.as_ref().is_some_and(|s| s.rungs.contains_key(rung));
+    let stale = |rung: &str| changed.contains(rung) || !known(rung);
+    let dropped: std::collections::BTreeSet<String> = previous
+        .iter()
+        .filter(|r| stale(&r.rung))
+        .map(|r| r.rung.clone())
+        .collect();
+    if !dropped.is_empty() {
+        previous.retain(|r| !stale(&r.rung));
+        timings.retain(|t| !stale(&t.rung));
+        write_jsonl(&results_path, &previous)?;
+        write_jsonl(&timings_path, &timings)?;
+        obs.note(&format!(
+            "the settings of {} changed: their earlier results were dropped and are redone",
+            dropped
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     let mut state = State {
         spec_sha256: hash,
         name: spec.name.clone(),
+        rungs: hashes,
         complete: false,
     };
     state.save(&state_path)?;
 
     let spec_text = toml::to_string(spec).map_err(|e| Error::Resume(e.to_string()))?;
     crate::atomic_write(&dir.join(SPEC_COPY), spec_text.as_bytes())?;
-    let previous: Vec<ResultRecord> = read_jsonl_repair(&results_path)?;
-    let _: Vec<Timing> = read_jsonl_repair(&timings_path)?;
     let done: HashSet<(String, String)> = previous
         .iter()
         .map(|r| (r.rung.clone(), r.id.clone()))
         .collect();
     let examples = read_dataset(&spec.dataset)?;
-    let rungs = spec.resolved_rungs();
     let total = examples.len() * rungs.len();
     let todo = rungs
         .iter()

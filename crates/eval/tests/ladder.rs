@@ -351,12 +351,31 @@ fn sql_ladder_runs_every_rung_writes_reports_and_resumes_identically() {
         first
     );
 
-    // A changed spec does not silently mix with old results.
+    // A changed rung is redone, the others are kept; a shorter limit reuses what is there.
     let mut changed = sql_spec(&t, "run-c");
-    changed.rungs[0].max_tokens = Some(5);
-    let e = run(&changed, &RunOptions::default(), &mut Quiet).unwrap_err();
+    changed.rungs[1].max_tokens = Some(5);
+    let re = run(&changed, &RunOptions::default(), &mut Quiet).unwrap();
+    assert!(re.complete);
+    assert_eq!((re.resumed, re.written), (24, 4));
+    let rc = read_results(&t.p("run-c"));
+    assert_eq!(rc.len(), 28);
+    assert!(rc
+        .iter()
+        .filter(|r| r.rung == "few-shot")
+        .all(|r| r.completion_tokens <= 5));
+    let mut shorter = sql_spec(&t, "run-c");
+    shorter.rungs[1].max_tokens = Some(5);
+    shorter.dataset.limit = 2;
+    let sh = run(&shorter, &RunOptions::default(), &mut Quiet).unwrap();
+    assert_eq!((sh.resumed, sh.written), (14, 0));
+    let md = std::fs::read_to_string(t.p("run-c/report.md")).unwrap();
+    assert!(md.contains("(2 questions)"), "{md}");
+    // Another seed (shared by every rung) is refused unless asked to start over.
+    let mut reseeded = sql_spec(&t, "run-c");
+    reseeded.seed = 7;
+    let e = run(&reseeded, &RunOptions::default(), &mut Quiet).unwrap_err();
     assert!(e.to_string().contains("--fresh"), "{e}");
-    let fresh = run(&changed, &RunOptions { fresh: true }, &mut Quiet).unwrap();
+    let fresh = run(&reseeded, &RunOptions { fresh: true }, &mut Quiet).unwrap();
     assert!(fresh.complete && fresh.resumed == 0);
 
     // Comparison of two runs lists every configuration.
@@ -365,6 +384,47 @@ fn sql_ladder_runs_every_rung_writes_reports_and_resumes_identically() {
         cmp.contains("| run-a / lora |") && cmp.contains("| run-c / prompt only |"),
         "{cmp}"
     );
+}
+
+#[test]
+fn training_data_copies_a_rungs_prompts_with_retrieved_examples() {
+    let t = toy();
+    let spec = sql_spec(&t, "unused");
+    let mut input = spec.dataset.clone();
+    input.path = t.p("shots.jsonl");
+    input.id = None;
+    input.prompt = None;
+    input.reference = Some("answer".into());
+    input.db_id = None;
+    let out = t.p("train-rag.jsonl");
+    let n = flywheel_eval::runner::make_training_data(&spec, "retrieved few-shot", &input, &out)
+        .unwrap();
+    assert_eq!(n, 6);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let shots: Vec<serde_json::Value> = std::fs::read_to_string(t.p("shots.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (line, shot) in lines.iter().zip(&shots) {
+        let prompt = line["prompt"].as_str().unwrap();
+        let q = shot["question"].as_str().unwrap();
+        assert_eq!(line["completion"], shot["answer"]);
+        // Two other examples are shown, never the question's own answer.
+        assert_eq!(prompt.matches("\nSQL: ").count(), 2, "{prompt}");
+        assert!(
+            !prompt.contains(&format!("Question: {q}\nSQL:")),
+            "{prompt}"
+        );
+        assert!(prompt.ends_with(q), "{prompt}");
+    }
+    let e = flywheel_eval::runner::make_training_data(&spec, "hyde few-shot", &input, &out)
+        .unwrap_err();
+    assert!(e.to_string().contains("HyDE"), "{e}");
 }
 
 #[test]
