@@ -240,13 +240,17 @@ fn markdown(spec: &EvalSpec, rows: &[RungSummary]) -> String {
         let delta = prev.map_or("—".to_string(), |p| {
             format!("{:+.1} pts", (r.primary - p) * 100.0)
         });
-        s.push_str(&format!(
-            "| {} | **{}** | {}–{} | {delta} |",
-            r.name,
-            pct(r.primary),
-            pct(r.ci.0),
-            pct(r.ci.1)
-        ));
+        if r.scored == 0 {
+            s.push_str(&format!("| {} | not scored | — | — |", r.name));
+        } else {
+            s.push_str(&format!(
+                "| {} | **{}** | {}–{} | {delta} |",
+                r.name,
+                pct(r.primary),
+                pct(r.ci.0),
+                pct(r.ci.1)
+            ));
+        }
         for o in &others {
             match r.metrics.get(o) {
                 Some((m, _)) => s.push_str(&format!(" {} |", pct(*m))),
@@ -258,7 +262,9 @@ fn markdown(spec: &EvalSpec, rows: &[RungSummary]) -> String {
             " {:.0} | {:.1} | {:.2} / {:.2} | {} |\n",
             r.prompt_tokens, r.completion_tokens, r.seconds_mean, r.seconds_p50, unscored
         ));
-        prev = Some(r.primary);
+        if r.scored > 0 {
+            prev = Some(r.primary);
+        }
     }
     let cols = error_columns(spec.task, rows);
     s.push_str("\n## Errors per rung\n\n| rung | wrong |");

@@ -504,4 +504,6 @@ retrieval = {{ store = "{store}", top_k = 2, mode = "hybrid" }}
         md.contains("Not scored") && md.contains("not retrieved"),
         "{md}"
     );
+    // Without passages faithfulness cannot be scored at all: the rung says so, not "0%".
+    assert!(md.contains("| no context | not scored |"), "{md}");
 }
