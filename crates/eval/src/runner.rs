@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flywheel_api::{ChatMessage, GenerateRequest, NullSink};
-use flywheel_peft::{Adapter, LoraHook};
-use flywheel_rag::answer::build_context;
+use flywheel_peft::{with_routing, Adapter, LoraHook, Routing};
+use flywheel_rag::answer::{build_context, source_label};
 use flywheel_rag::eval::{is_gold, EvalQuestion};
 use flywheel_rag::{DenseIndex, Llm, Mode, SearchOptions, Searcher, Store};
 use flywheel_runtime::{EmbeddingModel, LoadOptions, ModelFormat, TextModel};
@@ -547,20 +547,6 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    fn template_user(
-        &self,
-        rung: &Rung,
-        ex: &Example,
-        shots: &[usize],
-        context: &[(usize, String, String)],
-    ) -> Result<String> {
-        render_user(rung, ex, self.shots, shots, context)
-    }
-
-    fn nearest(&self, query: &[f32], pool: &[Vec<f32>], k: usize, skip: &str) -> Vec<usize> {
-        nearest(self.shots, query, pool, k, skip)
-    }
-
     fn retrieve(&mut self, rung: &Rung, ex: &Example) -> Result<Retrieved> {
         let Some(rt) = &rung.retrieval else {
             return Ok(Default::default());
@@ -603,16 +589,13 @@ impl Ctx<'_> {
         let (_, used) = build_context(&found.hits, rt.context_tokens, &count);
         let mut ctx = Vec::new();
         let mut refs = Vec::new();
+        // `used` is a prefix of the hits, so the hits' gold flags apply to it.
         for (i, h) in used.iter().enumerate() {
-            let source = if h.heading.is_empty() {
-                h.path.clone()
-            } else {
-                format!("{} — {}", h.path, h.heading)
-            };
+            let source = source_label(h);
             ctx.push((i + 1, source.clone(), h.text.trim().to_string()));
             refs.push(ContextRef {
                 source,
-                gold: gold_q.as_ref().map(|q| is_gold(&h.path, &h.heading, q)),
+                gold: gold_q.as_ref().map(|_| flags[i]),
             });
         }
         Ok((ctx, refs, flags))
@@ -670,10 +653,10 @@ impl Ctx<'_> {
                 Select::Fixed => self.fixed.iter().copied().take(fs.k).collect(),
                 Select::Question => {
                     let q = self.embed(&ex.question)?;
-                    self.nearest(&q, &self.shot_q, fs.k, &ex.question)
+                    nearest(self.shots, &q, &self.shot_q, fs.k, &ex.question)
                 }
                 Select::Hyde => {
-                    let user = self.template_user(rung, ex, &[], &context)?;
+                    let user = render_user(rung, ex, self.shots, &[], &context)?;
                     let g = self.generate(
                         &[
                             ChatMessage::new("system", &rung.system),
@@ -695,7 +678,7 @@ impl Ctx<'_> {
                         &draft
                     })?;
                     rec.draft = Some(draft);
-                    self.nearest(&v, &self.shot_a, fs.k, &ex.question)
+                    nearest(self.shots, &v, &self.shot_a, fs.k, &ex.question)
                 }
             };
             rec.examples = shots
@@ -703,7 +686,7 @@ impl Ctx<'_> {
                 .map(|&i| self.shots[i].question.clone())
                 .collect();
         }
-        let user = self.template_user(rung, ex, &shots, &context)?;
+        let user = render_user(rung, ex, self.shots, &shots, &context)?;
         let mut messages = vec![
             ChatMessage::new("system", &rung.system),
             ChatMessage::new("user", user),
@@ -815,22 +798,18 @@ impl Ctx<'_> {
                     .insert("mrr".into(), first.map_or(0.0, |p| 1.0 / (p + 1) as f64));
             }
             if self.spec.task == Task::Rag {
-                self.judge(rung, ex, &context, rec)?;
+                self.judge(ex, &context, rec)?;
             }
         }
         Ok(())
     }
 
     fn judge(
-        &mut self,
-        rung: &Rung,
+        &self,
         ex: &Example,
         context: &[(usize, String, String)],
         rec: &mut ResultRecord,
     ) -> Result<()> {
-        // The judge is the base model, whatever adapter the rung answered with.
-        let adapter = rung.adapter.clone();
-        self.use_adapter(None)?;
         let judge = Judge::new(self.llm, self.spec.judge.method);
         let joined: String = context
             .iter()
@@ -847,21 +826,25 @@ impl Ctx<'_> {
                 rec.unscored.insert(name.into(), why);
             }
         };
-        put("faithfulness", judge.faithfulness(&answer, &joined)?);
-        put(
-            "answer_relevancy",
-            judge.answer_relevancy(&ex.question, &answer)?,
-        );
-        put(
-            "context_precision",
-            judge.context_precision(&ex.question, ex.reference.as_deref(), &passages)?,
-        );
-        match &ex.reference {
-            Some(r) => put("context_recall", judge.context_recall(r, &joined)?),
-            None => put("context_recall", Err("no reference answer".into())),
-        }
-        self.use_adapter(adapter.as_ref())?;
-        Ok(())
+        // The judge is the base model, whatever adapter the rung answered with: a routing with
+        // no adapter groups makes every LoRA layer on this thread use its base weights alone,
+        // without touching the installed adapter.
+        with_routing(Routing::default(), || -> Result<()> {
+            put("faithfulness", judge.faithfulness(&answer, &joined)?);
+            put(
+                "answer_relevancy",
+                judge.answer_relevancy(&ex.question, &answer)?,
+            );
+            put(
+                "context_precision",
+                judge.context_precision(&ex.question, ex.reference.as_deref(), &passages)?,
+            );
+            match &ex.reference {
+                Some(r) => put("context_recall", judge.context_recall(r, &joined)?),
+                None => put("context_recall", Err("no reference answer".into())),
+            }
+            Ok(())
+        })
     }
 }
 

@@ -102,34 +102,23 @@ impl Linear {
     /// [`Linear::forward`] with an explicit kernel choice (tests compare the paths).
     pub fn forward_with(&self, x: &Tensor, choice: KernelChoice) -> Result<Tensor> {
         let y = match (&self.weight, &self.qmatmul) {
-            // Training: the input carries a gradient. Weights are dequantized a slab of rows at a
-            // time in forward and backward, so the model never exists dense in memory.
+            // Training (the input carries a gradient), and prefill (many positions per
+            // sequence): weights are dequantized a slab of rows at a time and multiplied with
+            // the f32 GEMM, so the model never exists dense in memory. In prefill the slab's
+            // dequantization is shared by enough rows to beat any per-row integer dot product;
+            // in training the same op also gives the input's gradient.
             (LinearWeight::Quantized(q), _)
-                if crate::train_ops::training(x) && x.device().is_cpu() =>
+                if x.device().is_cpu()
+                    && (crate::train_ops::training(x)
+                        || (choice == KernelChoice::Auto
+                            && x.dtype() == DType::F32
+                            && positions_of(x) >= GEMM_MIN_ROWS)) =>
             {
                 let xf = x.to_dtype(DType::F32)?.contiguous()?;
                 xf.apply_op1(FrozenTrainOp {
                     weight: FrozenWeight::Quantized(q.clone()),
                 })?
                 .to_dtype(x.dtype())?
-            }
-            // Prefill (many rows): dequantize a slab of weight rows at a time and use the f32
-            // GEMM, which beats any per-row integer dot product once the slab's dequantization
-            // is shared by enough rows.
-            (LinearWeight::Quantized(q), _)
-                if choice == KernelChoice::Auto
-                    && x.dtype() == DType::F32
-                    && x.device().is_cpu()
-                    && positions_of(x) >= GEMM_MIN_ROWS =>
-            {
-                let xf = x.contiguous()?;
-                let dims = xf.dims().to_vec();
-                let xs = xf.flatten_all()?.to_vec1::<f32>()?;
-                let (y, shape) = FrozenTrainOp {
-                    weight: FrozenWeight::Quantized(q.clone()),
-                }
-                .forward_cpu(&xs, &dims)?;
-                Tensor::from_vec(y, shape, x.device())?
             }
             (LinearWeight::Quantized(q), _)
                 if choice != KernelChoice::Candle

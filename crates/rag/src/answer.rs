@@ -173,6 +173,15 @@ pub fn sentences(text: &str) -> Vec<String> {
     out
 }
 
+/// How a passage is named to the model and in source lists: `path — heading` (or the path).
+pub fn source_label(h: &RetrievedChunk) -> String {
+    if h.heading.is_empty() {
+        h.path.clone()
+    } else {
+        format!("{} — {}", h.path, h.heading)
+    }
+}
+
 /// The prompt's context block: numbered passages, as many as fit `budget` tokens.
 pub fn build_context(
     hits: &[RetrievedChunk],
@@ -183,11 +192,7 @@ pub fn build_context(
     let mut used = Vec::new();
     let mut tokens = 0usize;
     for h in hits {
-        let head = if h.heading.is_empty() {
-            h.path.clone()
-        } else {
-            format!("{} — {}", h.path, h.heading)
-        };
+        let head = source_label(h);
         let block = format!("[{}] ({head})\n{}\n\n", used.len() + 1, h.text.trim());
         let n = count_tokens(&block);
         if tokens + n > budget && !used.is_empty() {

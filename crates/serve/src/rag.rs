@@ -163,11 +163,7 @@ impl RagState {
         let mut context = String::new();
         let mut sources = Vec::new();
         for (i, h) in hits.iter().enumerate() {
-            let head = if h.heading.is_empty() {
-                h.path.clone()
-            } else {
-                format!("{} — {}", h.path, h.heading)
-            };
+            let head = flywheel_rag::answer::source_label(h);
             context.push_str(&format!("[{}] ({head})\n{}\n\n", i + 1, h.text.trim()));
             sources.push(json!({
                 "index": i + 1, "chunk_id": h.chunk_id, "path": h.path, "heading": h.heading,
