@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Speed benchmark: flywheel against its peers on the same inputs, same threads, interleaved runs.
-#   generation: llama.cpp (PyPI llama-cpp-python) on both default GGUF models —
-#               prefill tok/s on a 512-token prompt, decode tok/s over 128 tokens, peak RSS;
+#   generation: llama.cpp (PyPI llama-cpp-python) on SmolLM2 Q4_1, SmolLM2 Q4_0 (requantized here
+#               by llama.cpp's quantizer) and Qwen2.5-Coder Q4_K_M — prefill tok/s on a 512-token
+#               prompt, decode tok/s over 128 tokens after a 16-token prompt and after the
+#               512-token prompt, peak RSS, and decode as a fraction of the memory-bandwidth floor
+#               (model bytes per token / read bandwidth, measured by a STREAM-style run);
 #   embeddings: sentence-transformers (PyTorch CPU) on all-MiniLM-L6-v2 — sentences/s, peak RSS.
 # Prints each run as JSON and a ratio table (flywheel / peer; >1 means flywheel is faster / smaller).
 # Usage: scripts/bench-generate.sh [--threads N] [--rounds R]
@@ -18,16 +21,23 @@ done
 scripts/fetch-models.sh >/dev/null
 scripts/setup-peers.sh >/dev/null
 cargo build --release --locked -p flywheel >/dev/null
+cargo build --release --locked -p flywheel-kernels --example bandwidth >/dev/null
 fw=target/release/flywheel
 py=.venv-peers/bin/python
 out=$(mktemp -d)
-models=(models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+smol=models/smollm2-135m-instruct/SmolLM2-135M-Instruct
+$py scripts/bench/make_q4_0.py "$smol.Q4_1.gguf" "$smol.Q4_0.gguf"
+models=("$smol.Q4_1.gguf" "$smol.Q4_0.gguf"
         models/qwen2.5-coder-0.5b-instruct/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf)
+RAYON_NUM_THREADS="$threads" target/release/examples/bandwidth | tee "$out/bandwidth.json"
 for r in $(seq "$rounds"); do
   for m in "${models[@]}"; do
-    # Interleave: peer then flywheel, each in a fresh process (one repeat each; rounds give the median).
-    $py scripts/bench/peer_llamacpp.py --model "$m" --threads "$threads" --prompt-tokens 512 --gen-tokens 128 --repeats 1 | tee -a "$out/llamacpp.jsonl"
-    $fw bench --model "$m" --threads "$threads" --prompt-tokens 512 --gen-tokens 128 --repeats 1 | tee -a "$out/flywheel.jsonl"
+    # Interleave: peer then flywheel, each in a fresh process (one repeat each; rounds give the
+    # median). A 512-token prompt (prefill, decode at depth 512, RSS), then a 16-token one (decode).
+    for p in 512 16; do
+      $py scripts/bench/peer_llamacpp.py --model "$m" --threads "$threads" --prompt-tokens $p --gen-tokens 128 --repeats 1 | tee -a "$out/llamacpp-$p.jsonl"
+      $fw bench --model "$m" --threads "$threads" --prompt-tokens $p --gen-tokens 128 --repeats 1 | tee -a "$out/flywheel-$p.jsonl"
+    done
   done
   $py scripts/bench/peer_sentence_transformers.py --model models/all-minilm-l6-v2 --threads "$threads" --sentences 512 --batch 32 --write-sentences "$out/sentences.txt" | tee -a "$out/st.jsonl"
   $fw bench --model models/all-minilm-l6-v2 --threads "$threads" --embed-file "$out/sentences.txt" --batch-size 32 --repeats 3 | tee -a "$out/fw-embed.jsonl"
@@ -37,15 +47,22 @@ import json, statistics, sys
 from pathlib import Path
 d = Path(sys.argv[1])
 load = lambda f: [json.loads(l) for l in (d / f).read_text().splitlines() if l.strip()]
-ll, fw = load("llamacpp.jsonl"), load("flywheel.jsonl")
+bw = json.loads((d / "bandwidth.json").read_text())
+print(f"\nmemory bandwidth ({bw['threads']} threads): read {bw['read_gb_s']} GB/s, copy {bw['copy_gb_s']} GB/s, triad {bw['triad_gb_s']} GB/s")
 print("\n| model | metric | flywheel | llama.cpp | ratio |\n|---|---|---|---|---|")
-for m in sorted({r["model"] for r in fw}):
-    a = [r for r in fw if r["model"] == m]; b = [r for r in ll if r["model"] == m]
+rows = {p: (load(f"llamacpp-{p}.jsonl"), load(f"flywheel-{p}.jsonl")) for p in (512, 16)}
+for m in sorted({r["model"] for r in rows[512][1]}):
     name = Path(m).name
-    for key, unit in [("prefill_tok_s", "prefill tok/s (512)"), ("decode_tok_s", "decode tok/s (128)"), ("peak_rss_mib", "peak RSS MiB")]:
-        x = statistics.median(r[key] for r in a); y = statistics.median(r[key] for r in b)
+    # Every weight is read once per decoded token (the output head is the tied embedding).
+    floor = bw["read_gb_s"] * 1e9 / Path(m).stat().st_size
+    med = lambda p, eng, key: statistics.median(r[key] for r in rows[p][eng] if r["model"] == m)
+    for p, key, unit in [(512, "prefill_tok_s", "prefill tok/s (512)"), (16, "decode_tok_s", "decode tok/s (128)"),
+                         (512, "decode_tok_s", "decode tok/s at depth 512"), (512, "peak_rss_mib", "peak RSS MiB")]:
+        x, y = med(p, 1, key), med(p, 0, key)
         ratio = (y / x) if key == "peak_rss_mib" else (x / y)
         print(f"| {name} | {unit} | {x:.1f} | {y:.1f} | {ratio:.2f}× |")
+    x, y = med(16, 1, "decode_tok_s"), med(16, 0, "decode_tok_s")
+    print(f"| {name} | decode / bandwidth floor ({floor:.0f} tok/s) | {x / floor:.0%} | {y / floor:.0%} | |")
 st, fe = load("st.jsonl"), load("fw-embed.jsonl")
 x = statistics.median(r["sentences_per_s"] for r in fe); y = statistics.median(r["sentences_per_s"] for r in st)
 print(f"| all-MiniLM-L6-v2 | sentences/s (batch 32) | {x:.1f} | {y:.1f} (sentence-transformers) | {x / y:.2f}× |")

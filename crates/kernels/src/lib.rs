@@ -1,52 +1,114 @@
 //! flywheel-kernels: matrix products with GGUF block-quantized weights on the CPU.
 //!
-//! The arithmetic follows llama.cpp's CPU backend exactly, so greedy outputs agree with it:
-//! each activation row is quantized once per call to the weight type's "vec-dot" block type
-//! (Q8_1 for Q4_1, Q8_0 for Q4_0 and Q8_0) with round-half-to-even and an `f16(d · Σq)` sum term,
-//! then each output is a sum over blocks of `d_w·d_x·Σ(q_w·q_x)` (+ `m_w·s_x` for Q4_1),
-//! accumulated in f32. AVX2+FMA is used when the CPU has it (checked at run time); a scalar
-//! path does the same arithmetic everywhere else. Output columns run in parallel on rayon.
+//! The arithmetic follows llama.cpp's CPU backend, so greedy outputs agree with it: each
+//! activation row is quantized once per call to the weight type's "vec-dot" type — Q8_0 for
+//! Q4_0 / Q5_0 / Q8_0, Q8_1 (with an `f16(d · Σq)` sum term) for Q4_1 / Q5_1, and Q8_K (256
+//! elements, f32 scale, sums of each 16) for the K-quants Q4_K / Q5_K / Q6_K — with
+//! round-half-to-even; then each output is a sum over blocks of integer dot products scaled in
+//! f32. AVX2+FMA+F16C is used when the CPU has it (checked at run time); a scalar path does the
+//! same integer arithmetic everywhere else and is the oracle in tests.
 //!
-//! Block layouts (ggml): Q4_0 `{d: f16, qs: [u8; 16]}` (value = (nibble − 8)·d), Q4_1
-//! `{d: f16, m: f16, qs: [u8; 16]}` (value = nibble·d + m), Q8_0 `{d: f16, qs: [i8; 32]}`;
-//! byte j holds element j in its low nibble and element j + 16 in its high nibble.
+//! Output columns (weight rows) run in parallel on rayon in contiguous ranges; every output value
+//! is computed by the same code whatever the range, so results do not depend on the thread count.
+//!
+//! Block layouts (ggml), `d`/`m`/`dmin` are f16:
+//! - Q4_0 `{d, qs[16]}` (value = (nibble − 8)·d); Q4_1 `{d, m, qs[16]}` (nibble·d + m);
+//!   byte j holds element j in its low nibble and element j + 16 in its high nibble.
+//! - Q5_0 `{d, qh: u32, qs[16]}` (value = (nibble | bit·16 − 16)·d, bit j of qh is element j's
+//!   fifth bit); Q5_1 `{d, m, qh, qs[16]}` (value = (nibble | bit·16)·d + m).
+//! - Q8_0 `{d, qs: [i8; 32]}`.
+//! - Q4_K `{d, dmin, scales[12], qs[128]}`: 8 sub-blocks of 32 with 6-bit scale and min; value =
+//!   d·sc·q − dmin·m. Q5_K `{d, dmin, scales[12], qh[32], qs[128]}`: the same with a fifth bit.
+//! - Q6_K `{ql[128], qh[64], scales: [i8; 16], d}`: 16 sub-blocks of 16, value = d·sc·(q − 32).
 #![deny(missing_docs)]
 
 use half::f16;
 use rayon::prelude::*;
 
-/// Elements per block for every type here.
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+/// Elements per block of the 32-element types.
 pub const QK: usize = 32;
+/// Elements per block of the K-quant types.
+pub const QK_K: usize = 256;
 
 /// The block types these kernels implement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BlockType {
-    /// 4-bit, symmetric (18 bytes a block).
+    /// 4-bit, symmetric (18 bytes a block of 32).
     Q4_0,
-    /// 4-bit with a per-block minimum (20 bytes a block).
+    /// 4-bit with a per-block minimum (20 bytes a block of 32).
     Q4_1,
-    /// 8-bit, symmetric (34 bytes a block).
+    /// 5-bit, symmetric (22 bytes a block of 32).
+    Q5_0,
+    /// 5-bit with a per-block minimum (24 bytes a block of 32).
+    Q5_1,
+    /// 8-bit, symmetric (34 bytes a block of 32).
     Q8_0,
+    /// 4-bit K-quant (144 bytes a block of 256).
+    Q4K,
+    /// 5-bit K-quant (176 bytes a block of 256).
+    Q5K,
+    /// 6-bit K-quant (210 bytes a block of 256).
+    Q6K,
 }
 
+/// Every block type, for tests and listings.
+pub const ALL_TYPES: [BlockType; 8] = [
+    BlockType::Q4_0,
+    BlockType::Q4_1,
+    BlockType::Q5_0,
+    BlockType::Q5_1,
+    BlockType::Q8_0,
+    BlockType::Q4K,
+    BlockType::Q5K,
+    BlockType::Q6K,
+];
+
 impl BlockType {
-    /// Bytes per block of 32 elements.
+    /// Elements per block.
+    pub fn block_elems(self) -> usize {
+        if self.is_k() {
+            QK_K
+        } else {
+            QK
+        }
+    }
+
+    /// Bytes per block.
     pub fn block_bytes(self) -> usize {
         match self {
             BlockType::Q4_0 => 18,
             BlockType::Q4_1 => 20,
+            BlockType::Q5_0 => 22,
+            BlockType::Q5_1 => 24,
             BlockType::Q8_0 => 34,
+            BlockType::Q4K => 144,
+            BlockType::Q5K => 176,
+            BlockType::Q6K => 210,
         }
+    }
+
+    /// Whether this is a 256-element K-quant.
+    pub fn is_k(self) -> bool {
+        matches!(self, BlockType::Q4K | BlockType::Q5K | BlockType::Q6K)
+    }
+
+    /// Whether the activation blocks carry the `d·Σq` term (types with a minimum).
+    fn with_sum(self) -> bool {
+        matches!(self, BlockType::Q4_1 | BlockType::Q5_1)
     }
 }
 
-/// An activation block: 32 signed bytes, scale `d`, and (for Q8_1) `s = d·Σq`.
+/// An activation block of 32: signed bytes, scale `d`, and (for Q8_1) `s = d·Σq`.
 #[derive(Clone, Copy)]
 #[repr(C)]
-struct Q8Block {
-    d: f32,
-    s: f32,
-    qs: [i8; QK],
+pub(crate) struct Q8Block {
+    pub(crate) d: f32,
+    pub(crate) s: f32,
+    pub(crate) qs: [i8; QK],
 }
 
 impl Default for Q8Block {
@@ -59,6 +121,33 @@ impl Default for Q8Block {
     }
 }
 
+/// An activation block of 256 for the K-quants (llama.cpp's `block_q8_K`).
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+pub(crate) struct Q8KBlock {
+    pub(crate) qs: [i8; QK_K],
+    pub(crate) bsums: [i16; QK_K / 16],
+    pub(crate) d: f32,
+}
+
+impl Default for Q8KBlock {
+    fn default() -> Self {
+        Self {
+            qs: [0; QK_K],
+            bsums: [0; QK_K / 16],
+            d: 0.0,
+        }
+    }
+}
+
+/// Round to nearest, ties to even, for |x| < 2²²: adding and subtracting 1.5·2²³ leaves the
+/// rounded value (the default rounding mode does the work). llama.cpp's `nearest_int` trick; a
+/// plain add where `round_ties_even` would be a libm call on baseline x86-64.
+#[inline]
+fn round_even(x: f32) -> f32 {
+    (x + 12_582_912.0) - 12_582_912.0
+}
+
 /// Quantizes one row like llama.cpp's `quantize_row_q8_0` / `quantize_row_q8_1` (AVX2 rounding:
 /// nearest, ties to even). `d` and `s` are kept as the f16 values llama.cpp stores, widened.
 fn quantize_row(x: &[f32], out: &mut [Q8Block], with_sum: bool) {
@@ -68,7 +157,7 @@ fn quantize_row(x: &[f32], out: &mut [Q8Block], with_sum: bool) {
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in blk.qs.iter_mut().zip(xs) {
-            let r = (v * id).round_ties_even() as i32;
+            let r = round_even(v * id) as i32;
             *q = r as i8;
             sum += r;
         }
@@ -81,175 +170,36 @@ fn quantize_row(x: &[f32], out: &mut [Q8Block], with_sum: bool) {
     }
 }
 
+/// Quantizes one row like llama.cpp's `quantize_row_q8_K`: the scale comes from the element of
+/// largest magnitude with its sign (`iscale = −127 / max`), values round to nearest, ties to even,
+/// and each 16 elements keep their sum.
+fn quantize_row_k(x: &[f32], out: &mut [Q8KBlock]) {
+    for (blk, xs) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in xs {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            *blk = Q8KBlock::default();
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, &v) in blk.qs.iter_mut().zip(xs) {
+            *q = (round_even(iscale * v) as i32).min(127) as i8;
+        }
+        for (s, qs) in blk.bsums.iter_mut().zip(blk.qs.chunks_exact(16)) {
+            *s = qs.iter().map(|&q| q as i16).sum();
+        }
+        blk.d = 1.0 / iscale;
+    }
+}
+
 #[inline]
-fn f16_at(b: &[u8], at: usize) -> f32 {
+pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
-}
-
-/// Scalar dot product of one weight row with one quantized activation row.
-fn dot_scalar(ty: BlockType, w: &[u8], x: &[Q8Block]) -> f32 {
-    let bb = ty.block_bytes();
-    let mut sum = 0f32;
-    for (wb, xb) in w.chunks_exact(bb).zip(x) {
-        match ty {
-            BlockType::Q4_0 | BlockType::Q4_1 => {
-                let (qs, dw, mw) = if ty == BlockType::Q4_0 {
-                    (&wb[2..18], f16_at(wb, 0), 0.0)
-                } else {
-                    (&wb[4..20], f16_at(wb, 0), f16_at(wb, 2))
-                };
-                let off = if ty == BlockType::Q4_0 { 8 } else { 0 };
-                let mut si = 0i32;
-                for (j, &b) in qs.iter().enumerate() {
-                    let lo = (b & 0x0F) as i32 - off;
-                    let hi = (b >> 4) as i32 - off;
-                    si += lo * xb.qs[j] as i32 + hi * xb.qs[j + 16] as i32;
-                }
-                sum += dw * xb.d * si as f32 + mw * xb.s;
-            }
-            BlockType::Q8_0 => {
-                let dw = f16_at(wb, 0);
-                let mut si = 0i32;
-                for j in 0..QK {
-                    si += (wb[2 + j] as i8) as i32 * xb.qs[j] as i32;
-                }
-                sum += dw * xb.d * si as f32;
-            }
-        }
-    }
-    sum
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    //! AVX2 + FMA dot products, the same instruction sequence as llama.cpp's x86 kernels.
-    #![allow(unsafe_code)]
-    use super::{BlockType, Q8Block};
-    use std::arch::x86_64::*;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
-    /// An f16 scale at byte `at`, widened with the F16C instruction.
-    #[inline]
-    #[target_feature(enable = "f16c")]
-    unsafe fn h(b: &[u8], at: usize) -> f32 {
-        let bits = u16::from_le_bytes([b[at], b[at + 1]]) as i32;
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
-    }
-
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C; `w` holds whole blocks matching `x`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot(ty: BlockType, w: &[u8], x: &[Q8Block]) -> f32 {
-        let bb = ty.block_bytes();
-        let mut acc = _mm256_setzero_ps();
-        let mut summs = 0f32;
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm256_set1_epi8(0x0F);
-        for (wb, xb) in w.chunks_exact(bb).zip(x) {
-            let qy = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-            let (p16, d) = match ty {
-                BlockType::Q4_1 | BlockType::Q4_0 => {
-                    let off = if ty == BlockType::Q4_1 { 4 } else { 2 };
-                    let raw = _mm_loadu_si128(wb.as_ptr().add(off) as *const __m128i);
-                    let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-                    let q = _mm256_and_si256(both, low); // lane 0: elements 0..16, lane 1: 16..32
-                    let d = h(wb, 0) * xb.d;
-                    if ty == BlockType::Q4_1 {
-                        summs += h(wb, 2) * xb.s;
-                        (_mm256_maddubs_epi16(q, qy), d)
-                    } else {
-                        let q = _mm256_sub_epi8(q, _mm256_set1_epi8(8));
-                        let ax = _mm256_sign_epi8(q, q);
-                        let sy = _mm256_sign_epi8(qy, q);
-                        (_mm256_maddubs_epi16(ax, sy), d)
-                    }
-                }
-                BlockType::Q8_0 => {
-                    let q = _mm256_loadu_si256(wb.as_ptr().add(2) as *const __m256i);
-                    let ax = _mm256_sign_epi8(q, q);
-                    let sy = _mm256_sign_epi8(qy, q);
-                    (_mm256_maddubs_epi16(ax, sy), h(wb, 0) * xb.d)
-                }
-            };
-            let p32 = _mm256_madd_epi16(p16, ones);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p32), acc);
-        }
-        hsum(acc) + summs
-    }
-
-    /// [`dot`] of one weight row with four activation rows at once: each weight block is
-    /// unpacked once and the four accumulators are independent (more work per load, no shared
-    /// dependency chain). Every row's result is bit-identical to [`dot`] on that row alone.
-    ///
-    /// # Safety
-    /// As [`dot`]; every `x[r]` matches `w`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot4(ty: BlockType, w: &[u8], x: [&[Q8Block]; 4]) -> [f32; 4] {
-        let bb = ty.block_bytes();
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut summs = [0f32; 4];
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm256_set1_epi8(0x0F);
-        for (b, wb) in w.chunks_exact(bb).enumerate() {
-            let dw = h(wb, 0);
-            match ty {
-                BlockType::Q4_1 => {
-                    let raw = _mm_loadu_si128(wb.as_ptr().add(4) as *const __m128i);
-                    let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-                    let q = _mm256_and_si256(both, low);
-                    let mw = h(wb, 2);
-                    for r in 0..4 {
-                        let xb = x[r].get_unchecked(b);
-                        let qy = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-                        summs[r] += mw * xb.s;
-                        let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(q, qy), ones);
-                        acc[r] = _mm256_fmadd_ps(
-                            _mm256_set1_ps(dw * xb.d),
-                            _mm256_cvtepi32_ps(p32),
-                            acc[r],
-                        );
-                    }
-                }
-                BlockType::Q4_0 | BlockType::Q8_0 => {
-                    let q = if ty == BlockType::Q4_0 {
-                        let raw = _mm_loadu_si128(wb.as_ptr().add(2) as *const __m128i);
-                        let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-                        _mm256_sub_epi8(_mm256_and_si256(both, low), _mm256_set1_epi8(8))
-                    } else {
-                        _mm256_loadu_si256(wb.as_ptr().add(2) as *const __m256i)
-                    };
-                    let ax = _mm256_sign_epi8(q, q);
-                    for r in 0..4 {
-                        let xb = x[r].get_unchecked(b);
-                        let qy = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-                        let sy = _mm256_sign_epi8(qy, q);
-                        let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
-                        acc[r] = _mm256_fmadd_ps(
-                            _mm256_set1_ps(dw * xb.d),
-                            _mm256_cvtepi32_ps(p32),
-                            acc[r],
-                        );
-                    }
-                }
-            }
-        }
-        [
-            hsum(acc[0]) + summs[0],
-            hsum(acc[1]) + summs[1],
-            hsum(acc[2]) + summs[2],
-            hsum(acc[3]) + summs[3],
-        ]
-    }
 }
 
 fn have_avx2() -> bool {
@@ -268,17 +218,6 @@ fn have_avx2() -> bool {
     }
 }
 
-fn dot(ty: BlockType, w: &[u8], x: &[Q8Block], simd: bool) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is only true when AVX2, FMA and F16C were detected at run time.
-        #[allow(unsafe_code)]
-        return unsafe { avx2::dot(ty, w, x) };
-    }
-    let _ = simd;
-    dot_scalar(ty, w, x)
-}
-
 /// Which implementation to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
@@ -288,7 +227,16 @@ pub enum Path {
     Scalar,
 }
 
-/// A quantized `(n, k)` weight matrix: `n` rows of `k / 32` blocks in ggml layout.
+/// The name of the implementation [`Path::Auto`] picks on this CPU (for `flywheel info`/benches).
+pub fn auto_path_name() -> &'static str {
+    if have_avx2() {
+        "avx2+fma+f16c"
+    } else {
+        "scalar"
+    }
+}
+
+/// A quantized `(n, k)` weight matrix: `n` rows of `k / block_elems` blocks in ggml layout.
 #[derive(Debug, Clone, Copy)]
 pub struct QMatrix<'a> {
     /// Block type.
@@ -297,70 +245,233 @@ pub struct QMatrix<'a> {
     pub data: &'a [u8],
     /// Rows (output features).
     pub n: usize,
-    /// Columns (input features), a multiple of 32.
+    /// Columns (input features), a multiple of the block's element count.
     pub k: usize,
+}
+
+/// One weight row times one activation row.
+type RowDot<A> = fn(&[u8], &[A]) -> f32;
+/// One weight row times four activation rows (bit-identical to four [`RowDot`]s).
+type RowDot4<A> = fn(&[u8], [&[A]; 4]) -> [f32; 4];
+
+/// The row kernels of one weight matrix.
+#[derive(Clone, Copy)]
+enum Kern {
+    /// A 32-element type on Q8_0/Q8_1 activations.
+    B32(RowDot<Q8Block>, Option<RowDot4<Q8Block>>),
+    /// A K-quant on Q8_K activations.
+    K(RowDot<Q8KBlock>),
+}
+
+fn kern_for(ty: BlockType, simd: bool) -> Kern {
+    if ty.is_k() {
+        Kern::K(if simd {
+            x86_k_dot(ty)
+        } else {
+            match ty {
+                BlockType::Q4K => scalar::dot_q4k,
+                BlockType::Q5K => scalar::dot_q5k,
+                _ => scalar::dot_q6k,
+            }
+        })
+    } else if simd {
+        let (d, d4) = x86_dots32(ty);
+        Kern::B32(d, d4)
+    } else {
+        Kern::B32(scalar_dot32(ty), None)
+    }
+}
+
+/// One product of a [`matmul_many`] call: a weight matrix and where `x·Wᵀ` goes (`m × n`,
+/// row-major).
+pub struct Product<'a> {
+    /// The weight.
+    pub w: QMatrix<'a>,
+    /// The output, `m × w.n`.
+    pub out: &'a mut [f32],
 }
 
 /// `out[i, j] = Σ_k x[i, k] · W[j, k]` for `x` of shape `(m, k)`. Panics if the slices do not
 /// fit the shapes (callers check shapes at load time).
 pub fn matmul(w: QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32], path: Path) {
-    let QMatrix { ty, data: w, n, k } = w;
-    assert!(k.is_multiple_of(QK), "k = {k} is not a multiple of {QK}");
-    let row_bytes = k / QK * ty.block_bytes();
-    assert_eq!(
-        w.len(),
-        n * row_bytes,
-        "weight bytes do not match ({n}, {k})"
-    );
+    matmul_many(&mut [Product { w, out }], x, m, path)
+}
+
+/// Several products of the same activations (a layer's q/k/v, or gate/up) in one pass: `x` is
+/// quantized once per activation type, and the weight rows of all matrices share one parallel
+/// section. Each output value is bit-identical to [`matmul`] of its matrix alone.
+pub fn matmul_many(products: &mut [Product<'_>], x: &[f32], m: usize, path: Path) {
+    let Some(k) = products.first().map(|p| p.w.k) else {
+        return;
+    };
     assert_eq!(x.len(), m * k, "activations do not match ({m}, {k})");
-    assert_eq!(out.len(), m * n, "output does not match ({m}, {n})");
-    let blocks = k / QK;
-    let mut xq = vec![Q8Block::default(); m * blocks];
-    let with_sum = ty == BlockType::Q4_1;
-    for (row, q) in x.chunks_exact(k).zip(xq.chunks_exact_mut(blocks)) {
-        quantize_row(row, q, with_sum);
+    let mut ws = Vec::with_capacity(products.len());
+    for p in products.iter() {
+        let QMatrix { ty, data, n, k: pk } = p.w;
+        let be = ty.block_elems();
+        assert_eq!(pk, k, "products of one matmul_many share k");
+        assert!(k.is_multiple_of(be), "k = {k} is not a multiple of {be}");
+        assert_eq!(
+            data.len(),
+            n * (k / be) * ty.block_bytes(),
+            "weight bytes do not match ({n}, {k})"
+        );
+        assert_eq!(p.out.len(), m * n, "output does not match ({m}, {n})");
+        ws.push(p.w);
     }
     let simd = path == Path::Auto && have_avx2();
-    // Each task owns a range of output columns (weight rows) and fills them for every x row.
-    const COLS: usize = 16;
-    let tasks = n.div_ceil(COLS);
-    let results: Vec<(usize, Vec<f32>)> = (0..tasks)
-        .into_par_iter()
-        .map(|t| {
-            let c0 = t * COLS;
-            let c1 = (c0 + COLS).min(n);
-            let width = c1 - c0;
-            let mut local = vec![0f32; m * width];
-            for c in c0..c1 {
-                let wr = &w[c * row_bytes..(c + 1) * row_bytes];
-                let mut i = 0;
-                // Four activation rows per pass over the weight row (same results as one by one).
-                #[cfg(target_arch = "x86_64")]
-                if simd {
-                    while i + 4 <= m {
-                        let xr = |r: usize| &xq[(i + r) * blocks..(i + r + 1) * blocks];
-                        // SAFETY: `simd` is only true when AVX2, FMA and F16C were detected.
-                        #[allow(unsafe_code)]
-                        let v = unsafe { avx2::dot4(ty, wr, [xr(0), xr(1), xr(2), xr(3)]) };
-                        for (r, val) in v.into_iter().enumerate() {
-                            local[(i + r) * width + (c - c0)] = val;
-                        }
-                        i += 4;
-                    }
-                }
-                for (r, xr) in xq.chunks_exact(blocks).enumerate().skip(i) {
-                    local[r * width + (c - c0)] = dot(ty, wr, xr, simd);
-                }
-            }
-            (c0, local)
-        })
-        .collect();
-    for (c0, local) in results {
-        let width = local.len() / m.max(1);
-        for i in 0..m {
-            out[i * n + c0..i * n + c0 + width].copy_from_slice(&local[i * width..(i + 1) * width]);
+    // One quantization per activation type. Q8_1 is Q8_0 plus the sum term, which the symmetric
+    // types ignore, so one pass with sums serves all 32-element types.
+    let (b32, bk) = (k / QK, k / QK_K);
+    let mut xq32 = Vec::new();
+    if ws.iter().any(|w| !w.ty.is_k()) {
+        xq32 = vec![Q8Block::default(); m * b32];
+        let with_sum = ws.iter().any(|w| w.ty.with_sum());
+        for (row, q) in x.chunks_exact(k).zip(xq32.chunks_exact_mut(b32)) {
+            quantize_row(row, q, with_sum);
         }
     }
+    let mut xqk = Vec::new();
+    if ws.iter().any(|w| w.ty.is_k()) {
+        xqk = vec![Q8KBlock::default(); m * bk];
+        for (row, q) in x.chunks_exact(k).zip(xqk.chunks_exact_mut(bk)) {
+            quantize_row_k(row, q);
+        }
+    }
+    let kerns: Vec<Kern> = ws.iter().map(|w| kern_for(w.ty, simd)).collect();
+    // Fills `dst` (`width × m`, column-major) with columns c0.. of product i.
+    let fill = |i: usize, c0: usize, dst: &mut [f32]| {
+        let w = ws[i];
+        let row_bytes = w.data.len() / w.n;
+        for (c, col) in dst.chunks_exact_mut(m).enumerate() {
+            let wr = &w.data[(c0 + c) * row_bytes..(c0 + c + 1) * row_bytes];
+            match kerns[i] {
+                Kern::B32(dot, dot4) => fill_column(wr, &xq32, b32, dot, dot4, col),
+                Kern::K(dot) => fill_column(wr, &xqk, bk, dot, None, col),
+            }
+        }
+    };
+    // A few ranges per thread (work stealing evens out a slow core) but not so many that
+    // scheduling costs more than the work: at least 16 weight rows a range.
+    let threads = rayon::current_num_threads().max(1);
+    let total: usize = ws.iter().map(|w| w.n).sum();
+    let cols = total.div_ceil(threads * 4).max(16);
+    if m == 1 {
+        let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+        for (i, p) in products.iter_mut().enumerate() {
+            for (t, dst) in p.out.chunks_mut(cols).enumerate() {
+                tasks.push((i, t * cols, dst));
+            }
+        }
+        if tasks.len() == 1 {
+            let (i, c0, dst) = tasks.pop().expect("one task");
+            fill(i, c0, dst);
+        } else {
+            tasks
+                .into_par_iter()
+                .for_each(|(i, c0, dst)| fill(i, c0, dst));
+        }
+        return;
+    }
+    let mut tmp: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.n * m]).collect();
+    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+    for (i, t) in tmp.iter_mut().enumerate() {
+        for (j, dst) in t.chunks_mut(cols * m).enumerate() {
+            tasks.push((i, j * cols, dst));
+        }
+    }
+    tasks
+        .into_par_iter()
+        .for_each(|(i, c0, dst)| fill(i, c0, dst));
+    for (p, t) in products.iter_mut().zip(&tmp) {
+        let n = p.w.n;
+        for (c, col) in t.chunks_exact(m).enumerate() {
+            for (i, &v) in col.iter().enumerate() {
+                p.out[i * n + c] = v;
+            }
+        }
+    }
+}
+
+/// One weight row against every activation row: `col[i] = dot(wr, x row i)`, four rows per
+/// pass where a four-row kernel exists (bit-identical to one by one).
+fn fill_column<A>(
+    wr: &[u8],
+    xq: &[A],
+    blocks: usize,
+    dot: RowDot<A>,
+    dot4: Option<RowDot4<A>>,
+    col: &mut [f32],
+) {
+    let m = col.len();
+    let mut i = 0;
+    if let Some(d4) = dot4 {
+        while i + 4 <= m {
+            let xr = |r: usize| &xq[(i + r) * blocks..(i + r + 1) * blocks];
+            col[i..i + 4].copy_from_slice(&d4(wr, [xr(0), xr(1), xr(2), xr(3)]));
+            i += 4;
+        }
+    }
+    while i < m {
+        col[i] = dot(wr, &xq[i * blocks..(i + 1) * blocks]);
+        i += 1;
+    }
+}
+
+fn scalar_dot32(ty: BlockType) -> RowDot<Q8Block> {
+    match ty {
+        BlockType::Q4_0 => |w, x| scalar::dot32(BlockType::Q4_0, w, x),
+        BlockType::Q4_1 => |w, x| scalar::dot32(BlockType::Q4_1, w, x),
+        BlockType::Q5_0 => |w, x| scalar::dot32(BlockType::Q5_0, w, x),
+        BlockType::Q5_1 => |w, x| scalar::dot32(BlockType::Q5_1, w, x),
+        _ => |w, x| scalar::dot32(BlockType::Q8_0, w, x),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn x86_dots32(ty: BlockType) -> (RowDot<Q8Block>, Option<RowDot4<Q8Block>>) {
+    x86::dots32(ty)
+}
+#[cfg(not(target_arch = "x86_64"))]
+fn x86_dots32(ty: BlockType) -> (RowDot<Q8Block>, Option<RowDot4<Q8Block>>) {
+    (scalar_dot32(ty), None)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn x86_k_dot(ty: BlockType) -> RowDot<Q8KBlock> {
+    x86::dot_k(ty)
+}
+#[cfg(not(target_arch = "x86_64"))]
+fn x86_k_dot(ty: BlockType) -> RowDot<Q8KBlock> {
+    match ty {
+        BlockType::Q4K => scalar::dot_q4k,
+        BlockType::Q5K => scalar::dot_q5k,
+        _ => scalar::dot_q6k,
+    }
+}
+
+/// Dequantizes `data` (whole blocks of `ty`) into f32, exactly as ggml's `dequantize_row_*`.
+/// The reference for tests and a fallback for callers that need dense rows.
+pub fn dequantize(ty: BlockType, data: &[u8]) -> Vec<f32> {
+    let mut out = vec![0f32; data.len() / ty.block_bytes() * ty.block_elems()];
+    dequantize_into(ty, data, &mut out);
+    out
+}
+
+/// [`dequantize`] into `out` (`data.len() / block_bytes · block_elems` values), with AVX2 for
+/// the 32-element types when the CPU has it (same values as the scalar code).
+pub fn dequantize_into(ty: BlockType, data: &[u8], out: &mut [f32]) {
+    let blocks = data.len() / ty.block_bytes();
+    assert_eq!(
+        out.len(),
+        blocks * ty.block_elems(),
+        "dequantize_into: output size"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if !ty.is_k() && have_avx2() {
+        return x86::dequantize32(ty, data, out);
+    }
+    scalar::dequantize_into(ty, data, out)
 }
 
 /// Dot product of two f32 slices of equal length (AVX2+FMA when the CPU has it, eight lanes and
@@ -371,208 +482,81 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     if have_avx2() {
         // SAFETY: AVX2 and FMA were detected at run time; the loads stay inside both slices.
         #[allow(unsafe_code)]
-        return unsafe { dot_f32_avx2(a, b) };
+        return unsafe { x86::dot_f32_avx2(a, b) };
     }
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len();
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 32 <= n {
-        for (k, acc) in acc.iter_mut().enumerate() {
-            let x = _mm256_loadu_ps(pa.add(i + 8 * k));
-            let y = _mm256_loadu_ps(pb.add(i + 8 * k));
-            *acc = _mm256_fmadd_ps(x, y, *acc);
+/// Single-query attention for one head: `out = softmax(scale · K·q) · V` over the `len` cached
+/// positions of `k` and `v` (`len × d` each, row-major, `d = q.len()`). One thread, a fixed
+/// order of operations, so the result does not depend on who calls it. The scores live in a
+/// per-thread scratch buffer (no allocation in steady state).
+pub fn attention_head(q: &[f32], k: &[f32], v: &[f32], scale: f32, out: &mut [f32]) {
+    let d = q.len();
+    assert!(d > 0 && out.len() == d, "attention_head: q and out differ");
+    assert!(
+        k.len() == v.len() && k.len().is_multiple_of(d),
+        "attention_head: bad K/V"
+    );
+    thread_local! {
+        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCORES.with(|s| {
+        let mut s = s.borrow_mut();
+        s.clear();
+        s.resize(k.len() / d, 0.0);
+        #[cfg(target_arch = "x86_64")]
+        if have_avx2() && d.is_multiple_of(8) {
+            // SAFETY: AVX2, FMA were detected; every access is inside the checked slices.
+            #[allow(unsafe_code)]
+            return unsafe { x86::attention_head_avx2(q, k, v, scale, &mut s, out) };
         }
-        i += 32;
+        attention_head_scalar(q, k, v, scale, &mut s, out)
+    })
+}
+
+/// The portable [`attention_head`].
+fn attention_head_scalar(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    s: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = q.len();
+    let mut max = f32::NEG_INFINITY;
+    for (sc, kr) in s.iter_mut().zip(k.chunks_exact(d)) {
+        *sc = q.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
+        max = max.max(*sc);
     }
-    while i + 8 <= n {
-        let x = _mm256_loadu_ps(pa.add(i));
-        let y = _mm256_loadu_ps(pb.add(i));
-        acc[0] = _mm256_fmadd_ps(x, y, acc[0]);
-        i += 8;
+    let mut sum = 0f32;
+    for sc in s.iter_mut() {
+        *sc = (*sc - max).exp();
+        sum += *sc;
     }
-    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), s);
-    let mut total: f32 = lanes.iter().sum();
-    while i < n {
-        total += a[i] * b[i];
-        i += 1;
+    let inv = 1.0 / sum;
+    out.fill(0.0);
+    for (&w, vr) in s.iter().zip(v.chunks_exact(d)) {
+        for (o, x) in out.iter_mut().zip(vr) {
+            *o += w * inv * x;
+        }
     }
-    total
+}
+
+/// `y += a · x` over f32 slices of equal length (AVX2+FMA when the CPU has it).
+pub fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "axpy_f32: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if have_avx2() {
+        // SAFETY: AVX2 and FMA were detected at run time; the accesses stay inside both slices.
+        #[allow(unsafe_code)]
+        return unsafe { x86::axpy_f32_avx2(a, x, y) };
+    }
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
 }
 
 #[cfg(test)]
-mod tests {
-
-    #[test]
-    fn dot_f32_matches_a_plain_sum() {
-        for n in [0usize, 1, 7, 8, 31, 32, 33, 384, 385] {
-            let a: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0).collect();
-            let b: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) / 2.0).collect();
-            let want: f64 = a
-                .iter()
-                .zip(&b)
-                .map(|(x, y)| (*x as f64) * (*y as f64))
-                .sum();
-            let got = dot_f32(&a, &b) as f64;
-            assert!(
-                (got - want).abs() < 1e-3 * (1.0 + want.abs()),
-                "n={n}: {got} vs {want}"
-            );
-        }
-    }
-    use super::*;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    /// Quantizes weights the simple reference way (for tests): per block scale from the absmax.
-    fn quantize_weights(ty: BlockType, w: &[f32]) -> Vec<u8> {
-        let mut out = vec![];
-        for xs in w.chunks_exact(QK) {
-            match ty {
-                BlockType::Q8_0 => {
-                    let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    let d = amax / 127.0;
-                    out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-                    for v in xs {
-                        out.push(((v / d).round() as i8) as u8);
-                    }
-                }
-                BlockType::Q4_0 => {
-                    let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    let d = amax / 7.0;
-                    out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-                    for j in 0..16 {
-                        let q = |v: f32| ((v / d).round() as i32 + 8).clamp(0, 15) as u8;
-                        out.push(q(xs[j]) | (q(xs[j + 16]) << 4));
-                    }
-                }
-                BlockType::Q4_1 => {
-                    let min = xs.iter().cloned().fold(f32::MAX, f32::min);
-                    let max = xs.iter().cloned().fold(f32::MIN, f32::max);
-                    let d = (max - min) / 15.0;
-                    out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-                    out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
-                    for j in 0..16 {
-                        let q = |v: f32| (((v - min) / d).round() as i32).clamp(0, 15) as u8;
-                        out.push(q(xs[j]) | (q(xs[j + 16]) << 4));
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    fn dequantize(ty: BlockType, w: &[u8]) -> Vec<f32> {
-        let mut out = vec![];
-        for b in w.chunks_exact(ty.block_bytes()) {
-            let d = f16_at(b, 0);
-            match ty {
-                BlockType::Q8_0 => out.extend(b[2..].iter().map(|&q| (q as i8) as f32 * d)),
-                BlockType::Q4_0 | BlockType::Q4_1 => {
-                    let (qs, m, off) = if ty == BlockType::Q4_0 {
-                        (&b[2..], 0.0, 8.0)
-                    } else {
-                        (&b[4..], f16_at(b, 2), 0.0)
-                    };
-                    let mut v = [0f32; QK];
-                    for j in 0..16 {
-                        v[j] = ((qs[j] & 15) as f32 - off) * d + m;
-                        v[j + 16] = ((qs[j] >> 4) as f32 - off) * d + m;
-                    }
-                    out.extend_from_slice(&v);
-                }
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn simd_equals_scalar_and_both_track_the_dequantized_product() {
-        let mut seed = 1;
-        for ty in [BlockType::Q4_0, BlockType::Q4_1, BlockType::Q8_0] {
-            // Odd sizes: n not a multiple of the 16-column task width, m not a power of two.
-            let (m, n, k) = (5, 37, 96);
-            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
-            let mut x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 3.0).collect();
-            x[7] = 250.0; // an outlier, as real activations have
-            let wq = quantize_weights(ty, &w);
-            let wm = QMatrix {
-                ty,
-                data: &wq,
-                n,
-                k,
-            };
-            let mut a = vec![0f32; m * n];
-            let mut b = vec![0f32; m * n];
-            matmul(wm, &x, m, &mut a, Path::Auto);
-            matmul(wm, &x, m, &mut b, Path::Scalar);
-            let wd = dequantize(ty, &wq);
-            for i in 0..m {
-                for j in 0..n {
-                    let exact: f32 = (0..k).map(|t| x[i * k + t] * wd[j * k + t]).sum();
-                    let (ai, bi) = (a[i * n + j], b[i * n + j]);
-                    assert!(
-                        (ai - bi).abs() <= 1e-4 * (1.0 + bi.abs()),
-                        "{ty:?} simd {ai} vs scalar {bi}"
-                    );
-                    // Rounding each activation to its block's step d_x moves it by at most d_x / 2.
-                    let bound: f32 = (0..k / QK)
-                        .map(|b| {
-                            let xs = &x[i * k + b * QK..i * k + (b + 1) * QK];
-                            let dx = xs.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
-                            let ws: f32 = wd[j * k + b * QK..j * k + (b + 1) * QK]
-                                .iter()
-                                .map(|v| v.abs())
-                                .sum();
-                            0.5 * dx * ws * 1.01
-                        })
-                        .sum();
-                    assert!(
-                        (bi - exact).abs() <= bound + 1e-3,
-                        "{ty:?} ({i},{j}): {bi} vs exact {exact}, bound {bound}"
-                    );
-                }
-            }
-            // Row independence (the server's batched answers equal the same requests alone):
-            // each row alone equals that row in the batch, bit for bit, whether the batch ran
-            // it in a four-row pass or on its own.
-            for i in 0..m {
-                let mut one = vec![0f32; n];
-                matmul(wm, &x[i * k..(i + 1) * k], 1, &mut one, Path::Auto);
-                assert_eq!(&one[..], &a[i * n..(i + 1) * n], "{ty:?} row {i}");
-            }
-        }
-    }
-
-    #[test]
-    fn activation_quantization_matches_llama_cpp_rules() {
-        let mut x = [0f32; QK];
-        x[0] = 1.0;
-        x[1] = -0.5; // -0.5 * 127 = -63.5 → ties to even: -64
-        x[2] = 2.0 / 254.0; // 1/127 of the max → exactly 1
-        x[3] = 1.5 / 127.0; // 1.5 → 2 (tie to even)
-        x[4] = 2.5 / 127.0; // 2.5 → 2 (tie to even)
-        let mut out = [Q8Block::default()];
-        quantize_row(&x, &mut out, true);
-        assert_eq!(&out[0].qs[..5], &[127, -64, 1, 2, 2]);
-        let d = 1.0f32 / 127.0;
-        assert_eq!(out[0].d, f16::from_f32(d).to_f32());
-        let sum = (127 - 64 + 1 + 2 + 2) as f32;
-        assert_eq!(out[0].s, f16::from_f32(d * sum).to_f32());
-    }
-}
+mod tests;

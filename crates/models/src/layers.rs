@@ -160,6 +160,33 @@ impl Rope {
         )?)
     }
 
+    /// Rotates `heads` vectors of `head_dim` in place at position `pos` (host f32 tables only;
+    /// `false` when the tables live elsewhere or `pos` is out of range).
+    fn rotate_host(&self, x: &mut [f32], head_dim: usize, pos: usize) -> bool {
+        let half = head_dim / 2;
+        if pos >= self.max_positions() {
+            return false;
+        }
+        with_cpu_f32(&self.cos, |cos| {
+            with_cpu_f32(&self.sin, |sin| {
+                let (c, s) = (
+                    &cos[pos * half..(pos + 1) * half],
+                    &sin[pos * half..(pos + 1) * half],
+                );
+                for v in x.chunks_exact_mut(head_dim) {
+                    let (a, b) = v.split_at_mut(half);
+                    for i in 0..half {
+                        let (x1, x2) = (a[i], b[i]);
+                        a[i] = x1 * c[i] - x2 * s[i];
+                        b[i] = x2 * c[i] + x1 * s[i];
+                    }
+                }
+            })
+        })
+        .flatten()
+        .is_some()
+    }
+
     /// The longest position the tables cover.
     pub fn max_positions(&self) -> usize {
         self.cos.dim(0).unwrap_or(0)
@@ -196,15 +223,24 @@ pub enum PositionTables {
 }
 
 /// Keys and values of one layer for the tokens seen so far: `(b, kv_heads, seq, head_dim)`.
+///
+/// On the CPU in f32 (inference) they live in host buffers preallocated with spare room, so a new
+/// token is written in place (no concatenation per token) and the one-token decode step reads
+/// them directly ([`Attention`]'s fused path). Elsewhere (GPUs, half precision, training with
+/// gradients) they are tensors concatenated per call.
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {
     k: Option<Tensor>,
     v: Option<Tensor>,
+    host: Option<HostKv>,
 }
 
 impl LayerCache {
     /// Keeps the first `len` positions.
     pub(crate) fn truncate(&mut self, len: usize) -> Result<()> {
+        if let Some(h) = &mut self.host {
+            h.len = h.len.min(len);
+        }
         if let (Some(k), Some(v)) = (&self.k, &self.v) {
             self.k = Some(k.narrow(2, 0, len)?.contiguous()?);
             self.v = Some(v.narrow(2, 0, len)?.contiguous()?);
@@ -212,8 +248,48 @@ impl LayerCache {
         Ok(())
     }
 
+    /// Whether keys/values of this dtype and device go to host buffers: CPU, f32, no gradient,
+    /// and the cache has not started as tensors.
+    fn host_eligible(&self, k: &Tensor) -> bool {
+        self.k.is_none() && crate::train_ops::applicable(k) && !crate::train_ops::training(k)
+    }
+
+    /// The host buffers for `b` rows of `heads × dim`, created on first use; `None` when this
+    /// cache holds tensors.
+    fn host_mut(&mut self, b: usize, heads: usize, dim: usize) -> Option<&mut HostKv> {
+        if self.k.is_some() {
+            return None;
+        }
+        let h = self.host.get_or_insert_with(|| HostKv::new(b, heads, dim));
+        (h.b == b && h.heads == heads && h.dim == dim).then_some(h)
+    }
+
     /// Appends new keys/values and returns the whole cached sequence.
     pub(crate) fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, heads, t, dim) = k.dims4()?;
+        if self.host_eligible(k) {
+            if let Some(h) = self.host_mut(b, heads, dim) {
+                let kv = k.flatten_all()?.to_vec1::<f32>()?;
+                let vv = v.flatten_all()?.to_vec1::<f32>()?;
+                h.reserve(t);
+                for r in 0..b {
+                    for hd in 0..heads {
+                        let src = ((r * heads + hd) * t) * dim;
+                        let dst = h.at(r, hd, h.len);
+                        h.k[dst..dst + t * dim].copy_from_slice(&kv[src..src + t * dim]);
+                        h.v[dst..dst + t * dim].copy_from_slice(&vv[src..src + t * dim]);
+                    }
+                }
+                h.len += t;
+                return h.to_tensors(k.device());
+            }
+        }
+        if let Some(h) = self.host.take() {
+            // A cache that started on the host continues as tensors (a gradient appeared).
+            let (pk, pv) = h.to_tensors(k.device())?;
+            self.k = Some(pk);
+            self.v = Some(pv);
+        }
         let (k, v) = match (&self.k, &self.v) {
             (Some(pk), Some(pv)) => (
                 Tensor::cat(&[pk, k], 2)?.contiguous()?,
@@ -224,6 +300,138 @@ impl LayerCache {
         self.k = Some(k.clone());
         self.v = Some(v.clone());
         Ok((k, v))
+    }
+}
+
+/// Host keys and values, `(b, heads, cap, dim)` each, the first `len` positions in use.
+/// Capacity grows by doubling, so appending is amortised O(1) and usually allocates nothing.
+#[derive(Debug)]
+struct HostKv {
+    b: usize,
+    heads: usize,
+    dim: usize,
+    len: usize,
+    cap: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl Clone for HostKv {
+    /// A copy holds only the positions in use (prefix caches keep many of them).
+    fn clone(&self) -> Self {
+        let mut c = HostKv::new(self.b, self.heads, self.dim);
+        c.grow_to(self, self.len);
+        c.len = self.len;
+        c
+    }
+}
+
+impl HostKv {
+    fn new(b: usize, heads: usize, dim: usize) -> Self {
+        Self {
+            b,
+            heads,
+            dim,
+            len: 0,
+            cap: 0,
+            k: Vec::new(),
+            v: Vec::new(),
+        }
+    }
+
+    /// Offset of position `p` of head `h` in row `r`.
+    fn at(&self, r: usize, h: usize, p: usize) -> usize {
+        ((r * self.heads + h) * self.cap + p) * self.dim
+    }
+
+    /// Makes room for `extra` more positions.
+    fn reserve(&mut self, extra: usize) {
+        let need = self.len + extra;
+        if need > self.cap {
+            let cap = need.max(self.cap * 2).max(64);
+            let old = std::mem::replace(self, HostKv::new(self.b, self.heads, self.dim));
+            self.grow_to(&old, cap);
+            self.len = old.len;
+        }
+    }
+
+    /// Allocates `cap` positions and copies `from`'s positions in use.
+    fn grow_to(&mut self, from: &HostKv, cap: usize) {
+        self.cap = cap;
+        let n = self.b * self.heads * cap * self.dim;
+        self.k = vec![0f32; n];
+        self.v = vec![0f32; n];
+        let used = from.len * self.dim;
+        for r in 0..self.b {
+            for h in 0..self.heads {
+                let (s, d) = (from.at(r, h, 0), self.at(r, h, 0));
+                self.k[d..d + used].copy_from_slice(&from.k[s..s + used]);
+                self.v[d..d + used].copy_from_slice(&from.v[s..s + used]);
+            }
+        }
+    }
+
+    /// The positions in use as `(b, heads, len, dim)` tensors (a copy).
+    fn to_tensors(&self, device: &Device) -> Result<(Tensor, Tensor)> {
+        let used = self.len * self.dim;
+        let mut k = Vec::with_capacity(self.b * self.heads * used);
+        let mut v = Vec::with_capacity(self.b * self.heads * used);
+        for r in 0..self.b {
+            for h in 0..self.heads {
+                let s = self.at(r, h, 0);
+                k.extend_from_slice(&self.k[s..s + used]);
+                v.extend_from_slice(&self.v[s..s + used]);
+            }
+        }
+        let shape = (self.b, self.heads, self.len, self.dim);
+        Ok((
+            Tensor::from_vec(k, shape, device)?,
+            Tensor::from_vec(v, shape, device)?,
+        ))
+    }
+}
+
+/// One query row's attention over row `r` of a host cache: for each query head, scores against
+/// every cached key of its KV group, a softmax, and the weighted sum of values into `out`
+/// (`heads × dim`). Heads run in parallel when the cache is long enough to pay for it; each head
+/// computes the same way either way, so results do not depend on the thread count.
+fn attend_row(q: &[f32], h: &HostKv, r: usize, group: usize, scale: f32, out: &mut [f32]) {
+    use rayon::prelude::*;
+    let (d, len) = (h.dim, h.len);
+    let head = |hq: usize, o: &mut [f32]| {
+        let base = h.at(r, hq / group, 0);
+        let span = base..base + len * d;
+        flywheel_kernels::attention_head(
+            &q[hq * d..(hq + 1) * d],
+            &h.k[span.clone()],
+            &h.v[span],
+            scale,
+            o,
+        );
+    };
+    if len * out.len() >= 1 << 16 {
+        out.par_chunks_mut(d)
+            .enumerate()
+            .for_each(|(hq, o)| head(hq, o));
+    } else {
+        for (hq, o) in out.chunks_mut(d).enumerate() {
+            head(hq, o);
+        }
+    }
+}
+
+/// Runs `f` on a contiguous CPU f32 tensor's elements without copying them.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if !t.is_contiguous() {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+            let o = layout.start_offset();
+            Some(f(&v[o..o + t.elem_count()]))
+        }
+        _ => None,
     }
 }
 
@@ -269,6 +477,12 @@ impl Attention {
         cache: &mut LayerCache,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
+        if let (1, None, PositionTables::Shared(start, 1)) = (t, mask, positions) {
+            let pos = vec![*start; b];
+            if let Some(out) = self.decode_host(x, rope, &pos, &mut [cache])? {
+                return Ok(out);
+            }
+        }
         let q = self.q_proj.forward(x)?;
         let k = self.k_proj.forward(x)?;
         let v = self.v_proj.forward(x)?;
@@ -345,6 +559,9 @@ impl Attention {
             ))
             .into());
         }
+        if let Some(out) = self.decode_host(x, rope, positions, caches)? {
+            return Ok(out);
+        }
         let q = self
             .q_proj
             .forward(x)?
@@ -375,6 +592,88 @@ impl Attention {
             );
         }
         self.o_proj.forward(&Tensor::cat(&outs, 0)?)
+    }
+
+    /// The one-token step on host buffers (CPU, f32, no gradient): projections, RoPE on the
+    /// host, the new keys/values written in place, and per head one pass of `q·K`, softmax and
+    /// `Σ p·V` over the cache. `x` is `(b, 1, hidden)`; row `i` sits at `positions[i]` and is
+    /// row `i` of a single `b`-row cache, or the only row of `caches[i]`. Returns `None`, having
+    /// changed nothing, when the caches or tensors do not qualify.
+    fn decode_host(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        positions: &[usize],
+        caches: &mut [&mut LayerCache],
+    ) -> Result<Option<Tensor>> {
+        let (b, _, _) = x.dims3()?;
+        let per_cache = match caches.len() {
+            n if n == b => 1,
+            1 => b,
+            _ => return Ok(None),
+        };
+        if !crate::train_ops::applicable(x)
+            || crate::train_ops::training(x)
+            || positions.len() != b
+            || positions.iter().any(|&p| p >= rope.max_positions())
+        {
+            return Ok(None);
+        }
+        let (nh, nkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        for c in caches.iter_mut() {
+            if c.host_mut(per_cache, nkv, d).is_none() {
+                return Ok(None);
+            }
+        }
+        let host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let qkv = crate::linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let mut q = host(&qkv[0])?;
+        let mut k = host(&qkv[1])?;
+        let v = host(&qkv[2])?;
+        for (i, &p) in positions.iter().enumerate() {
+            let ok = rope.rotate_host(&mut q[i * nh * d..(i + 1) * nh * d], d, p)
+                && rope.rotate_host(&mut k[i * nkv * d..(i + 1) * nkv * d], d, p);
+            if !ok {
+                return Err(candle_core::Error::Msg(
+                    "rotary tables are not host f32 tables".into(),
+                )
+                .into());
+            }
+        }
+        // Row i → (cache, row in that cache).
+        let slot = |i: usize| if per_cache == 1 { (i, 0) } else { (0, i) };
+        for c in caches.iter_mut() {
+            c.host.as_mut().expect("checked above").reserve(1);
+        }
+        for i in 0..b {
+            let (c, r) = slot(i);
+            let h = caches[c].host.as_mut().expect("checked above");
+            for hd in 0..nkv {
+                let at = h.at(r, hd, h.len);
+                let src = (i * nkv + hd) * d;
+                h.k[at..at + d].copy_from_slice(&k[src..src + d]);
+                h.v[at..at + d].copy_from_slice(&v[src..src + d]);
+            }
+        }
+        for c in caches.iter_mut() {
+            c.host.as_mut().expect("checked above").len += 1;
+        }
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut out = vec![0f32; b * nh * d];
+        for (i, o) in out.chunks_exact_mut(nh * d).enumerate() {
+            let (c, r) = slot(i);
+            let h = caches[c].host.as_ref().expect("checked above");
+            attend_row(
+                &q[i * nh * d..(i + 1) * nh * d],
+                h,
+                r,
+                nh / nkv,
+                scale as f32,
+                o,
+            );
+        }
+        let out = Tensor::from_vec(out, (b, 1, nh * d), x.device())?;
+        Ok(Some(self.o_proj.forward(&out)?))
     }
 
     /// `probs·v`, heads merged back, output projection.
@@ -408,9 +707,9 @@ impl Mlp {
 
     /// Applies the block.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        let u = self.up.forward(x)?;
-        self.down.forward(&(g * u)?)
+        let gu = crate::linear::forward_many(&[&self.gate, &self.up], x)?;
+        let g = candle_nn::ops::silu(&gu[0])?;
+        self.down.forward(&(g * &gu[1])?)
     }
 }
 

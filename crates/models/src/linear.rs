@@ -1,8 +1,9 @@
 //! The one linear layer of flywheel: `y = x·Wᵀ + b` with `W` dense (f32/bf16/f16) or quantized
 //! (any GGUF block type candle implements: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K…Q8_K).
 //!
-//! On the CPU, Q4_0 / Q4_1 / Q8_0 weights run through flywheel-kernels (llama.cpp's arithmetic,
-//! so outputs agree with llama.cpp); other block types and devices use candle's kernels.
+//! On the CPU, Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K weights run through
+//! flywheel-kernels (llama.cpp's arithmetic, so outputs agree with llama.cpp); other block types
+//! and devices use candle's kernels.
 //!
 //! Models hold projections as `Arc<dyn Projection>`, built by a [`LinearHook`] at load time, so an
 //! adapter layer (LoRA) can wrap any projection without the model file knowing about it.
@@ -227,6 +228,74 @@ fn dequantize_rows(q: &QTensor, r0: usize, r1: usize) -> candle_core::Result<Ten
     slab.dequantize(&candle_core::Device::Cpu)
 }
 
+/// `y = x·Wᵀ` in f32 for a quantized `W` of a type flywheel-kernels covers: slabs of rows are
+/// dequantized in parallel into one reused buffer and multiplied by one multi-threaded GEMM each,
+/// written straight into their columns of `y` (no per-slab tensors, no concatenation).
+fn prefill_gemm(
+    q: &QTensor,
+    x: &[f32],
+    dims: &[usize],
+) -> candle_core::Result<(Vec<f32>, Vec<usize>)> {
+    use rayon::prelude::*;
+    let ty = kernel_type(q.dtype()).expect("checked by the caller");
+    let (n, k) = q.shape().dims2()?;
+    let m: usize = dims[..dims.len() - 1].iter().product();
+    if x.len() != m * k {
+        candle_core::bail!("prefill GEMM: input of {} values for ({m}, {k})", x.len());
+    }
+    let data = q.data()?;
+    let row_bytes = k / ty.block_elems() * ty.block_bytes();
+    let step = slab_rows(k).min(n);
+    let mut slab = vec![0f32; step * k];
+    let mut y = vec![0f32; m * n];
+    let threads = rayon::current_num_threads();
+    let mut r0 = 0;
+    while r0 < n {
+        let rows = step.min(n - r0);
+        slab[..rows * k]
+            .par_chunks_mut(k)
+            .enumerate()
+            .for_each(|(i, dst)| {
+                let at = (r0 + i) * row_bytes;
+                flywheel_kernels::dequantize_into(ty, &data[at..at + row_bytes], dst);
+            });
+        // SAFETY: y is (m, n) row-major and columns r0..r0+rows exist; x is (m, k); the slab
+        // holds `rows` rows of k, read as the (k, rows) right-hand side; dst aliases neither.
+        #[allow(unsafe_code)]
+        unsafe {
+            gemm::gemm(
+                m,
+                rows,
+                k,
+                y.as_mut_ptr().add(r0),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                slab.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                if threads > 1 {
+                    gemm::Parallelism::Rayon(threads)
+                } else {
+                    gemm::Parallelism::None
+                },
+            );
+        }
+        r0 += rows;
+    }
+    let mut shape = dims.to_vec();
+    *shape.last_mut().expect("rank >= 1") = n;
+    Ok((y, shape))
+}
+
 /// A frozen weight seen by [`FrozenTrainOp`].
 #[derive(Debug, Clone)]
 enum FrozenWeight {
@@ -318,7 +387,12 @@ impl candle_core::CustomOp1 for FrozenTrainOp {
         let dims = layout.shape().dims();
         let (data, shape) = match storage {
             S::F32(v) => {
-                let (y, s) = self.forward_cpu(&v[a..b], dims)?;
+                let (y, s) = match &self.weight {
+                    FrozenWeight::Quantized(q) if kernel_type(q.dtype()).is_some() => {
+                        prefill_gemm(q, &v[a..b], dims)?
+                    }
+                    _ => self.forward_cpu(&v[a..b], dims)?,
+                };
                 (S::F32(y), s)
             }
             S::F64(v) => {
@@ -380,7 +454,12 @@ fn kernel_type(t: GgmlDType) -> Option<flywheel_kernels::BlockType> {
     match t {
         GgmlDType::Q4_0 => Some(flywheel_kernels::BlockType::Q4_0),
         GgmlDType::Q4_1 => Some(flywheel_kernels::BlockType::Q4_1),
+        GgmlDType::Q5_0 => Some(flywheel_kernels::BlockType::Q5_0),
+        GgmlDType::Q5_1 => Some(flywheel_kernels::BlockType::Q5_1),
         GgmlDType::Q8_0 => Some(flywheel_kernels::BlockType::Q8_0),
+        GgmlDType::Q4K => Some(flywheel_kernels::BlockType::Q4K),
+        GgmlDType::Q5K => Some(flywheel_kernels::BlockType::Q5K),
+        GgmlDType::Q6K => Some(flywheel_kernels::BlockType::Q6K),
         _ => None,
     }
 }
@@ -391,6 +470,11 @@ pub trait Projection: Send + Sync + std::fmt::Debug {
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
     /// The base linear layer underneath any wrapper.
     fn base(&self) -> &Linear;
+    /// The layer itself when it is a plain [`Linear`] (nothing wraps it), so several of them
+    /// can run as one fused product ([`forward_many`]).
+    fn plain(&self) -> Option<&Linear> {
+        None
+    }
 }
 
 impl Projection for Linear {
@@ -400,6 +484,87 @@ impl Projection for Linear {
     fn base(&self) -> &Linear {
         self
     }
+    fn plain(&self) -> Option<&Linear> {
+        Some(self)
+    }
+}
+
+/// Applies several projections to the same input. For decode-sized CPU f32 inputs on plain
+/// quantized layers that flywheel-kernels covers (a layer's q/k/v, or gate/up), the input is
+/// quantized once and all weight rows share one parallel section; each output equals that
+/// projection's own `forward` bit for bit. Anything else runs the projections one by one.
+pub fn forward_many(ps: &[&Arc<dyn Projection>], x: &Tensor) -> Result<Vec<Tensor>> {
+    if let Some(fused) = fused_products(ps, x)? {
+        return Ok(fused);
+    }
+    ps.iter().map(|p| p.forward(x)).collect()
+}
+
+fn fused_products(ps: &[&Arc<dyn Projection>], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
+    if ps.len() < 2
+        || !x.device().is_cpu()
+        || x.dtype() != DType::F32
+        || crate::train_ops::training(x)
+        || positions_of(x) >= GEMM_MIN_ROWS
+    {
+        return Ok(None);
+    }
+    let mut layers = Vec::with_capacity(ps.len());
+    for p in ps {
+        let Some(l) = p.plain() else { return Ok(None) };
+        let LinearWeight::Quantized(q) = &l.weight else {
+            return Ok(None);
+        };
+        let Some(ty) = kernel_type(q.dtype()) else {
+            return Ok(None);
+        };
+        if l.in_dim
+            != layers
+                .first()
+                .map_or(l.in_dim, |(f, _, _): &(&Linear, _, _)| f.in_dim)
+        {
+            return Ok(None);
+        }
+        layers.push((l, q, ty));
+    }
+    let dims = x.dims();
+    let m: usize = dims[..dims.len() - 1].iter().product();
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let datas = layers
+        .iter()
+        .map(|(_, q, _)| q.data())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut outs: Vec<Vec<f32>> = layers
+        .iter()
+        .map(|(l, _, _)| vec![0f32; m * l.out_dim])
+        .collect();
+    let mut products: Vec<flywheel_kernels::Product> = outs
+        .iter_mut()
+        .zip(&layers)
+        .zip(&datas)
+        .map(|((out, (l, _, ty)), data)| flywheel_kernels::Product {
+            w: flywheel_kernels::QMatrix {
+                ty: *ty,
+                data,
+                n: l.out_dim,
+                k: l.in_dim,
+            },
+            out: &mut out[..],
+        })
+        .collect();
+    flywheel_kernels::matmul_many(&mut products, &xs, m, flywheel_kernels::Path::Auto);
+    drop(products);
+    let mut result = Vec::with_capacity(outs.len());
+    for (out, (l, _, _)) in outs.into_iter().zip(&layers) {
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("rank >= 1") = l.out_dim;
+        let y = Tensor::from_vec(out, shape, x.device())?;
+        result.push(match &l.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+            None => y,
+        });
+    }
+    Ok(Some(result))
 }
 
 /// Decides, at load time, what wraps each projection of a model (identity by default).
@@ -473,11 +638,22 @@ mod tests {
 
     #[test]
     fn flywheel_kernels_agree_with_candle_on_ggml_blocks() -> anyhow::Result<()> {
-        // Odd sizes: 3·37 rows, 44 outputs; k = 128 (candle panics on an odd block count for Q4_1).
+        // Odd sizes: 3·37 rows, 44 outputs; k = 768 = 3 K-quant blocks (candle panics on an odd
+        // count of 32-element blocks for Q4_1).
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (44, 128), &dev)?;
-        let x = (Tensor::randn(0f32, 1.0, (3, 37, 128), &dev)? * 4.0)?;
-        for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let w = Tensor::randn(0f32, 1.0, (44, 768), &dev)?;
+        let x = (Tensor::randn(0f32, 1.0, (3, 37, 768), &dev)? * 4.0)?;
+        for dt in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            assert!(kernel_type(dt).is_some(), "{dt:?} has no flywheel kernel");
             let l = Linear::quantized(Arc::new(QTensor::quantize(&w, dt)?), None)?;
             let ours = l.forward_with(&x, KernelChoice::Kernels)?;
             let scalar = l.forward_with(&x, KernelChoice::Scalar)?;

@@ -1,0 +1,589 @@
+//! AVX2 + FMA + F16C kernels (the same integer arithmetic as llama.cpp's x86 kernels). Every
+//! function here requires those features; the safe wrappers are only handed out by
+//! [`dots32`] / [`dot_k`], which the caller reaches after run-time detection.
+#![allow(unsafe_code)]
+
+use crate::{BlockType, Q8Block, Q8KBlock, RowDot, RowDot4};
+use std::arch::x86_64::*;
+
+const T_Q4_0: u8 = 0;
+const T_Q4_1: u8 = 1;
+const T_Q5_0: u8 = 2;
+const T_Q5_1: u8 = 3;
+const T_Q8_0: u8 = 4;
+
+const fn block_bytes(t: u8) -> usize {
+    match t {
+        T_Q4_0 => 18,
+        T_Q4_1 => 20,
+        T_Q5_0 => 22,
+        T_Q5_1 => 24,
+        _ => 34,
+    }
+}
+
+/// Types with a per-block minimum (unsigned values, Q8_1 activations).
+const fn has_min(t: u8) -> bool {
+    matches!(t, T_Q4_1 | T_Q5_1)
+}
+
+/// The row dot products for a 32-element type. Only call after detecting AVX2, FMA and F16C.
+pub(crate) fn dots32(ty: BlockType) -> (RowDot<Q8Block>, Option<RowDot4<Q8Block>>) {
+    // SAFETY (all closures): the caller detected AVX2, FMA and F16C; `run` passes whole rows.
+    macro_rules! pair {
+        ($t:expr) => {
+            (
+                (|w, x| unsafe { dot32::<{ $t }>(w, x) }) as RowDot<Q8Block>,
+                Some((|w, x| unsafe { dot32x4::<{ $t }>(w, x) }) as RowDot4<Q8Block>),
+            )
+        };
+    }
+    match ty {
+        BlockType::Q4_0 => pair!(T_Q4_0),
+        BlockType::Q4_1 => pair!(T_Q4_1),
+        BlockType::Q5_0 => pair!(T_Q5_0),
+        BlockType::Q5_1 => pair!(T_Q5_1),
+        _ => pair!(T_Q8_0),
+    }
+}
+
+/// The row dot product for a K-quant type. Only call after detecting AVX2, FMA and F16C.
+pub(crate) fn dot_k(ty: BlockType) -> RowDot<Q8KBlock> {
+    // SAFETY (all closures): as in `dots32`.
+    match ty {
+        BlockType::Q4K => |w, x| unsafe { dot_q45k::<false>(w, x) },
+        BlockType::Q5K => |w, x| unsafe { dot_q45k::<true>(w, x) },
+        _ => |w, x| unsafe { dot_q6k(w, x) },
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum(v: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps(v, 1);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// The two f16 values at `p` and `p + 2`, widened with F16C into lanes 0 and 1. A 32-bit load
+/// that zeroes the rest of the register: a 16-bit insert would merge into whatever register the
+/// compiler picks (often the accumulator), a false dependency that serialises the loop.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn halves(p: *const u8) -> __m128 {
+    _mm_cvtph_ps(_mm_loadu_si32(p))
+}
+
+/// Lane 1 of `v`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn lane1(v: __m128) -> f32 {
+    _mm_cvtss_f32(_mm_movehdup_ps(v))
+}
+
+/// 16 bytes of packed nibbles → 32 bytes: low nibbles (elements 0..16), then high (16..32).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    let raw = _mm_loadu_si128(p as *const __m128i);
+    _mm256_and_si256(
+        _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw),
+        _mm256_set1_epi8(0x0F),
+    )
+}
+
+/// 32 bits at `p` → 32 bytes, 0xFF where the bit is set (byte i ↔ bit i).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bytes_from_bits(p: *const u8) -> __m256i {
+    let x = (p as *const u32).read_unaligned() as i32;
+    let shuf = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x), shuf);
+    let mask = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+    _mm256_cmpeq_epi8(_mm256_or_si256(bytes, mask), _mm256_set1_epi64x(-1))
+}
+
+/// A weight block's 32 values as bytes in element order: signed for the symmetric types,
+/// unsigned for the types with a minimum.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weights32<const T: u8>(wb: *const u8) -> __m256i {
+    match T {
+        T_Q4_0 => _mm256_sub_epi8(nibbles(wb.add(2)), _mm256_set1_epi8(8)),
+        T_Q4_1 => nibbles(wb.add(4)),
+        // A clear fifth bit means value − 16: OR 0xF0 onto the nibble is exactly that in i8.
+        T_Q5_0 => _mm256_or_si256(
+            nibbles(wb.add(6)),
+            _mm256_andnot_si256(bytes_from_bits(wb.add(2)), _mm256_set1_epi8(0xF0u8 as i8)),
+        ),
+        T_Q5_1 => _mm256_or_si256(
+            nibbles(wb.add(8)),
+            _mm256_and_si256(bytes_from_bits(wb.add(4)), _mm256_set1_epi8(0x10)),
+        ),
+        _ => _mm256_loadu_si256(wb.add(2) as *const __m256i),
+    }
+}
+
+/// Σ over pairs of `q·y` as eight i32 sums widened to f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn products<const T: u8>(q: __m256i, ax: __m256i, qy: __m256i) -> __m256 {
+    let p16 = if has_min(T) {
+        _mm256_maddubs_epi16(q, qy)
+    } else {
+        // maddubs multiplies unsigned by signed: move q's sign onto y.
+        _mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, q))
+    };
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+}
+
+/// One block of a 32-element type into a row's accumulators.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn step32<const T: u8>(
+    wb: *const u8,
+    q: __m256i,
+    ax: __m256i,
+    dm: __m128,
+    xb: &Q8Block,
+    acc: &mut __m256,
+    summs: &mut f32,
+) {
+    let qy = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+    let _ = wb;
+    if has_min(T) {
+        *summs += lane1(dm) * xb.s;
+    }
+    let p = products::<T>(q, ax, qy);
+    *acc = _mm256_fmadd_ps(_mm256_set1_ps(_mm_cvtss_f32(dm) * xb.d), p, *acc);
+}
+
+/// One weight row of a 32-element type times one activation row. Even and odd blocks go to two
+/// accumulators, so two dependency chains run side by side.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot32<const T: u8>(w: &[u8], x: &[Q8Block]) -> f32 {
+    let bb = block_bytes(T);
+    assert!(w.len() >= x.len() * bb);
+    let wp = w.as_ptr();
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut s0, mut s1) = (0f32, 0f32);
+    let block = |b: usize| {
+        let wb = wp.add(b * bb);
+        let q = weights32::<T>(wb);
+        (
+            wb,
+            q,
+            _mm256_sign_epi8(q, q),
+            halves(wb),
+            x.get_unchecked(b),
+        )
+    };
+    let mut b = 0;
+    while b + 2 <= x.len() {
+        let (wb, q, ax, dm, xb) = block(b);
+        step32::<T>(wb, q, ax, dm, xb, &mut acc0, &mut s0);
+        let (wb, q, ax, dm, xb) = block(b + 1);
+        step32::<T>(wb, q, ax, dm, xb, &mut acc1, &mut s1);
+        b += 2;
+    }
+    if b < x.len() {
+        let (wb, q, ax, dm, xb) = block(b);
+        step32::<T>(wb, q, ax, dm, xb, &mut acc0, &mut s0);
+    }
+    let acc = [acc0, acc1];
+    let summs = [s0, s1];
+    hsum(_mm256_add_ps(acc[0], acc[1])) + (summs[0] + summs[1])
+}
+
+/// [`dot32`] of one weight row with four activation rows at once: each weight block is unpacked
+/// once and the rows' accumulators are independent. Every row's result is bit-identical to
+/// [`dot32`] on that row alone (same operations in the same order).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot32x4<const T: u8>(w: &[u8], x: [&[Q8Block]; 4]) -> [f32; 4] {
+    let bb = block_bytes(T);
+    let nb = x[0].len();
+    assert!(w.len() >= nb * bb && x.iter().all(|r| r.len() == nb));
+    let wp = w.as_ptr();
+    let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+    let mut summs = [[0f32; 2]; 4];
+    for b in 0..nb {
+        let wb = wp.add(b * bb);
+        let q = weights32::<T>(wb);
+        let ax = _mm256_sign_epi8(q, q);
+        let dm = halves(wb);
+        let e = b & 1;
+        for r in 0..4 {
+            step32::<T>(
+                wb,
+                q,
+                ax,
+                dm,
+                x[r].get_unchecked(b),
+                &mut acc[r][e],
+                &mut summs[r][e],
+            );
+        }
+    }
+    std::array::from_fn(|r| hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + (summs[r][0] + summs[r][1]))
+}
+
+/// The 12 packed scale bytes of a Q4_K / Q5_K block → (8 scales, 8 mins) as bytes
+/// (llama.cpp's `utmp` unpacking of `get_scale_min_k4`).
+#[inline]
+unsafe fn scales_mins_k4(p: *const u8) -> [u32; 4] {
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    let u = |i: usize| (p.add(4 * i) as *const u32).read_unaligned();
+    let (u0, u1, u2) = (u(0), u(1), u(2));
+    [
+        u0 & KMASK1,
+        (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4),
+        u1 & KMASK1,
+        ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4),
+    ]
+}
+
+/// One Q4_K (`FIVE = false`) or Q5_K weight row times one Q8_K activation row.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q45k<const FIVE: bool>(w: &[u8], x: &[Q8KBlock]) -> f32 {
+    let bb = if FIVE { 176 } else { 144 };
+    let qs_at = if FIVE { 48 } else { 16 };
+    assert!(w.len() >= x.len() * bb);
+    let m4 = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    let two = _mm256_set1_epi8(2);
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = _mm_setzero_ps();
+    for (b, xb) in x.iter().enumerate() {
+        let wb = w.as_ptr().add(b * bb);
+        let dm = halves(wb);
+        let d = xb.d * _mm_cvtss_f32(dm);
+        let dmin = xb.d * lane1(dm);
+        let sm = scales_mins_k4(wb.add(4));
+        let sc: [u8; 16] = std::mem::transmute(sm);
+        // Mins: Σ_j m_j · (sum of the 32 activations of sub-block j).
+        let mins = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, sm[3] as i32, sm[2] as i32));
+        let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
+        let pair_sums = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+        let pm = _mm_madd_epi16(mins, pair_sums);
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(pm), acc_m);
+
+        let mut hb = if FIVE {
+            _mm256_loadu_si256(wb.add(16) as *const __m256i)
+        } else {
+            _mm256_setzero_si256()
+        };
+        let q8 = xb.qs.as_ptr();
+        let mut isum = _mm256_setzero_si256();
+        for j in 0..4 {
+            let raw = _mm256_loadu_si256(wb.add(qs_at + 32 * j) as *const __m256i);
+            let mut lo = _mm256_and_si256(raw, m4);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+            if FIVE {
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(hb, one), 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(hb, two), 3));
+                hb = _mm256_srli_epi16(hb, 2);
+            }
+            let y0 = _mm256_loadu_si256(q8.add(64 * j) as *const __m256i);
+            let y1 = _mm256_loadu_si256(q8.add(64 * j + 32) as *const __m256i);
+            let p0 = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(lo, y0),
+                _mm256_set1_epi16(sc[2 * j] as i16),
+            );
+            let p1 = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(hi, y1),
+                _mm256_set1_epi16(sc[2 * j + 1] as i16),
+            );
+            isum = _mm256_add_epi32(isum, _mm256_add_epi32(p0, p1));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc);
+    }
+    let m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
+    let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    hsum(acc) - _mm_cvtss_f32(m)
+}
+
+/// One Q6_K weight row times one Q8_K activation row.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q6k(w: &[u8], x: &[Q8KBlock]) -> f32 {
+    assert!(w.len() >= x.len() * 210);
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m3 = _mm256_set1_epi8(0x03);
+    let m0c = _mm256_set1_epi8(0x0C);
+    let m30 = _mm256_set1_epi8(0x30);
+    let mut acc = _mm256_setzero_ps();
+    for (b, xb) in x.iter().enumerate() {
+        let wb = w.as_ptr().add(b * 210);
+        // The 4 bytes ending the block: two scale bytes, then d.
+        let d = xb.d * lane1(halves(wb.add(206)));
+        let sc = std::slice::from_raw_parts(wb.add(192) as *const i8, 16);
+        // The −32 offset: 32 · Σ_s sc_s · (sum of the 16 activations of sub-block s).
+        let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(192) as *const __m128i));
+        let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
+        let off = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5);
+        let q8 = xb.qs.as_ptr();
+        let mut isum = _mm256_setzero_si256();
+        for n in 0..2 {
+            let ql0 = _mm256_loadu_si256(wb.add(64 * n) as *const __m256i);
+            let ql1 = _mm256_loadu_si256(wb.add(64 * n + 32) as *const __m256i);
+            let qh = _mm256_loadu_si256(wb.add(128 + 32 * n) as *const __m256i);
+            let q = [
+                _mm256_or_si256(
+                    _mm256_and_si256(ql0, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(ql1, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(qh, m0c), 2),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                    _mm256_and_si256(qh, m30),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+                ),
+            ];
+            for (t, q) in q.into_iter().enumerate() {
+                let y = _mm256_loadu_si256(q8.add(128 * n + 32 * t) as *const __m256i);
+                let s = 8 * n + 2 * t;
+                let scv = _mm256_set_m128i(
+                    _mm_set1_epi16(sc[s + 1] as i16),
+                    _mm_set1_epi16(sc[s] as i16),
+                );
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), scv);
+                isum = _mm256_add_epi32(isum, p);
+            }
+        }
+        isum = _mm256_sub_epi32(isum, off);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc);
+    }
+    hsum(acc)
+}
+
+/// f32 dot product, eight lanes and four accumulators.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `a` and `b` have equal lengths.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let x = _mm256_loadu_ps(pa.add(i + 8 * k));
+            let y = _mm256_loadu_ps(pb.add(i + 8 * k));
+            *acc = _mm256_fmadd_ps(x, y, *acc);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        let x = _mm256_loadu_ps(pa.add(i));
+        let y = _mm256_loadu_ps(pb.add(i));
+        acc[0] = _mm256_fmadd_ps(x, y, acc[0]);
+        i += 8;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), s);
+    let mut total: f32 = lanes.iter().sum();
+    while i < n {
+        total += a[i] * b[i];
+        i += 1;
+    }
+    total
+}
+
+/// `y += a · x`, eight lanes at a time.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x` and `y` have equal lengths.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn axpy_f32_avx2(a: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len();
+    let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+    let av = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i + 8 <= n {
+        let v = _mm256_fmadd_ps(av, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+        _mm256_storeu_ps(py.add(i), v);
+        i += 8;
+    }
+    while i < n {
+        *py.add(i) += a * *px.add(i);
+        i += 1;
+    }
+}
+
+/// `e^x` for eight lanes (Cephes' single-precision polynomial, ~1 ulp over the range softmax
+/// uses; inputs below −87.3 give e^−87.3 ≈ 1e−38 instead of smaller).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn exp256(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(
+        _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+        _mm256_set1_ps(88.3),
+    );
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let y = _mm256_add_ps(
+        _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r),
+        _mm256_set1_ps(1.0),
+    );
+    let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
+}
+
+/// [`crate::attention_head`] with AVX2 (`d` a multiple of 8): scores by 8-lane dot products,
+/// exponentials eight at a time, and the weighted sum of values kept in registers 64 dims at a
+/// time.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `d = q.len()` is a multiple of 8, `k` and `v` hold
+/// `s.len()` rows of `d`, `out` has `d` elements.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn attention_head_avx2(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    s: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = q.len();
+    let len = s.len();
+    assert!(k.len() >= len * d && v.len() >= len * d && out.len() == d && d.is_multiple_of(8));
+    let (pq, pk, pv) = (q.as_ptr(), k.as_ptr(), v.as_ptr());
+    let mut max = f32::NEG_INFINITY;
+    for (p, sc) in s.iter_mut().enumerate() {
+        let kr = pk.add(p * d);
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= d {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(i)), _mm256_loadu_ps(kr.add(i)), a0);
+            a1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pq.add(i + 8)),
+                _mm256_loadu_ps(kr.add(i + 8)),
+                a1,
+            );
+            i += 16;
+        }
+        if i < d {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(i)), _mm256_loadu_ps(kr.add(i)), a0);
+        }
+        *sc = hsum(_mm256_add_ps(a0, a1)) * scale;
+        max = max.max(*sc);
+    }
+    // Exponentials and their sum, eight scores at a time (lanes summed in a fixed order).
+    let mv = _mm256_set1_ps(max);
+    let mut sumv = _mm256_setzero_ps();
+    let mut p = 0;
+    while p + 8 <= len {
+        let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s.as_ptr().add(p)), mv));
+        _mm256_storeu_ps(s.as_mut_ptr().add(p), e);
+        sumv = _mm256_add_ps(sumv, e);
+        p += 8;
+    }
+    let mut sum = hsum(sumv);
+    if p < len {
+        let mut tail = [f32::NEG_INFINITY; 8];
+        tail[..len - p].copy_from_slice(&s[p..]);
+        let mut e = [0f32; 8];
+        _mm256_storeu_ps(
+            e.as_mut_ptr(),
+            exp256(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), mv)),
+        );
+        for (j, sc) in s[p..].iter_mut().enumerate() {
+            *sc = e[j];
+            sum += e[j];
+        }
+    }
+    let inv = 1.0 / sum;
+    // out = Σ_p s_p · V_p / sum, 64 output dims (eight registers) per pass over the positions.
+    let mut c0 = 0;
+    while c0 < d {
+        let width = (d - c0).min(64);
+        let lanes = width / 8;
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for (p, &w) in s.iter().enumerate() {
+            let wv = _mm256_set1_ps(w);
+            let vr = pv.add(p * d + c0);
+            for (j, a) in acc.iter_mut().enumerate().take(lanes) {
+                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vr.add(8 * j)), *a);
+            }
+        }
+        let iv = _mm256_set1_ps(inv);
+        for (j, a) in acc.iter().enumerate().take(lanes) {
+            _mm256_storeu_ps(out.as_mut_ptr().add(c0 + 8 * j), _mm256_mul_ps(*a, iv));
+        }
+        c0 += width;
+    }
+}
+
+/// Dequantizes blocks of a 32-element type (same values as the scalar code: `q·d + m`, two
+/// roundings). Only call after detecting AVX2, FMA and F16C.
+pub(crate) fn dequantize32(ty: BlockType, data: &[u8], out: &mut [f32]) {
+    // SAFETY: the caller detected the features; sizes are checked inside.
+    unsafe {
+        match ty {
+            BlockType::Q4_0 => dequant32::<T_Q4_0>(data, out),
+            BlockType::Q4_1 => dequant32::<T_Q4_1>(data, out),
+            BlockType::Q5_0 => dequant32::<T_Q5_0>(data, out),
+            BlockType::Q5_1 => dequant32::<T_Q5_1>(data, out),
+            _ => dequant32::<T_Q8_0>(data, out),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dequant32<const T: u8>(data: &[u8], out: &mut [f32]) {
+    let bb = block_bytes(T);
+    let blocks = data.len() / bb;
+    assert!(out.len() >= blocks * 32);
+    for b in 0..blocks {
+        let wb = data.as_ptr().add(b * bb);
+        let q = weights32::<T>(wb);
+        let dm = halves(wb);
+        let d = _mm256_set1_ps(_mm_cvtss_f32(dm));
+        let m = _mm256_set1_ps(if has_min(T) { lane1(dm) } else { 0.0 });
+        let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+        let parts = [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
+        let o = out.as_mut_ptr().add(b * 32);
+        for (j, p) in parts.into_iter().enumerate() {
+            // Unsigned types hold 0..31 here, so sign extension is exact for them too.
+            let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(p));
+            let y = _mm256_mul_ps(v, d);
+            let y = if has_min(T) { _mm256_add_ps(y, m) } else { y };
+            _mm256_storeu_ps(o.add(8 * j), y);
+        }
+    }
+}
