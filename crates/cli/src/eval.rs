@@ -58,7 +58,7 @@ pub struct RunArgs {
     /// Override the dataset's `limit` (first N questions).
     #[arg(long)]
     limit: Option<usize>,
-    /// CPU threads (default: all cores).
+    /// CPU threads (default: physical cores).
     #[arg(long)]
     threads: Option<usize>,
 }
@@ -179,10 +179,8 @@ fn print_report(dir: &Path) -> Result<()> {
 }
 
 fn run_spec(a: RunArgs) -> Result<()> {
-    if let Some(t) = a.threads {
-        anyhow::ensure!(t > 0, "--threads must be at least 1");
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-    }
+    anyhow::ensure!(a.threads != Some(0), "--threads must be at least 1");
+    flywheel_runtime::threads::configure(a.threads);
     let mut spec = EvalSpec::load(&a.spec)?;
     if let Some(n) = a.limit {
         spec.dataset.limit = n;

@@ -160,7 +160,7 @@ struct ServeArgs {
     /// f32, bf16 or f16 (default: f32 on CPU, bf16 on GPUs).
     #[arg(long)]
     dtype: Option<String>,
-    /// CPU threads for compute (default: all cores).
+    /// CPU threads for compute (default: physical cores).
     #[arg(long)]
     threads: Option<usize>,
 }
@@ -176,7 +176,7 @@ struct ModelArgs {
     /// f32, bf16 or f16 (default: f32 on CPU, bf16 on GPUs).
     #[arg(long)]
     dtype: Option<String>,
-    /// CPU threads (default: all cores).
+    /// CPU threads (default: physical cores).
     #[arg(long)]
     threads: Option<usize>,
     /// A LoRA adapter folder (Hugging Face PEFT layout) applied on top of the model.
@@ -367,15 +367,21 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The compute pool's size as configured (for bench output).
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(flywheel_runtime::threads::default_threads)
+}
+
 /// Device, dtype and CPU threads from the command line.
 fn load_options(device: &str, dtype: Option<&str>, threads: Option<usize>) -> Result<LoadOptions> {
-    if let Some(t) = threads {
-        if t == 0 {
-            bail!("--threads must be at least 1");
-        }
-        // candle reads the same variable as rayon when it sizes its pool.
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    if threads == Some(0) {
+        bail!("--threads must be at least 1");
     }
+    // Physical cores unless told otherwise; candle reads the same variable as rayon.
+    flywheel_runtime::threads::configure(threads);
     Ok(LoadOptions {
         device: parse_device(device)?,
         dtype: dtype.map(parse_dtype).transpose()?,
@@ -724,7 +730,7 @@ fn bench_generate(
     let v = serde_json::json!({
         "engine": "flywheel",
         "model": m.model,
-        "threads": m.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        "threads": rayon_threads(),
         "prompt_tokens": ids.len(),
         "generated_tokens": produced,
         "prefill_tok_s": median(pre),

@@ -44,7 +44,7 @@ pub struct Common {
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// CPU threads (default: all cores).
+    /// CPU threads (default: physical cores).
     #[arg(long)]
     threads: Option<usize>,
 }

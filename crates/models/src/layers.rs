@@ -409,7 +409,7 @@ fn attend_row(q: &[f32], h: &HostKv, r: usize, group: usize, scale: f32, out: &m
             o,
         );
     };
-    if len * out.len() >= 1 << 16 {
+    if len * out.len() >= 1 << 17 {
         out.par_chunks_mut(d)
             .enumerate()
             .for_each(|(hq, o)| head(hq, o));
@@ -613,6 +613,7 @@ impl Attention {
             _ => return Ok(None),
         };
         if !crate::train_ops::applicable(x)
+            || crate::linear::reference_kernels()
             || crate::train_ops::training(x)
             || positions.len() != b
             || positions.iter().any(|&p| p >= rope.max_positions())

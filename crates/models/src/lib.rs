@@ -19,7 +19,9 @@ pub mod weights;
 
 pub use candle_core::{quantized::GgmlDType, DType, Device, Tensor};
 pub use decoder::{Architecture, Cache, DecoderConfig, DecoderModel, Logits, RopeScaling};
-pub use linear::{Embedding, KernelChoice, Linear, LinearHook, NoHook, Projection};
+pub use linear::{
+    with_reference_kernels, Embedding, KernelChoice, Linear, LinearHook, NoHook, Projection,
+};
 pub use weights::{GgufWeights, MemoryWeights, SafetensorsWeights, Weights};
 
 /// Errors of model construction and execution.

@@ -97,7 +97,12 @@ impl Linear {
 
     /// `x·Wᵀ + b` for `x` of shape `(…, in)`; the result has `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_with(x, KernelChoice::Auto)
+        let choice = if reference_kernels() {
+            KernelChoice::Candle
+        } else {
+            KernelChoice::Auto
+        };
+        self.forward_with(x, choice)
     }
 
     /// [`Linear::forward`] with an explicit kernel choice (tests compare the paths).
@@ -191,6 +196,29 @@ impl Linear {
             None => y,
         })
     }
+}
+
+thread_local! {
+    static REFERENCE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every layer on this thread using candle's own kernels and ops (quantized
+/// matmul, attention over concatenated tensors) instead of flywheel's: the reference path that
+/// tests compare flywheel's kernels against.
+pub fn with_reference_kernels<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            REFERENCE.with(|r| r.set(self.0));
+        }
+    }
+    let _reset = Reset(REFERENCE.with(|r| r.replace(true)));
+    f()
+}
+
+/// Whether [`with_reference_kernels`] is in effect on this thread.
+pub fn reference_kernels() -> bool {
+    REFERENCE.with(|r| r.get())
 }
 
 /// From this many positions per sequence on, quantized weights are dequantized slab by slab
@@ -502,6 +530,7 @@ pub fn forward_many(ps: &[&Arc<dyn Projection>], x: &Tensor) -> Result<Vec<Tenso
 
 fn fused_products(ps: &[&Arc<dyn Projection>], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
     if ps.len() < 2
+        || reference_kernels()
         || !x.device().is_cpu()
         || x.dtype() != DType::F32
         || crate::train_ops::training(x)

@@ -273,12 +273,12 @@ impl GgufWeights {
             })?;
         check_shape(&name, &self.describe(), info.shape.dims(), shape)?;
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        let q = info
-            .read(&mut *file, self.content.tensor_data_offset, &Device::Cpu)
-            .map_err(|e| Error::BadFile {
+        let q = read_tensor(&mut file, info, self.content.tensor_data_offset).map_err(|e| {
+            Error::BadFile {
                 file: self.describe(),
                 reason: format!("tensor `{name}`: {e}"),
-            })?;
+            }
+        })?;
         drop(file);
         let q = match self.qk_heads(hf_name) {
             Some(heads) => permute_rows(&q, heads)?,
@@ -303,6 +303,80 @@ impl GgufWeights {
             None
         }
     }
+}
+
+/// Reads one tensor's blocks straight into their typed storage: one allocation the size of the
+/// tensor (candle's reader fills a byte buffer and then copies it, so loading the largest tensor,
+/// e.g. a 145 MB token embedding, briefly needs twice its size).
+fn read_tensor(
+    file: &mut File,
+    info: &gguf_file::TensorInfo,
+    data_offset: u64,
+) -> candle_core::Result<QTensor> {
+    use candle_core::quantized::k_quants::*;
+    use candle_core::quantized::QuantizedType;
+    use std::io::{Read, Seek, SeekFrom};
+
+    fn typed<B: GgmlType + Send + Sync + 'static>(
+        file: &mut File,
+        blocks: usize,
+        block_bytes: usize,
+    ) -> candle_core::Result<Box<dyn QuantizedType>>
+    where
+        Vec<B>: QuantizedType,
+    {
+        if std::mem::size_of::<B>() != block_bytes {
+            candle_core::bail!(
+                "block size mismatch ({} vs {block_bytes})",
+                std::mem::size_of::<B>()
+            );
+        }
+        let mut v: Vec<B> = vec![B::zeros(); blocks];
+        // SAFETY: `B` is a `repr(C)` block of plain integers and f16s (any bit pattern is a
+        // value) whose size was just checked, so its initialised storage may be filled as bytes.
+        #[allow(unsafe_code)]
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, blocks * block_bytes)
+        };
+        file.read_exact(bytes)?;
+        Ok(Box::new(v))
+    }
+
+    let ty = info.ggml_dtype;
+    let elems = info.shape.elem_count();
+    if !elems.is_multiple_of(ty.block_size()) {
+        candle_core::bail!("{elems} elements are not whole blocks of {ty:?}");
+    }
+    let blocks = elems / ty.block_size();
+    let size = blocks * ty.type_size();
+    let start = data_offset.saturating_add(info.offset);
+    let file_size = file.seek(SeekFrom::End(0))?;
+    if start.saturating_add(size as u64) > file_size {
+        candle_core::bail!(
+            "needs {size} bytes at offset {start}, only {} remaining in file",
+            file_size.saturating_sub(start)
+        );
+    }
+    file.seek(SeekFrom::Start(start))?;
+    let bb = ty.type_size();
+    let storage = match ty {
+        GgmlDType::F32 => typed::<f32>(file, blocks, bb)?,
+        GgmlDType::F16 => typed::<half::f16>(file, blocks, bb)?,
+        GgmlDType::BF16 => typed::<half::bf16>(file, blocks, bb)?,
+        GgmlDType::Q4_0 => typed::<BlockQ4_0>(file, blocks, bb)?,
+        GgmlDType::Q4_1 => typed::<BlockQ4_1>(file, blocks, bb)?,
+        GgmlDType::Q5_0 => typed::<BlockQ5_0>(file, blocks, bb)?,
+        GgmlDType::Q5_1 => typed::<BlockQ5_1>(file, blocks, bb)?,
+        GgmlDType::Q8_0 => typed::<BlockQ8_0>(file, blocks, bb)?,
+        GgmlDType::Q8_1 => typed::<BlockQ8_1>(file, blocks, bb)?,
+        GgmlDType::Q2K => typed::<BlockQ2K>(file, blocks, bb)?,
+        GgmlDType::Q3K => typed::<BlockQ3K>(file, blocks, bb)?,
+        GgmlDType::Q4K => typed::<BlockQ4K>(file, blocks, bb)?,
+        GgmlDType::Q5K => typed::<BlockQ5K>(file, blocks, bb)?,
+        GgmlDType::Q6K => typed::<BlockQ6K>(file, blocks, bb)?,
+        GgmlDType::Q8K => typed::<BlockQ8K>(file, blocks, bb)?,
+    };
+    QTensor::new(QStorage::Cpu(storage), info.shape.dims().to_vec())
 }
 
 /// Reorders the rows (or elements, for a 1-D bias) of a tensor from llama.cpp's interleaved rotary

@@ -6,6 +6,7 @@
 //! - [`sampler`]: temperature, top-k/top-p/min-p, repeat penalty, seeded.
 //! - [`generate`]: the one generation loop (batched prefill, KV-cache decode, stop strings, sinks).
 //! - [`embed`]: sentence embeddings with a BERT-family encoder.
+//! - [`threads`]: the CPU thread count (physical cores by default).
 #![deny(missing_docs)]
 
 pub mod chat;
@@ -14,6 +15,7 @@ pub mod generate;
 pub mod load;
 pub mod sampler;
 pub mod testing;
+pub mod threads;
 pub mod tokenizer;
 
 pub use candle_core::{DType, Device};

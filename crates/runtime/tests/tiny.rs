@@ -41,6 +41,73 @@ fn tiny_gguf_model(arch: Architecture) -> anyhow::Result<(tempfile::TempDir, Tex
 
 const SEQ: [u32; 9] = [10, 200, 33, 256, 257, 70, 71, 5, 120];
 
+/// A 40-token prompt (long enough for the prefill GEMM path) then 10 decode steps on fixed tokens
+/// (the integer kernels and the fused host attention; fixed, so two models that would pick
+/// different greedy tokens at a near-tie still see the same sequence); returns every logit.
+fn prefill_and_decode(m: &DecoderModel) -> anyhow::Result<Vec<f32>> {
+    let prompt: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 261).collect();
+    let mut c = m.new_cache(vec![0]);
+    let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let mut last = m.forward(&ids, &mut c, Logits::Last)?;
+    let mut all = last.flatten_all()?.to_vec1::<f32>()?;
+    for step in 0..10u32 {
+        let next = [(step * 53 + 7) % 261];
+        last = m.forward(
+            &Tensor::new(&next, &Device::Cpu)?.unsqueeze(0)?,
+            &mut c,
+            Logits::Last,
+        )?;
+        all.extend(last.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(all)
+}
+
+#[test]
+fn every_kernel_block_type_runs_the_model_and_results_do_not_depend_on_the_thread_count(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // Hidden 256 and intermediate 512, so the K-quants (256-element blocks) fit every matrix.
+    let mut cfg = tiny_config(Architecture::Qwen2);
+    cfg.hidden_size = 256;
+    cfg.intermediate_size = 512;
+    cfg.head_dim = 64;
+    let w = tiny_weights(&cfg, 5)?;
+    for quant in [
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
+        let path = dir.path().join(format!("{quant:?}.gguf"));
+        write_gguf(&path, &cfg, &w, quant)?;
+        let tm = TextModel::load(path.to_str().unwrap(), &LoadOptions::default())?;
+        let runs: Vec<Vec<f32>> = [1usize, 2, 3]
+            .iter()
+            .map(|&t| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build()?;
+                pool.install(|| prefill_and_decode(tm.model()))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        assert_eq!(runs[0], runs[1], "{quant:?}: 1 vs 2 threads");
+        assert_eq!(runs[0], runs[2], "{quant:?}: 1 vs 3 threads");
+        // The quantized model tracks the dense model on the same quantize→dequantize weights.
+        let mut wq = w.clone();
+        for t in wq.tensors.values_mut() {
+            if t.rank() == 2 {
+                *t = QTensor::quantize(t, quant)?.dequantize(&Device::Cpu)?;
+            }
+        }
+        let dense = DecoderModel::load(&wq, &cfg, &NoHook)?;
+        let want = Tensor::new(prefill_and_decode(&dense)?, &Device::Cpu)?;
+        let got = Tensor::new(runs[0].clone(), &Device::Cpu)?;
+        let c = cosine(&want, &got)?;
+        assert!(c > 0.995, "{quant:?}: cosine to the dense model {c}");
+    }
+    Ok(())
+}
+
 #[test]
 fn gguf_round_trip_matches_the_dense_model() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

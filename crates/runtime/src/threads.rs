@@ -1,0 +1,65 @@
+//! The CPU thread count: physical cores by default (SMT siblings share one core's SIMD units, so
+//! a second thread per core adds contention, not throughput), never more than the process may
+//! use (affinity masks, cgroup quotas).
+
+use std::collections::HashSet;
+
+/// Physical cores this process can use: distinct (package, core) pairs among the online CPUs
+/// (Linux sysfs), capped by `available_parallelism`; `available_parallelism` alone elsewhere.
+pub fn default_threads() -> usize {
+    let logical = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    physical_cores().map_or(logical, |p| p.clamp(1, logical))
+}
+
+fn physical_cores() -> Option<usize> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu").ok()?;
+    let mut cores = HashSet::new();
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(n) = name.strip_prefix("cpu") else {
+            continue;
+        };
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let topo = e.path().join("topology");
+        let read = |f: &str| std::fs::read_to_string(topo.join(f)).ok();
+        let (Some(core), Some(pkg)) = (read("core_id"), read("physical_package_id")) else {
+            continue;
+        };
+        cores.insert((pkg.trim().to_string(), core.trim().to_string()));
+    }
+    (!cores.is_empty()).then_some(cores.len())
+}
+
+/// Sizes the process's compute pool: `threads` if given, else [`default_threads`]. rayon and
+/// candle both read `RAYON_NUM_THREADS` when their pools start, so call this before any
+/// compute; an explicit `RAYON_NUM_THREADS` in the environment wins over the default.
+pub fn configure(threads: Option<usize>) -> usize {
+    let n = match threads {
+        Some(t) => t,
+        None => match std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            Some(t) if t > 0 => return t,
+            _ => default_threads(),
+        },
+    };
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_is_at_least_one_and_at_most_the_logical_cpus() {
+        let logical = std::thread::available_parallelism().unwrap().get();
+        let d = default_threads();
+        assert!((1..=logical).contains(&d), "{d} of {logical}");
+    }
+}
