@@ -26,8 +26,11 @@ fw=target/release/flywheel
 py=.venv-peers/bin/python
 out=$(mktemp -d)
 smol=models/smollm2-135m-instruct/SmolLM2-135M-Instruct
-$py scripts/bench/make_q4_0.py "$smol.Q4_1.gguf" "$smol.Q4_0.gguf"
-models=("$smol.Q4_1.gguf" "$smol.Q4_0.gguf"
+# Outside models/: a second GGUF in the model's folder would make the folder ambiguous to load.
+mkdir -p .bench/models
+q40=.bench/models/SmolLM2-135M-Instruct.Q4_0.gguf
+$py scripts/bench/make_q4_0.py "$smol.Q4_1.gguf" "$q40"
+models=("$smol.Q4_1.gguf" "$q40"
         models/qwen2.5-coder-0.5b-instruct/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf)
 RAYON_NUM_THREADS="$threads" target/release/examples/bandwidth | tee "$out/bandwidth.json"
 for r in $(seq "$rounds"); do

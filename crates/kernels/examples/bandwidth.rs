@@ -38,18 +38,12 @@ fn main() {
             })
     });
     let mut sink = 0f32;
+    // Read-only: a sum of squares with the AVX2 dot product (the second operand is the same
+    // cache line, so DRAM traffic is one array).
     let read = best(5, f, || {
         sink += b
             .par_chunks(chunk)
-            .map(|b| {
-                let mut acc = [0f32; 16];
-                for x in b.chunks_exact(16) {
-                    for (a, v) in acc.iter_mut().zip(x) {
-                        *a += v;
-                    }
-                }
-                acc.iter().sum::<f32>()
-            })
+            .map(|b| flywheel_kernels::dot_f32(b, b))
             .sum::<f32>()
     });
     println!(
