@@ -403,28 +403,15 @@ pub fn make_training_data(
                     reason: "retrieved examples need an embedding model".into(),
                 })?;
                 let embedder = EmbeddingModel::load(&e.path, &load_options(e)?)?;
-                let pool: Vec<Vec<f32>> = embedder
-                    .embed_all(
-                        &shots
-                            .iter()
-                            .map(|s| s.question.as_str())
-                            .collect::<Vec<_>>(),
-                        32,
-                    )?
-                    .into_iter()
-                    .map(unit)
-                    .collect();
-                let qs: Vec<Vec<f32>> = embedder
-                    .embed_all(
-                        &examples
-                            .iter()
-                            .map(|x| x.question.as_str())
-                            .collect::<Vec<_>>(),
-                        32,
-                    )?
-                    .into_iter()
-                    .map(unit)
-                    .collect();
+                let embed = |texts: Vec<&str>| -> Result<Vec<Vec<f32>>> {
+                    Ok(embedder
+                        .embed_all(&texts, 32)?
+                        .into_iter()
+                        .map(unit)
+                        .collect())
+                };
+                let pool = embed(shots.iter().map(|s| s.question.as_str()).collect())?;
+                let qs = embed(examples.iter().map(|x| x.question.as_str()).collect())?;
                 for (p, (ex, q)) in picks.iter_mut().zip(examples.iter().zip(&qs)) {
                     *p = nearest(&shots, q, &pool, fs.k, &ex.question);
                 }

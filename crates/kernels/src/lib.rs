@@ -268,11 +268,7 @@ fn kern_for(ty: BlockType, simd: bool) -> Kern {
         Kern::K(if simd {
             x86_k_dot(ty)
         } else {
-            match ty {
-                BlockType::Q4K => scalar::dot_q4k,
-                BlockType::Q5K => scalar::dot_q5k,
-                _ => scalar::dot_q6k,
-            }
+            scalar_k_dot(ty)
         })
     } else if simd {
         let (d, d4) = x86_dots32(ty);
@@ -443,6 +439,10 @@ fn x86_k_dot(ty: BlockType) -> RowDot<Q8KBlock> {
 }
 #[cfg(not(target_arch = "x86_64"))]
 fn x86_k_dot(ty: BlockType) -> RowDot<Q8KBlock> {
+    scalar_k_dot(ty)
+}
+
+fn scalar_k_dot(ty: BlockType) -> RowDot<Q8KBlock> {
     match ty {
         BlockType::Q4K => scalar::dot_q4k,
         BlockType::Q5K => scalar::dot_q5k,

@@ -133,31 +133,14 @@ impl Linear {
                     && kernel_type(q.dtype()).is_some() =>
             {
                 let ty = kernel_type(q.dtype()).expect("checked in the guard");
-                let dims = x.dims();
-                let m: usize = dims[..dims.len() - 1].iter().product();
-                let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                let data = q.data()?;
-                let mut out = vec![0f32; m * self.out_dim];
                 let path = if choice == KernelChoice::Scalar {
                     flywheel_kernels::Path::Scalar
                 } else {
                     flywheel_kernels::Path::Auto
                 };
-                flywheel_kernels::matmul(
-                    flywheel_kernels::QMatrix {
-                        ty,
-                        data: &data,
-                        n: self.out_dim,
-                        k: self.in_dim,
-                    },
-                    &xs,
-                    m,
-                    &mut out,
-                    path,
-                );
-                let mut shape = dims.to_vec();
-                *shape.last_mut().expect("rank >= 1") = self.out_dim;
-                Tensor::from_vec(out, shape, x.device())?
+                kernel_products(&[(self, q, ty)], x, path)?
+                    .pop()
+                    .expect("one product")
             }
             (LinearWeight::Quantized(_), Some(qmm)) => {
                 // Quantized kernels take f32 activations.
@@ -244,9 +227,14 @@ fn slab_rows(k: usize) -> usize {
 /// Rows `r0..r1` of a quantized `(n, k)` matrix as a dense f32 `(r1 - r0, k)` tensor.
 fn dequantize_rows(q: &QTensor, r0: usize, r1: usize) -> candle_core::Result<Tensor> {
     let (_, k) = q.shape().dims2()?;
+    let data = q.data()?;
+    if let Some(ty) = kernel_type(q.dtype()) {
+        let mut out = vec![0f32; (r1 - r0) * k];
+        dequantize_rows_into(ty, &data, k, r0, &mut out);
+        return Tensor::from_vec(out, (r1 - r0, k), &candle_core::Device::Cpu);
+    }
     let ty = q.dtype();
     let row_bytes = k / ty.block_size() * ty.type_size();
-    let data = q.data()?;
     let slab = candle_core::quantized::ggml_file::qtensor_from_ggml(
         ty,
         &data[r0 * row_bytes..r1 * row_bytes],
@@ -254,6 +242,23 @@ fn dequantize_rows(q: &QTensor, r0: usize, r1: usize) -> candle_core::Result<Ten
         &candle_core::Device::Cpu,
     )?;
     slab.dequantize(&candle_core::Device::Cpu)
+}
+
+/// Rows `r0..` of a `(n, k)` matrix of block type `ty` (raw `data`) into `dst`
+/// (`dst.len() / k` rows), dequantized in parallel by flywheel-kernels.
+fn dequantize_rows_into(
+    ty: flywheel_kernels::BlockType,
+    data: &[u8],
+    k: usize,
+    r0: usize,
+    dst: &mut [f32],
+) {
+    use rayon::prelude::*;
+    let row_bytes = k / ty.block_elems() * ty.block_bytes();
+    dst.par_chunks_mut(k).enumerate().for_each(|(i, row)| {
+        let at = (r0 + i) * row_bytes;
+        flywheel_kernels::dequantize_into(ty, &data[at..at + row_bytes], row);
+    });
 }
 
 /// `y = x·Wᵀ` in f32 for a quantized `W` of a type flywheel-kernels covers: slabs of rows are
@@ -264,7 +269,6 @@ fn prefill_gemm(
     x: &[f32],
     dims: &[usize],
 ) -> candle_core::Result<(Vec<f32>, Vec<usize>)> {
-    use rayon::prelude::*;
     let ty = kernel_type(q.dtype()).expect("checked by the caller");
     let (n, k) = q.shape().dims2()?;
     let m: usize = dims[..dims.len() - 1].iter().product();
@@ -272,7 +276,6 @@ fn prefill_gemm(
         candle_core::bail!("prefill GEMM: input of {} values for ({m}, {k})", x.len());
     }
     let data = q.data()?;
-    let row_bytes = k / ty.block_elems() * ty.block_bytes();
     let step = slab_rows(k).min(n);
     let mut slab = vec![0f32; step * k];
     let mut y = vec![0f32; m * n];
@@ -280,13 +283,7 @@ fn prefill_gemm(
     let mut r0 = 0;
     while r0 < n {
         let rows = step.min(n - r0);
-        slab[..rows * k]
-            .par_chunks_mut(k)
-            .enumerate()
-            .for_each(|(i, dst)| {
-                let at = (r0 + i) * row_bytes;
-                flywheel_kernels::dequantize_into(ty, &data[at..at + row_bytes], dst);
-            });
+        dequantize_rows_into(ty, &data, k, r0, &mut slab[..rows * k]);
         // SAFETY: y is (m, n) row-major and columns r0..r0+rows exist; x is (m, k); the slab
         // holds `rows` rows of k, read as the (k, rows) right-hand side; dst aliases neither.
         #[allow(unsafe_code)]
@@ -556,6 +553,24 @@ fn fused_products(ps: &[&Arc<dyn Projection>], x: &Tensor) -> Result<Option<Vec<
         }
         layers.push((l, q, ty));
     }
+    let outs = kernel_products(&layers, x, flywheel_kernels::Path::Auto)?;
+    let mut result = Vec::with_capacity(outs.len());
+    for (y, (l, _, _)) in outs.into_iter().zip(&layers) {
+        result.push(match &l.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+            None => y,
+        });
+    }
+    Ok(Some(result))
+}
+
+/// `x·Wᵀ` (no bias) for each quantized layer through flywheel-kernels, all in one
+/// [`flywheel_kernels::matmul_many`] call (the input quantized once). `x` is CPU f32 `(…, in)`.
+fn kernel_products(
+    layers: &[(&Linear, &Arc<QTensor>, flywheel_kernels::BlockType)],
+    x: &Tensor,
+    path: flywheel_kernels::Path,
+) -> Result<Vec<Tensor>> {
     let dims = x.dims();
     let m: usize = dims[..dims.len() - 1].iter().product();
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
@@ -569,7 +584,7 @@ fn fused_products(ps: &[&Arc<dyn Projection>], x: &Tensor) -> Result<Option<Vec<
         .collect();
     let mut products: Vec<flywheel_kernels::Product> = outs
         .iter_mut()
-        .zip(&layers)
+        .zip(layers)
         .zip(&datas)
         .map(|((out, (l, _, ty)), data)| flywheel_kernels::Product {
             w: flywheel_kernels::QMatrix {
@@ -581,19 +596,16 @@ fn fused_products(ps: &[&Arc<dyn Projection>], x: &Tensor) -> Result<Option<Vec<
             out: &mut out[..],
         })
         .collect();
-    flywheel_kernels::matmul_many(&mut products, &xs, m, flywheel_kernels::Path::Auto);
+    flywheel_kernels::matmul_many(&mut products, &xs, m, path);
     drop(products);
-    let mut result = Vec::with_capacity(outs.len());
-    for (out, (l, _, _)) in outs.into_iter().zip(&layers) {
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("rank >= 1") = l.out_dim;
-        let y = Tensor::from_vec(out, shape, x.device())?;
-        result.push(match &l.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
-            None => y,
-        });
-    }
-    Ok(Some(result))
+    outs.into_iter()
+        .zip(layers)
+        .map(|(out, (l, _, _))| {
+            let mut shape = dims.to_vec();
+            *shape.last_mut().expect("rank >= 1") = l.out_dim;
+            Ok(Tensor::from_vec(out, shape, x.device())?)
+        })
+        .collect()
 }
 
 /// Decides, at load time, what wraps each projection of a model (identity by default).
