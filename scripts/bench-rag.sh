@@ -7,16 +7,17 @@
 #   3. retrieval quality on the Python FAQ (179 questions, gold = the FAQ entry's section) over the
 #      whole Python 3.11 documentation: recall@1/5/10, MRR@10, nDCG@10 per mode, and on the first
 #      --llm-questions questions also +HyDE and +rerank with the default generator.
-# Usage: scripts/bench-rag.sh [--threads N] [--rounds R] [--subset GLOB] [--skip-quality] [--llm-questions N]
+# Usage: scripts/bench-rag.sh [--threads N] [--rounds R] [--subset GLOB] [--skip-quality] [--skip-latency] [--llm-questions N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-threads=2; rounds=2; subset="faq/*,tutorial/*,howto/*"; quality=1; llm_q=60
+threads=2; rounds=2; subset="faq/*,tutorial/*,howto/*"; quality=1; latency=1; llm_q=60
 while [ $# -gt 0 ]; do
   case "$1" in
     --threads) threads="$2"; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
     --subset) subset="$2"; shift 2 ;;
     --skip-quality) quality=0; shift ;;
+    --skip-latency) latency=0; shift ;;
     --llm-questions) llm_q="$2"; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -49,8 +50,12 @@ PY
     --threads "$threads" --batch-size 32 2>/dev/null | tee -a "$out/index-st.jsonl"
 done
 
-echo "## 2. query latency (synthetic chunks)" >&2
-$fw rag bench-latency --threads "$threads" --chunks 10000,100000 --queries 200 --dir "$out" | tee "$out/latency.jsonl"
+if [ "$latency" = 1 ]; then
+  echo "## 2. query latency (synthetic chunks)" >&2
+  $fw rag bench-latency --threads "$threads" --chunks 10000,100000 --queries 200 --dir "$out" | tee "$out/latency.jsonl"
+else
+  rm -f "$out/latency.jsonl"
+fi
 
 if [ "$quality" = 1 ]; then
   echo "## 3. retrieval quality on the Python FAQ" >&2
@@ -74,8 +79,9 @@ x = statistics.median(r["chunks_written"] / r["total_s"] for r in fw)
 y = statistics.median(r["chunks_per_s"] for r in st)
 print("\n| indexing | chunks | flywheel chunks/s (index, embedding included) | sentence-transformers chunks/s (embedding only) | ratio |\n|---|---|---|---|---|")
 print(f"| python docs subset | {fw[0]['chunks_written']} | {x:.1f} | {y:.1f} | {x / y:.2f}× |")
-lat = load("latency.jsonl")
-print("\n| chunks | mode | p50 ms | p95 ms | index |\n|---|---|---|---|---|")
+lat = load("latency.jsonl") if (d / "latency.jsonl").exists() else []
+if lat:
+    print("\n| chunks | mode | p50 ms | p95 ms | index |\n|---|---|---|---|---|")
 for r in lat:
     print(f"| {r['chunks']} | {r['mode']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {'HNSW' if r['hnsw'] else 'exact'} |")
 by = {(r["chunks"], r["mode"]): r for r in lat}

@@ -144,50 +144,108 @@ fn sum8(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
-/// Runs `f` compiled for AVX2+FMA when the CPU has them (checked once), else as is.
-#[inline(always)]
-fn simd<R>(f: impl FnOnce() -> R) -> R {
+/// The widest vector level this CPU has for the element-wise loops below (checked once).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Level {
+    /// AVX-512 F/BW/DQ/VL: 16 lanes.
+    V4,
+    /// AVX2 + FMA: 8 lanes.
+    V3,
+    /// Whatever the build targets.
+    Base,
+}
+
+fn level() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
-        static HAVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *HAVE.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-        {
-            #[target_feature(enable = "avx2,fma")]
-            #[allow(unsafe_code)]
-            unsafe fn run<R>(f: impl FnOnce() -> R) -> R {
-                f()
+        static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            let v3 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            let v4 = v3
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512vl");
+            if v4 {
+                Level::V4
+            } else if v3 {
+                Level::V3
+            } else {
+                Level::Base
             }
-            // SAFETY: the features were detected at run time.
-            #[allow(unsafe_code)]
-            return unsafe { run(f) };
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Level::Base
+    }
+}
+
+/// Defines `fn $name(args)` that runs its body compiled for the widest vectors the CPU has
+/// (AVX-512, else AVX2+FMA, else the build's baseline). The body and the `#[inline(always)]`
+/// helpers it calls are compiled inside each feature-enabled copy; the arithmetic is the same
+/// in every copy (no FMA contraction), so results do not depend on the CPU.
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        fn $name($($a: $t),*) {
+            #[inline(always)]
+            fn body($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                #[allow(unsafe_code)]
+                unsafe fn v4($($a: $t),*) {
+                    body($($a),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(unsafe_code)]
+                unsafe fn v3($($a: $t),*) {
+                    body($($a),*)
+                }
+                match level() {
+                    // SAFETY: the features were detected at run time.
+                    #[allow(unsafe_code)]
+                    Level::V4 => return unsafe { v4($($a),*) },
+                    #[allow(unsafe_code)]
+                    Level::V3 => return unsafe { v3($($a),*) },
+                    Level::Base => {}
+                }
+            }
+            body($($a),*)
+        }
+    };
+}
+
+multiversion! {
+/// LayerNorm of one row in place: `(x − mean) / sqrt(var + eps) · g + b`.
+fn norm_row(row: &mut [f32], g: &[f32], b: &[f32], eps: f32) {
+    let width = row.len();
+    let mean = sum8(row) / width as f32;
+    let mut acc = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            acc[k] += (c[k] - mean) * (c[k] - mean);
         }
     }
-    f()
+    let var = (acc.iter().sum::<f32>()
+        + chunks
+            .remainder()
+            .iter()
+            .map(|v| (v - mean) * (v - mean))
+            .sum::<f32>())
+        / width as f32;
+    let inv = 1.0 / (var + eps).sqrt();
+    for ((v, g), b) in row.iter_mut().zip(g).zip(b) {
+        *v = (*v - mean) * inv * g + b;
+    }
+}
 }
 
 fn layer_norm(x: &mut [f32], width: usize, n: &Norm, eps: f32) {
     x.par_chunks_mut(width).for_each(|row| {
-        simd(|| {
-            let mean = sum8(row) / width as f32;
-            let mut acc = [0f32; 8];
-            let mut chunks = row.chunks_exact(8);
-            for c in &mut chunks {
-                for k in 0..8 {
-                    acc[k] += (c[k] - mean) * (c[k] - mean);
-                }
-            }
-            let var = (acc.iter().sum::<f32>()
-                + chunks
-                    .remainder()
-                    .iter()
-                    .map(|v| (v - mean) * (v - mean))
-                    .sum::<f32>())
-                / width as f32;
-            let inv = 1.0 / (var + eps).sqrt();
-            for ((v, g), b) in row.iter_mut().zip(&n.g).zip(&n.b) {
-                *v = (*v - mean) * inv * g + b;
-            }
-        })
+        norm_row(row, &n.g, &n.b, eps);
     });
 }
 
@@ -197,13 +255,17 @@ fn layer_norm(x: &mut [f32], width: usize, n: &Norm, eps: f32) {
 fn exp_fast(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     // Round to nearest with the 1.5·2^23 trick (exact for |t| < 2^22).
-    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let t = x * std::f32::consts::LOG2_E + 12_582_912.0;
+    let n = t - 12_582_912.0;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from t's bits: t = 1.5·2^23 + n, so its low bits hold n (|n| <= 126 here) and
+    // (bits + 127) << 23 is the exponent field of 2^n. Integer ops only, so the loop vectorises
+    // (a float-to-int `as` cast is a saturating conversion that stays scalar).
+    let scale = f32::from_bits(t.to_bits().wrapping_add(127) << 23);
     p * scale
 }
 
@@ -227,37 +289,41 @@ fn erf(x: f32) -> f32 {
     (1.0 - r).copysign(x)
 }
 
+multiversion! {
+/// Softmax of one row in place.
 fn softmax(r: &mut [f32]) {
-    simd(|| {
-        let mut mx = [f32::NEG_INFINITY; 8];
-        let mut chunks = r.chunks_exact(8);
-        for c in &mut chunks {
-            for k in 0..8 {
-                mx[k] = mx[k].max(c[k]);
-            }
+    let mut mx = [f32::NEG_INFINITY; 8];
+    let mut chunks = r.chunks_exact(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            mx[k] = mx[k].max(c[k]);
         }
-        let m = chunks
-            .remainder()
-            .iter()
-            .chain(&mx)
-            .copied()
-            .fold(f32::NEG_INFINITY, f32::max);
-        for v in r.iter_mut() {
-            *v = exp_fast(*v - m);
-        }
-        let inv = 1.0 / sum8(r);
-        r.iter_mut().for_each(|v| *v *= inv);
-    })
+    }
+    let m = chunks
+        .remainder()
+        .iter()
+        .chain(&mx)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for v in r.iter_mut() {
+        *v = exp_fast(*v - m);
+    }
+    let inv = 1.0 / sum8(r);
+    r.iter_mut().for_each(|v| *v *= inv);
+}
 }
 
 fn gelu(x: &mut [f32]) {
-    x.par_chunks_mut(4096).for_each(|c| {
-        simd(|| {
-            for v in c {
-                *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
-            }
-        })
-    });
+    x.par_chunks_mut(4096).for_each(gelu_chunk);
+}
+
+multiversion! {
+/// GELU (erf form) in place.
+fn gelu_chunk(c: &mut [f32]) {
+    for v in c {
+        *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
 }
 
 #[derive(Clone, Copy)]
@@ -517,10 +583,55 @@ mod tests {
 
     #[test]
     fn exp_fast_is_accurate() {
-        for i in -8000..=8800 {
+        for i in -8700..=8800 {
             let x = i as f32 / 100.0;
             let (got, want) = (super::exp_fast(x) as f64, (x as f64).exp());
             assert!(((got - want) / want).abs() < 5e-7, "x={x}: {got} vs {want}");
+        }
+    }
+
+    /// The dispatched (widest-vector) softmax, GELU and LayerNorm against f64 references, on an
+    /// odd length so the vector loops' tails run too.
+    #[test]
+    fn vector_element_wise_ops_match_f64_references() {
+        let x: Vec<f32> = (0..203)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let mut s = x.clone();
+        super::softmax(&mut s);
+        let m = x.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
+        let z: f64 = x.iter().map(|&v| (v as f64 - m).exp()).sum();
+        for (&v, &got) in x.iter().zip(&s) {
+            let want = (v as f64 - m).exp() / z;
+            assert!(
+                (got as f64 - want).abs() <= 1e-6 * want + 1e-12,
+                "softmax({v}): {got} vs {want}"
+            );
+        }
+        let mut g = x.clone();
+        super::gelu_chunk(&mut g);
+        for (&v, &got) in x.iter().zip(&g) {
+            let want =
+                0.5 * v as f64 * (1.0 + super::erf(v * std::f32::consts::FRAC_1_SQRT_2) as f64);
+            assert!(
+                (got as f64 - want).abs() < 1e-5,
+                "gelu({v}): {got} vs {want}"
+            );
+        }
+        let (gain, bias): (Vec<f32>, Vec<f32>) = (0..203)
+            .map(|i| (1.0 + i as f32 / 400.0, i as f32 / 1000.0))
+            .unzip();
+        let mut n = x.clone();
+        super::norm_row(&mut n, &gain, &bias, 1e-12);
+        let mean = x.iter().map(|&v| v as f64).sum::<f64>() / 203.0;
+        let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / 203.0;
+        for i in 0..203 {
+            let want = (x[i] as f64 - mean) / var.sqrt() * gain[i] as f64 + bias[i] as f64;
+            assert!(
+                (n[i] as f64 - want).abs() < 1e-5,
+                "norm[{i}]: {} vs {want}",
+                n[i]
+            );
         }
     }
 }
