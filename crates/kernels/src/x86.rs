@@ -57,8 +57,9 @@ pub(crate) fn dot_k(ty: BlockType) -> RowDot<Q8KBlock> {
     }
 }
 
+/// The sum of the eight lanes. Needs only AVX (no F16C), so it inlines into the f32 kernels too.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = "avx2,fma")]
 fn hsum(v: __m256) -> f32 {
     let lo = _mm256_castps256_ps128(v);
     let hi = _mm256_extractf128_ps(v, 1);

@@ -186,9 +186,9 @@ fn level() -> Level {
 /// helpers it calls are compiled inside each feature-enabled copy; the arithmetic is the same
 /// in every copy (no FMA contraction), so results do not depend on the CPU.
 macro_rules! multiversion {
-    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
         $(#[$m])*
-        fn $name($($a: $t),*) {
+        $vis fn $name($($a: $t),*) {
             #[inline(always)]
             fn body($($a: $t),*) $body
             #[cfg(target_arch = "x86_64")]
@@ -290,8 +290,8 @@ fn erf(x: f32) -> f32 {
 }
 
 multiversion! {
-/// Softmax of one row in place.
-fn softmax(r: &mut [f32]) {
+/// Softmax of one row in place (also the decoder's host prefill attention).
+pub(crate) fn softmax(r: &mut [f32]) {
     let mut mx = [f32::NEG_INFINITY; 8];
     let mut chunks = r.chunks_exact(8);
     for c in &mut chunks {

@@ -904,6 +904,51 @@ mod tests {
         Ok(())
     }
 
+    /// The host prefill (fused causal attention over the cache) against candle's reference
+    /// path: a prompt on an empty cache, a second chunk continuing it, and two unpadded rows.
+    #[test]
+    fn host_prefill_matches_the_reference_path() -> anyhow::Result<()> {
+        for arch in [Architecture::Llama, Architecture::Qwen2] {
+            let m = model(arch)?;
+            // 21 + 13 tokens: the host path's query blocks (8 in unit tests) end mid-prompt.
+            let prompt: Vec<u32> = (0..21).map(|i| (i * 37 + 5) % 96).collect();
+            let more: Vec<u32> = (0..13).map(|i| (i * 11 + 9) % 96).collect();
+            let run = |reference: bool| -> anyhow::Result<(Tensor, Tensor, Tensor)> {
+                let go = || -> anyhow::Result<(Tensor, Tensor, Tensor)> {
+                    let mut c = m.new_cache(vec![0]);
+                    let first = m.forward(&ids(&prompt)?, &mut c, Logits::All)?;
+                    let next = m.forward(&ids(&more)?, &mut c, Logits::All)?;
+                    let rows = Tensor::new(&[[5u32, 17, 3, 88], [7, 11, 13, 1]], m.device())?;
+                    let mut c2 = m.new_cache(vec![0, 0]);
+                    let both = m.forward(&rows, &mut c2, Logits::All)?;
+                    Ok((first, next, both))
+                };
+                if reference {
+                    crate::with_reference_kernels(go)
+                } else {
+                    go()
+                }
+            };
+            let (a, b) = (run(false)?, run(true)?);
+            for (name, x, y) in [
+                ("first", &a.0, &b.0),
+                ("next", &a.1, &b.1),
+                ("rows", &a.2, &b.2),
+            ] {
+                let d = max_diff(x, y)?;
+                assert!(d < 1e-4, "{arch:?} {name}: max diff {d}");
+            }
+            // The test can fail: a different continuation changes the logits.
+            let mut c = m.new_cache(vec![0]);
+            let mut changed = prompt.clone();
+            changed[3] = (changed[3] + 1) % 96;
+            m.forward(&ids(&changed)?, &mut c, Logits::All)?;
+            let other = m.forward(&ids(&more)?, &mut c, Logits::All)?;
+            assert!(max_diff(&other, &a.1)? > 1e-4, "{arch:?} cache ignored");
+        }
+        Ok(())
+    }
+
     #[test]
     fn decode_step_rows_match_full_forwards_and_caches_clone_and_truncate() -> anyhow::Result<()> {
         for arch in [Architecture::Llama, Architecture::Qwen2] {

@@ -483,6 +483,12 @@ impl Attention {
                 return Ok(out);
             }
         }
+        if let (true, PositionTables::Shared(start, _)) = (t > 1, positions) {
+            // Every row sits at the same positions (no padding), so the mask is causal.
+            if let Some(out) = self.prefill_host(x, rope, *start, cache)? {
+                return Ok(out);
+            }
+        }
         let q = self.q_proj.forward(x)?;
         let k = self.k_proj.forward(x)?;
         let v = self.v_proj.forward(x)?;
@@ -674,6 +680,153 @@ impl Attention {
             );
         }
         let out = Tensor::from_vec(out, (b, 1, nh * d), x.device())?;
+        Ok(Some(self.o_proj.forward(&out)?))
+    }
+
+    /// Several tokens per row at positions `start..start + t`, every row at the same positions
+    /// (no padding, so the mask is causal), on host buffers (CPU, f32, no gradient): projections,
+    /// RoPE on the host, the keys/values written into the cache in place, then for every query
+    /// position and head the fused one-query attention over the cache prefix it may see. No
+    /// `t × seq` score tensors are built. Returns `None`, having changed nothing, when the cache
+    /// or tensors do not qualify.
+    fn prefill_host(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        start: usize,
+        cache: &mut LayerCache,
+    ) -> Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let (b, t, _) = x.dims3()?;
+        if !crate::train_ops::applicable(x)
+            || crate::linear::reference_kernels()
+            || crate::train_ops::training(x)
+            || start + t > rope.max_positions()
+        {
+            return Ok(None);
+        }
+        let (nh, nkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        match cache.host_mut(b, nkv, d) {
+            Some(h) if h.len == start => {}
+            _ => return Ok(None),
+        }
+        let host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let qkv = crate::linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let mut q = host(&qkv[0])?;
+        let mut k = host(&qkv[1])?;
+        let v = host(&qkv[2])?;
+        for (i, (qr, kr)) in q
+            .chunks_exact_mut(nh * d)
+            .zip(k.chunks_exact_mut(nkv * d))
+            .enumerate()
+        {
+            let p = start + i % t;
+            if !(rope.rotate_host(qr, d, p) && rope.rotate_host(kr, d, p)) {
+                return Err(candle_core::Error::Msg(
+                    "rotary tables are not host f32 tables".into(),
+                )
+                .into());
+            }
+        }
+        let h = cache.host.as_mut().expect("checked above");
+        h.reserve(t);
+        for r in 0..b {
+            for s in 0..t {
+                for hd in 0..nkv {
+                    let at = h.at(r, hd, start + s);
+                    let src = ((r * t + s) * nkv + hd) * d;
+                    h.k[at..at + d].copy_from_slice(&k[src..src + d]);
+                    h.v[at..at + d].copy_from_slice(&v[src..src + d]);
+                }
+            }
+        }
+        h.len += t;
+        let h = &*h;
+        let (group, scale) = (nh / nkv, 1.0 / (d as f32).sqrt());
+        // Tasks of (row, query head, block of query positions), a fixed split whatever the thread
+        // count: scores = scale·Q·Kᵀ over the keys the block's last position may see, a causal
+        // softmax per query, then P·V, each a small single-threaded GEMM.
+        // (Unit tests use blocks of 8 so that their short prompts cross block boundaries.)
+        const BLOCK: usize = if cfg!(test) { 8 } else { 64 };
+        let tasks: Vec<(usize, usize, usize)> = (0..b)
+            .flat_map(|r| {
+                (0..nh).flat_map(move |hq| (0..t).step_by(BLOCK).map(move |s0| (r, hq, s0)))
+            })
+            .collect();
+        let blocks: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map_init(Vec::new, |scores: &mut Vec<f32>, &(r, hq, s0)| {
+                let m = BLOCK.min(t - s0);
+                let seen = start + s0 + m;
+                scores.clear();
+                scores.resize(m * seen, 0.0);
+                let kv = h.at(r, hq / group, 0);
+                let mut ctx = vec![0f32; m * d];
+                let qp = q[((r * t + s0) * nh + hq) * d..].as_ptr();
+                // SAFETY: every pointer/stride pair stays inside its buffer: q holds `m` rows of
+                // stride `nh·d` from `qp`, the cache `seen` positions of `d` from `kv`, scores
+                // `m × seen`, ctx `m × d`; the destinations alias nothing.
+                #[allow(unsafe_code)]
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        seen,
+                        d,
+                        scores.as_mut_ptr(),
+                        1,
+                        seen as isize,
+                        false,
+                        qp,
+                        1,
+                        (nh * d) as isize,
+                        h.k[kv..].as_ptr(),
+                        d as isize,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                    for (i, row) in scores.chunks_exact_mut(seen).enumerate() {
+                        let valid = start + s0 + i + 1;
+                        crate::bert_packed::softmax(&mut row[..valid]);
+                        row[valid..].fill(0.0);
+                    }
+                    gemm::gemm(
+                        m,
+                        d,
+                        seen,
+                        ctx.as_mut_ptr(),
+                        1,
+                        d as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        seen as isize,
+                        h.v[kv..].as_ptr(),
+                        1,
+                        d as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                ctx
+            })
+            .collect();
+        let mut out = vec![0f32; b * t * nh * d];
+        for (&(r, hq, s0), ctx) in tasks.iter().zip(&blocks) {
+            for (i, c) in ctx.chunks_exact(d).enumerate() {
+                let at = ((r * t + s0 + i) * nh + hq) * d;
+                out[at..at + d].copy_from_slice(c);
+            }
+        }
+        let out = Tensor::from_vec(out, (b, t, nh * d), x.device())?;
         Ok(Some(self.o_proj.forward(&out)?))
     }
 
