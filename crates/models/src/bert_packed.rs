@@ -131,6 +131,47 @@ fn linear(x: &[f32], n: usize, d: &Dense, y: &mut Vec<f32>) {
     }
 }
 
+/// `dst[m × n] = scale · lhs[m × k] · rhs[k × n]` on the calling thread (one task of a parallel
+/// attention). `dst` and `lhs` are row-major with row strides `dst_rs` / `lhs_rs`; `rhs` moves by
+/// `rhs_rs` along k and `rhs_cs` along n, so a transposed operand is a stride swap.
+///
+/// # Safety
+/// Every pointer must cover the elements its sizes and strides reach, and `dst` must not alias
+/// the inputs.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+pub(crate) unsafe fn small_gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    lhs_rs: usize,
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    scale: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs,
+        1,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        0.0,
+        scale,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
 /// Sum with eight independent accumulators, so the loop vectorises.
 #[inline(always)]
 fn sum8(x: &[f32]) -> f32 {
@@ -480,51 +521,29 @@ impl PackedBert {
                     #[allow(unsafe_code)]
                     unsafe {
                         // scores[t × t] = scale · Q_h · K_hᵀ
-                        gemm::gemm(
-                            t,
-                            t,
-                            d,
+                        small_gemm(
+                            (t, t, d),
                             scores.as_mut_ptr(),
-                            1,
-                            t as isize,
-                            false,
+                            t,
                             q,
-                            1,
-                            row as isize,
+                            row,
                             k,
-                            row as isize,
-                            1,
-                            0.0,
+                            (1, row),
                             scale,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
                         );
                         for r in scores.chunks_mut(t) {
                             softmax(r);
                         }
                         // ctx_h[t × d] = P · V_h
-                        gemm::gemm(
-                            t,
-                            d,
-                            t,
+                        small_gemm(
+                            (t, d, t),
                             ctx_ptr.get().add(o * h + hd * d),
-                            1,
-                            h as isize,
-                            false,
+                            h,
                             scores.as_ptr(),
-                            1,
-                            t as isize,
+                            t,
                             v,
-                            1,
-                            row as isize,
-                            0.0,
+                            (row, 1),
                             1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
                         );
                     }
                 });

@@ -696,6 +696,7 @@ impl Attention {
         start: usize,
         cache: &mut LayerCache,
     ) -> Result<Option<Tensor>> {
+        use crate::bert_packed::small_gemm;
         use rayon::prelude::*;
         let (b, t, _) = x.dims3()?;
         if !crate::train_ops::applicable(x)
@@ -768,52 +769,32 @@ impl Attention {
                 // `m × seen`, ctx `m × d`; the destinations alias nothing.
                 #[allow(unsafe_code)]
                 unsafe {
-                    gemm::gemm(
-                        m,
-                        seen,
-                        d,
+                    let kp = h.k[kv..].as_ptr();
+                    small_gemm(
+                        (m, seen, d),
                         scores.as_mut_ptr(),
-                        1,
-                        seen as isize,
-                        false,
+                        seen,
                         qp,
-                        1,
-                        (nh * d) as isize,
-                        h.k[kv..].as_ptr(),
-                        d as isize,
-                        1,
-                        0.0,
+                        nh * d,
+                        kp,
+                        (1, d),
                         scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                     for (i, row) in scores.chunks_exact_mut(seen).enumerate() {
                         let valid = start + s0 + i + 1;
                         crate::bert_packed::softmax(&mut row[..valid]);
                         row[valid..].fill(0.0);
                     }
-                    gemm::gemm(
-                        m,
-                        d,
-                        seen,
+                    let vp = h.v[kv..].as_ptr();
+                    small_gemm(
+                        (m, d, seen),
                         ctx.as_mut_ptr(),
-                        1,
-                        d as isize,
-                        false,
+                        d,
                         scores.as_ptr(),
-                        1,
-                        seen as isize,
-                        h.v[kv..].as_ptr(),
-                        1,
-                        d as isize,
-                        0.0,
+                        seen,
+                        vp,
+                        (d, 1),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
                 ctx
