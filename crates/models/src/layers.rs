@@ -483,15 +483,16 @@ impl Attention {
                 return Ok(out);
             }
         }
+        let qkv = crate::linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?;
         if let (true, PositionTables::Shared(start, _)) = (t > 1, positions) {
             // Every row sits at the same positions (no padding), so the mask is causal.
-            if let Some(out) = self.prefill_host(x, rope, *start, cache)? {
+            if let Some(out) = self.prefill_host(x, &qkv, rope, *start, cache)? {
                 return Ok(out);
             }
         }
-        let q = self.q_proj.forward(x)?;
-        let k = self.k_proj.forward(x)?;
-        let v = self.v_proj.forward(x)?;
+        let [q, k, v]: [Tensor; 3] = qkv
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("three projections".into()))?;
         let q = q
             .reshape((b, t, self.n_heads, self.head_dim))?
             .transpose(1, 2)?;
@@ -685,13 +686,16 @@ impl Attention {
 
     /// Several tokens per row at positions `start..start + t`, every row at the same positions
     /// (no padding, so the mask is causal), on host buffers (CPU, f32, no gradient): projections,
-    /// RoPE on the host, the keys/values written into the cache in place, then for every query
-    /// position and head the fused one-query attention over the cache prefix it may see. No
-    /// `t × seq` score tensors are built. Returns `None`, having changed nothing, when the cache
-    /// or tensors do not qualify.
+    /// RoPE on the host, the keys/values written into the cache in place, then per block of
+    /// query positions and head two small GEMMs around a causal softmax over the cache prefix the
+    /// block may see. No `t × seq` score tensors are built. Returns `None`, having changed
+    /// nothing, when the cache or tensors do not qualify.
+    /// `qkv` holds the three projections of `x`; a projection that carries a gradient (a
+    /// trainable adapter) keeps the differentiable path.
     fn prefill_host(
         &self,
         x: &Tensor,
+        qkv: &[Tensor],
         rope: &Rope,
         start: usize,
         cache: &mut LayerCache,
@@ -702,6 +706,7 @@ impl Attention {
         if !crate::train_ops::applicable(x)
             || crate::linear::reference_kernels()
             || crate::train_ops::training(x)
+            || qkv.iter().any(crate::train_ops::training)
             || start + t > rope.max_positions()
         {
             return Ok(None);
@@ -712,7 +717,6 @@ impl Attention {
             _ => return Ok(None),
         }
         let host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
-        let qkv = crate::linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?;
         let mut q = host(&qkv[0])?;
         let mut k = host(&qkv[1])?;
         let v = host(&qkv[2])?;
