@@ -110,6 +110,54 @@ fn every_type_simd_equals_scalar_and_both_track_the_dequantized_product() {
 }
 
 #[test]
+fn one_row_kernels_equal_the_avx2_path_bit_for_bit() {
+    // One activation row goes to the VNNI row kernels where the CPU has VNNI (four weight rows a
+    // pass, a short last group padded); `Path::Avx2` runs the row-at-a-time AVX2 kernel. Every
+    // row count up to three groups, so each padding case is hit. (On a CPU without VNNI both
+    // calls take the same path and the test only checks that the result is not empty.)
+    let mut seed = 11;
+    for ty in ALL_TYPES.into_iter().filter(|t| !t.is_k()) {
+        for n in 1..=12 {
+            let k = 5 * ty.block_elems();
+            let wq = random_weights(ty, n, k, &mut seed);
+            let x = random_x(1, k, &mut seed);
+            let wm = QMatrix {
+                ty,
+                data: &wq,
+                n,
+                k,
+            };
+            let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+            matmul(wm, &x, 1, &mut a, Path::Auto);
+            matmul(wm, &x, 1, &mut b, Path::Avx2);
+            assert!(a.iter().any(|v| *v != 0.0), "{ty:?} n={n}: all zero");
+            assert_eq!(a, b, "{ty:?} n={n}: {} vs avx2", crate::auto_path_name());
+            // Each VNNI flavour this CPU has, called directly (Auto picks only one).
+            #[cfg(target_arch = "x86_64")]
+            for (flavour, have) in [
+                (
+                    crate::x86::Vnni::Avx,
+                    is_x86_feature_detected!("avxvnni") && crate::have_avx2(),
+                ),
+                (
+                    crate::x86::Vnni::Avx512,
+                    crate::have_vnni() == Some(crate::x86::Vnni::Avx512),
+                ),
+            ] {
+                if !have {
+                    continue;
+                }
+                let mut xq = vec![crate::Q8Block::default(); k / crate::QK];
+                crate::quantize_row(&x, &mut xq, true);
+                let mut c = vec![0f32; n];
+                crate::x86::rows32(ty, flavour)(&wq, &xq, &crate::lane_sums(&xq), &mut c);
+                assert_eq!(c, b, "{ty:?} n={n}: {flavour:?} vs avx2");
+            }
+        }
+    }
+}
+
+#[test]
 fn results_do_not_depend_on_the_thread_count() {
     let mut seed = 7;
     for ty in ALL_TYPES {

@@ -75,7 +75,11 @@ fn hsum(v: __m256) -> f32 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn halves(p: *const u8) -> __m128 {
-    _mm_cvtph_ps(_mm_loadu_si32(p))
+    // Volatile, so LLVM cannot narrow the load to the 16 bits a symmetric type reads: it would
+    // become `vpinsrw` into an arbitrary register (it picked the accumulator, chaining every
+    // block of `dot32` behind the previous block's FMA).
+    let bits = u32::from_le_bytes(std::ptr::read_volatile(p as *const [u8; 4]));
+    _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))
 }
 
 /// Lane 1 of `v`.
@@ -167,41 +171,30 @@ unsafe fn step32<const T: u8>(
     *acc = _mm256_fmadd_ps(_mm256_set1_ps(_mm_cvtss_f32(dm) * xb.d), p, *acc);
 }
 
-/// One weight row of a 32-element type times one activation row. Even and odd blocks go to two
-/// accumulators, so two dependency chains run side by side.
+/// One weight row of a 32-element type times one activation row: one accumulator, blocks in
+/// order, so the result is bit-identical to [`dot32x4`] and to the VNNI row kernels (which run
+/// four rows side by side for their parallelism).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot32<const T: u8>(w: &[u8], x: &[Q8Block]) -> f32 {
     let bb = block_bytes(T);
     assert!(w.len() >= x.len() * bb);
     let wp = w.as_ptr();
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let (mut s0, mut s1) = (0f32, 0f32);
-    let block = |b: usize| {
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0f32;
+    for (b, xb) in x.iter().enumerate() {
         let wb = wp.add(b * bb);
         let q = weights32::<T>(wb);
-        (
+        step32::<T>(
             wb,
             q,
             _mm256_sign_epi8(q, q),
             halves(wb),
-            x.get_unchecked(b),
-        )
-    };
-    let mut b = 0;
-    while b + 2 <= x.len() {
-        let (wb, q, ax, dm, xb) = block(b);
-        step32::<T>(wb, q, ax, dm, xb, &mut acc0, &mut s0);
-        let (wb, q, ax, dm, xb) = block(b + 1);
-        step32::<T>(wb, q, ax, dm, xb, &mut acc1, &mut s1);
-        b += 2;
+            xb,
+            &mut acc,
+            &mut summs,
+        );
     }
-    if b < x.len() {
-        let (wb, q, ax, dm, xb) = block(b);
-        step32::<T>(wb, q, ax, dm, xb, &mut acc0, &mut s0);
-    }
-    let acc = [acc0, acc1];
-    let summs = [s0, s1];
-    hsum(_mm256_add_ps(acc[0], acc[1])) + (summs[0] + summs[1])
+    hsum(acc) + summs
 }
 
 /// [`dot32`] of one weight row with four activation rows at once: each weight block is unpacked
@@ -213,14 +206,13 @@ unsafe fn dot32x4<const T: u8>(w: &[u8], x: [&[Q8Block]; 4]) -> [f32; 4] {
     let nb = x[0].len();
     assert!(w.len() >= nb * bb && x.iter().all(|r| r.len() == nb));
     let wp = w.as_ptr();
-    let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-    let mut summs = [[0f32; 2]; 4];
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut summs = [0f32; 4];
     for b in 0..nb {
         let wb = wp.add(b * bb);
         let q = weights32::<T>(wb);
         let ax = _mm256_sign_epi8(q, q);
         let dm = halves(wb);
-        let e = b & 1;
         for r in 0..4 {
             step32::<T>(
                 wb,
@@ -228,13 +220,176 @@ unsafe fn dot32x4<const T: u8>(w: &[u8], x: [&[Q8Block]; 4]) -> [f32; 4] {
                 ax,
                 dm,
                 x[r].get_unchecked(b),
-                &mut acc[r][e],
-                &mut summs[r][e],
+                &mut acc[r],
+                &mut summs[r],
             );
         }
     }
-    std::array::from_fn(|r| hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + (summs[r][0] + summs[r][1]))
+    std::array::from_fn(|r| hsum(acc[r]) + summs[r])
 }
+
+/// Many weight rows times one activation row with VNNI (`vpdpbusd`: unsigned bytes times
+/// signed bytes, four products summed into each i32 lane). `w` holds `out.len()` whole rows of
+/// `x.len()` blocks; `ls` holds each activation block's lane sums (see [`crate::lane_sums`]).
+pub(crate) type Rows32 = fn(&[u8], &[Q8Block], &[[i32; 8]], &mut [f32]);
+
+/// Which VNNI encoding the CPU has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Vnni {
+    /// AVX-VNNI (VEX, 256-bit; Alder Lake and later, Sapphire Rapids, Zen 5).
+    Avx,
+    /// AVX-512 VNNI with BW and VL (Ice Lake, Sapphire Rapids, Zen 4): 256-bit operations, with
+    /// mask registers for the Q5 types' fifth bits.
+    Avx512,
+}
+
+/// The VNNI row kernel for a 32-element type. Only call after detecting AVX2, FMA, F16C and
+/// the given VNNI flavour.
+pub(crate) fn rows32(ty: BlockType, vnni: Vnni) -> Rows32 {
+    macro_rules! pick {
+        ($f:ident) => {
+            // SAFETY (all closures): the caller detected the features; sizes are checked inside.
+            match ty {
+                BlockType::Q4_0 => |w, x, l, o| unsafe { $f::<T_Q4_0>(w, x, l, o) },
+                BlockType::Q4_1 => |w, x, l, o| unsafe { $f::<T_Q4_1>(w, x, l, o) },
+                BlockType::Q5_0 => |w, x, l, o| unsafe { $f::<T_Q5_0>(w, x, l, o) },
+                BlockType::Q5_1 => |w, x, l, o| unsafe { $f::<T_Q5_1>(w, x, l, o) },
+                _ => |w, x, l, o| unsafe { $f::<T_Q8_0>(w, x, l, o) },
+            }
+        };
+    }
+    match vnni {
+        Vnni::Avx => pick!(rows32_avxvnni),
+        Vnni::Avx512 => pick!(rows32_avx512vnni),
+    }
+}
+
+/// A weight block's 32 values as unsigned bytes, `value + offset` with the offset of
+/// [`offset_init`] (8 for Q4_0, 16 for Q5_0, 128 for Q8_0, none for the types with a minimum).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unsigned32<const T: u8>(wb: *const u8) -> __m256i {
+    match T {
+        T_Q4_0 => nibbles(wb.add(2)),
+        T_Q4_1 => nibbles(wb.add(4)),
+        T_Q5_0 => _mm256_or_si256(
+            nibbles(wb.add(6)),
+            _mm256_and_si256(bytes_from_bits(wb.add(2)), _mm256_set1_epi8(0x10)),
+        ),
+        T_Q5_1 => weights32::<T_Q5_1>(wb),
+        _ => _mm256_xor_si256(
+            _mm256_loadu_si256(wb.add(2) as *const __m256i),
+            _mm256_set1_epi8(0x80u8 as i8),
+        ),
+    }
+}
+
+/// [`unsigned32`] with AVX-512 (BW, VL): the fifth bits of Q5_0 / Q5_1 become a mask register
+/// and one masked move, instead of the five-instruction byte expansion AVX2 needs.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+unsafe fn unsigned32_k<const T: u8>(wb: *const u8) -> __m256i {
+    let fifth = |at: usize| {
+        let bits = (wb.add(at) as *const u32).read_unaligned();
+        _mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(0x10))
+    };
+    match T {
+        T_Q5_0 => _mm256_or_si256(nibbles(wb.add(6)), fifth(2)),
+        T_Q5_1 => _mm256_or_si256(nibbles(wb.add(8)), fifth(4)),
+        _ => unsigned32::<T>(wb),
+    }
+}
+
+/// The accumulator `vpdpbusd` starts from: −offset · (each lane's four activation values), so
+/// that Σ (value + offset)·q lands on exactly Σ value·q, the i32 lanes [`products`] makes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn offset_init<const T: u8>(ls: &[i32; 8]) -> __m256i {
+    let sums = _mm256_loadu_si256(ls.as_ptr() as *const __m256i);
+    let zero = _mm256_setzero_si256();
+    match T {
+        T_Q4_0 => _mm256_sub_epi32(zero, _mm256_slli_epi32::<3>(sums)),
+        T_Q5_0 => _mm256_sub_epi32(zero, _mm256_slli_epi32::<4>(sums)),
+        T_Q8_0 => _mm256_sub_epi32(zero, _mm256_slli_epi32::<7>(sums)),
+        _ => zero,
+    }
+}
+
+/// Defines a [`Rows32`] kernel for one VNNI flavour: four rows at a time (one activation load
+/// and one f16 conversion serve four rows; four independent FMA chains). A short last group
+/// repeats its last row and drops the extra results, so every row is computed by the same
+/// code wherever it falls and results do not depend on how rows are split between threads.
+macro_rules! vnni_rows {
+    ($rows:ident, $group:ident, $feat:literal, $dp:ident, $unsigned:ident) => {
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn $group<const T: u8>(
+            w: [*const u8; 4],
+            x: &[Q8Block],
+            ls: &[[i32; 8]],
+        ) -> [f32; 4] {
+            let bb = block_bytes(T);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut summs = _mm256_setzero_ps();
+            for (b, (xb, l)) in x.iter().zip(ls).enumerate() {
+                let qy = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                let init = offset_init::<T>(l);
+                // The rows' `d` (and `m`) halves, widened together: lane 2r is row r's scale
+                // times the activation's, lane 2r + 1 its minimum times the activation sum.
+                let h: [u32; 4] =
+                    std::array::from_fn(|r| (w[r].add(b * bb) as *const u32).read_unaligned());
+                let dm = _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr() as *const __m128i));
+                let sc = _mm256_mul_ps(
+                    dm,
+                    _mm256_setr_ps(xb.d, xb.s, xb.d, xb.s, xb.d, xb.s, xb.d, xb.s),
+                );
+                if has_min(T) {
+                    summs = _mm256_add_ps(summs, sc);
+                }
+                let mut s = [0f32; 8];
+                _mm256_storeu_ps(s.as_mut_ptr(), sc);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let u = $unsigned::<T>(w[r].add(b * bb));
+                    let p = _mm256_cvtepi32_ps($dp(init, u, qy));
+                    *acc = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[2 * r]), p, *acc);
+                }
+            }
+            let mut m = [0f32; 8];
+            _mm256_storeu_ps(m.as_mut_ptr(), summs);
+            std::array::from_fn(|r| hsum(acc[r]) + m[2 * r + 1])
+        }
+
+        #[target_feature(enable = $feat)]
+        unsafe fn $rows<const T: u8>(w: &[u8], x: &[Q8Block], ls: &[[i32; 8]], out: &mut [f32]) {
+            let rb = x.len() * block_bytes(T);
+            let n = out.len();
+            assert!(ls.len() == x.len() && w.len() >= n * rb);
+            let mut r = 0;
+            while r < n {
+                let rows = std::array::from_fn(|i| w.as_ptr().add((r + i).min(n - 1) * rb));
+                let v = $group::<T>(rows, x, ls);
+                let take = (n - r).min(4);
+                out[r..r + take].copy_from_slice(&v[..take]);
+                r += 4;
+            }
+        }
+    };
+}
+
+vnni_rows!(
+    rows32_avxvnni,
+    group32_avxvnni,
+    "avx2,fma,f16c,avxvnni",
+    _mm256_dpbusd_avx_epi32,
+    unsigned32
+);
+vnni_rows!(
+    rows32_avx512vnni,
+    group32_avx512vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    _mm256_dpbusd_epi32,
+    unsigned32_k
+);
 
 /// The 12 packed scale bytes of a Q4_K / Q5_K block → (8 scales, 8 mins) as bytes
 /// (llama.cpp's `utmp` unpacking of `get_scale_min_k4`).

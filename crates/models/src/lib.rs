@@ -20,9 +20,27 @@ pub mod weights;
 pub use candle_core::{quantized::GgmlDType, DType, Device, Tensor};
 pub use decoder::{Architecture, Cache, DecoderConfig, DecoderModel, Logits, RopeScaling};
 pub use linear::{
-    with_reference_kernels, Embedding, KernelChoice, Linear, LinearHook, NoHook, Projection,
+    pinned, with_reference_kernels, Embedding, KernelChoice, Linear, LinearHook, NoHook, Projection,
 };
 pub use weights::{GgufWeights, MemoryWeights, SafetensorsWeights, Weights};
+
+/// Runs `f` on a thread of the global rayon pool when `device` is the CPU (directly otherwise,
+/// or when already on a pool thread), and returns its result.
+///
+/// Called from outside the pool, every parallel section of a forward pass (a few per layer, and
+/// every parallel candle op) hands its work to the pool and puts the caller to sleep until it is
+/// done: two thread switches per section, a large share of a small model's decode step. Inside,
+/// the caller's worker takes part in each section, and only `f` as a whole changes threads.
+///
+/// Thread-local settings do not follow `f` to the pool thread, so `f` runs in place inside
+/// [`pinned`] and [`with_reference_kernels`] (LoRA routing pins its thread); a caller that
+/// wants both sets them inside `f`.
+pub fn on_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
+    if !device.is_cpu() || rayon::current_thread_index().is_some() || linear::is_pinned() {
+        return f();
+    }
+    rayon::scope(|_| f())
+}
 
 /// Errors of model construction and execution.
 #[derive(Debug, thiserror::Error)]

@@ -183,6 +183,26 @@ impl Linear {
 
 thread_local! {
     static REFERENCE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static PINNED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f` with model work pinned to this thread: [`crate::on_pool`] inside `f` runs in place,
+/// so the thread-local settings the caller made (kernel choice, LoRA routing) stay in effect.
+pub fn pinned<R>(f: impl FnOnce() -> R) -> R {
+    struct Unpin;
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            PINNED.with(|p| p.set(p.get() - 1));
+        }
+    }
+    PINNED.with(|p| p.set(p.get() + 1));
+    let _unpin = Unpin;
+    f()
+}
+
+/// Whether this thread is inside [`pinned`] or [`with_reference_kernels`].
+pub(crate) fn is_pinned() -> bool {
+    PINNED.with(|p| p.get() > 0) || REFERENCE.with(|r| r.get())
 }
 
 /// Runs `f` with every layer on this thread using candle's own kernels and ops (quantized

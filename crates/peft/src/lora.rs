@@ -442,7 +442,8 @@ pub fn with_routing<R>(routing: Routing, f: impl FnOnce() -> R) -> R {
     }
     let prev = ROUTING.with(|r| r.borrow_mut().replace(Arc::new(routing)));
     let _reset = Reset(prev);
-    f()
+    // The routing is this thread's: model work inside stays here.
+    flywheel_models::pinned(f)
 }
 
 /// Wraps the projections `selector` picks with [`LoraLinear`] and remembers their slots.

@@ -362,7 +362,10 @@ impl Trainer {
         let mut interrupted = false;
         while self.step < end {
             let t0 = Instant::now();
-            let m = self.train_step()?;
+            // The whole step (forward, backward, update) on a pool thread: candle's parallel ops
+            // then run without a thread switch each (see `flywheel_models::on_pool`).
+            let device = self.device.clone();
+            let m = flywheel_models::on_pool(&device, || self.train_step())?;
             let m = StepMetrics {
                 tokens_per_s: m.tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
                 elapsed_s: started.elapsed().as_secs_f64(),
@@ -579,7 +582,7 @@ impl Trainer {
     /// Mean validation loss per answer token.
     pub fn eval_loss(&self) -> Result<f64> {
         self.hook.dropout_seed().set_enabled(false);
-        let r = self.eval_loss_inner();
+        let r = flywheel_models::on_pool(&self.device, || self.eval_loss_inner());
         self.hook.dropout_seed().set_enabled(true);
         r
     }

@@ -241,10 +241,9 @@ impl EmbeddingModel {
         let ids = Tensor::from_vec(ids, (b, t), &self.device)?;
         let types = Tensor::from_vec(types, (b, t), &self.device)?;
         let mask = Tensor::from_vec(mask, (b, t), &self.device)?;
-        Ok(self
-            .encoder
-            .forward(&ids, &types, &mask)?
-            .to_vec2::<f32>()?)
+        let out =
+            flywheel_models::on_pool(&self.device, || self.encoder.forward(&ids, &types, &mask))?;
+        Ok(out.to_vec2::<f32>()?)
     }
 
     /// Embeds any number of texts in batches of `batch_size`, grouping similar lengths to cut padding;
@@ -267,7 +266,11 @@ impl EmbeddingModel {
                     .iter()
                     .map(|e| (e.get_ids(), e.get_type_ids()))
                     .collect();
-                out.extend(self.encoder.embed_packed(&seqs).expect("packed encoder")?);
+                // On a pool thread: one thread switch per batch, not per parallel section.
+                let packed = flywheel_models::on_pool(&self.device, || {
+                    self.encoder.embed_packed(&seqs).expect("packed encoder")
+                });
+                out.extend(packed?);
                 start = end;
             }
             return Ok(out);

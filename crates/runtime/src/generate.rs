@@ -353,7 +353,9 @@ impl TextModel {
             }
             let mut cache = self.model.new_cache(pads);
             let input = Tensor::from_vec(flat, (group.len(), longest), self.model.device())?;
-            let logits = self.model.forward(&input, &mut cache, Logits::Last)?;
+            let logits = flywheel_models::on_pool(self.model.device(), || {
+                self.model.forward(&input, &mut cache, Logits::Last)
+            })?;
             out.extend(logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?);
         }
         Ok(out)
@@ -393,7 +395,11 @@ impl TextModel {
         let mut cache = self.model.new_cache(pads);
         let t0 = Instant::now();
         let input = Tensor::from_vec(flat, (items.len(), longest), device)?;
-        let mut logits = self.model.forward(&input, &mut cache, Logits::Last)?;
+        // Each forward pass runs on a pool thread (see `flywheel_models::on_pool`).
+        let forward = |input: &Tensor, cache: &mut flywheel_models::Cache| {
+            flywheel_models::on_pool(device, || self.model.forward(input, cache, Logits::Last))
+        };
+        let mut logits = forward(&input, &mut cache)?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         loop {
@@ -412,7 +418,7 @@ impl TextModel {
                 break;
             }
             let input = Tensor::from_vec(next, (rows.len(), 1), device)?;
-            logits = self.model.forward(&input, &mut cache, Logits::Last)?;
+            logits = forward(&input, &mut cache)?;
         }
         let decode_s = t1.elapsed().as_secs_f64();
         let timings = Timings {

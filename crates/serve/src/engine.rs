@@ -460,7 +460,7 @@ impl Worker {
         let whole = t / PREFILL_CHUNK * PREFILL_CHUNK;
         let route = routing(std::iter::once(job.adapter.as_ref()));
         let mut snapshot = None;
-        let logits = with_routing(route, || -> flywheel_models::Result<Tensor> {
+        let prefill = || -> flywheel_models::Result<Tensor> {
             let mut pos = start;
             loop {
                 let end = (pos + PREFILL_CHUNK).min(t);
@@ -479,8 +479,10 @@ impl Worker {
                 }
                 pos = end;
             }
-        })
-        .map_err(|e| e.to_string())?;
+        };
+        // On a pool thread, with the routing set there (see `flywheel_models::on_pool`).
+        let logits = flywheel_models::on_pool(model.device(), || with_routing(route, prefill))
+            .map_err(|e| e.to_string())?;
         if let Some(c) = snapshot {
             self.prefixes
                 .borrow_mut()
@@ -511,8 +513,10 @@ impl Worker {
         let route = routing(batch.iter().map(|s| s.adapter.as_ref()));
         let logits = {
             let mut caches: Vec<&mut Cache> = batch.iter_mut().map(|s| &mut s.cache).collect();
-            with_routing(route, || model.decode_step(&ids, &mut caches))
-                .map_err(|e| e.to_string())?
+            flywheel_models::on_pool(model.device(), || {
+                with_routing(route, || model.decode_step(&ids, &mut caches))
+            })
+            .map_err(|e| e.to_string())?
         };
         let rows = logits.to_vec2::<f32>().map_err(|e| e.to_string())?;
         for (s, mut l) in batch.iter_mut().zip(rows) {
