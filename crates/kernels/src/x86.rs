@@ -583,6 +583,22 @@ pub(crate) unsafe fn axpy_f32_avx2(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// Lane j = the sum of the eight lanes of `a[j]` (a transposing reduction).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum8(a: [__m256; 8]) -> __m256 {
+    let t0 = _mm256_hadd_ps(a[0], a[1]);
+    let t1 = _mm256_hadd_ps(a[2], a[3]);
+    let t2 = _mm256_hadd_ps(a[4], a[5]);
+    let t3 = _mm256_hadd_ps(a[6], a[7]);
+    // u0 = [Σ a0..a3 over the low halves | Σ over the high halves], u1 likewise for a4..a7.
+    let u0 = _mm256_hadd_ps(t0, t1);
+    let u1 = _mm256_hadd_ps(t2, t3);
+    let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
+    let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
+    _mm256_add_ps(lo, hi)
+}
+
 /// `e^x` for eight lanes (Cephes' single-precision polynomial, ~1 ulp over the range softmax
 /// uses; inputs below −87.3 give e^−87.3 ≈ 1e−38 instead of smaller).
 #[inline]
@@ -639,8 +655,30 @@ pub(crate) unsafe fn attention_head_avx2(
     let len = s.len();
     assert!(k.len() >= len * d && v.len() >= len * d && out.len() == d && d.is_multiple_of(8));
     let (pq, pk, pv) = (q.as_ptr(), k.as_ptr(), v.as_ptr());
-    let mut max = f32::NEG_INFINITY;
-    for (p, sc) in s.iter_mut().enumerate() {
+    // Scores eight keys at a time: one accumulator per key, q loaded once per eight keys, and
+    // one transposing reduction for the eight sums instead of a horizontal sum per key.
+    let sv = _mm256_set1_ps(scale);
+    let mut maxv = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mut p0 = 0;
+    while p0 + 8 <= len {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut i = 0;
+        while i < d {
+            let qv = _mm256_loadu_ps(pq.add(i));
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(pk.add((p0 + j) * d + i)), *a);
+            }
+            i += 8;
+        }
+        let sc = _mm256_mul_ps(hsum8(acc), sv);
+        _mm256_storeu_ps(s.as_mut_ptr().add(p0), sc);
+        maxv = _mm256_max_ps(maxv, sc);
+        p0 += 8;
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), maxv);
+    let mut max = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for (p, sc) in s.iter_mut().enumerate().skip(p0) {
         let kr = pk.add(p * d);
         let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut i = 0;
