@@ -360,8 +360,8 @@ pub fn matmul_many(products: &mut [Product<'_>], x: &[f32], m: usize, path: Path
         ws.push(p.w);
     }
     let simd = path != Path::Scalar && have_avx2();
-    // The VNNI row kernels serve one activation row (decode), the memory-bound case.
-    let vnni = path == Path::Auto && m == 1 && have_vnni_rows();
+    // The VNNI row kernels (where the CPU has them) serve one activation row: decode.
+    let vnni = path == Path::Auto && m == 1;
     // One quantization per activation type. Q8_1 is Q8_0 plus the sum term, which the symmetric
     // types ignore, so one pass with sums serves all 32-element types.
     let (b32, bk) = (k / QK, k / QK_K);
@@ -381,7 +381,11 @@ pub fn matmul_many(products: &mut [Product<'_>], x: &[f32], m: usize, path: Path
         }
     }
     let kerns: Vec<Kern> = ws.iter().map(|w| kern_for(w.ty, simd, vnni)).collect();
-    let sums = if vnni { lane_sums(&xq32) } else { Vec::new() };
+    let sums = if kerns.iter().any(|k| matches!(k, Kern::B32(_, _, Some(_)))) {
+        lane_sums(&xq32)
+    } else {
+        Vec::new()
+    };
     // Fills `dst` (`width × m`, column-major) with columns c0.. of product i.
     let fill = |i: usize, c0: usize, dst: &mut [f32]| {
         let w = ws[i];
@@ -487,18 +491,6 @@ fn x86_dots32(ty: BlockType) -> (RowDot<Q8Block>, Option<RowDot4<Q8Block>>) {
 #[cfg(not(target_arch = "x86_64"))]
 fn x86_dots32(ty: BlockType) -> (RowDot<Q8Block>, Option<RowDot4<Q8Block>>) {
     (scalar_dot32(ty), None)
-}
-
-/// Whether the VNNI row kernels can run here.
-fn have_vnni_rows() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        have_vnni().is_some()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -270,13 +270,13 @@ pub(crate) fn rows32(ty: BlockType, vnni: Vnni) -> Rows32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn unsigned32<const T: u8>(wb: *const u8) -> __m256i {
     match T {
+        // The types with a minimum are unsigned already.
+        T_Q4_1 | T_Q5_1 => weights32::<T>(wb),
         T_Q4_0 => nibbles(wb.add(2)),
-        T_Q4_1 => nibbles(wb.add(4)),
         T_Q5_0 => _mm256_or_si256(
             nibbles(wb.add(6)),
             _mm256_and_si256(bytes_from_bits(wb.add(2)), _mm256_set1_epi8(0x10)),
         ),
-        T_Q5_1 => weights32::<T_Q5_1>(wb),
         _ => _mm256_xor_si256(
             _mm256_loadu_si256(wb.add(2) as *const __m256i),
             _mm256_set1_epi8(0x80u8 as i8),
