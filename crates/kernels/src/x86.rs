@@ -75,11 +75,18 @@ fn hsum(v: __m256) -> f32 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn halves(p: *const u8) -> __m128 {
-    // Volatile, so LLVM cannot narrow the load to the 16 bits a symmetric type reads: it would
-    // become `vpinsrw` into an arbitrary register (it picked the accumulator, chaining every
-    // block of `dot32` behind the previous block's FMA).
-    let bits = u32::from_le_bytes(std::ptr::read_volatile(p as *const [u8; 4]));
-    _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))
+    // One `vmovd` in inline assembly, so LLVM cannot narrow the load to the 16 bits a symmetric
+    // type reads: it would become `vpinsrw` into an arbitrary register (it picked the
+    // accumulator, chaining every block of `dot32` behind the previous block's FMA). A volatile
+    // read avoided that too, but as four byte loads and shifts.
+    let v: __m128i;
+    std::arch::asm!(
+        "vmovd {v}, dword ptr [{p}]",
+        v = out(xmm_reg) v,
+        p = in(reg) p,
+        options(pure, readonly, nostack, preserves_flags)
+    );
+    _mm_cvtph_ps(v)
 }
 
 /// Lane 1 of `v`.

@@ -367,8 +367,9 @@ fn gelu_chunk(c: &mut [f32]) {
 }
 }
 
+/// A raw output pointer handed to parallel tasks that write disjoint parts of it.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: each task writes a disjoint region (its own sequence rows and head columns).
 #[allow(unsafe_code)]
 unsafe impl Send for SendPtr {}
@@ -377,7 +378,7 @@ unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
     /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

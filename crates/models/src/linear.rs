@@ -224,11 +224,12 @@ pub fn reference_kernels() -> bool {
     REFERENCE.with(|r| r.get())
 }
 
-/// From this many positions per sequence on, quantized weights are dequantized slab by slab
-/// and multiplied with the f32 GEMM (prefill); fewer use the integer kernels (decode, and the
-/// server's 16-token prompt chunks). The choice looks at positions, not batch rows, so a
-/// sequence computes the same way alone or in a batch of equal length.
-pub const GEMM_MIN_ROWS: usize = 32;
+/// From this many positions per sequence on, quantized weights are dequantized tile by tile
+/// and multiplied with the f32 GEMM (prefill); fewer use the integer kernels (decode, short
+/// prompt tails). 16 is where the GEMM overtook the integer kernels for both default models
+/// (BENCHMARKS.md). The choice looks at positions, not batch rows, so a sequence computes the
+/// same way alone or in a batch of equal length.
+pub const GEMM_MIN_ROWS: usize = 16;
 
 /// Positions per sequence: the second-to-last dimension (the rows of a 2-D input).
 fn positions_of(x: &Tensor) -> usize {
@@ -281,14 +282,18 @@ fn dequantize_rows_into(
     });
 }
 
-/// `y = x·Wᵀ` in f32 for a quantized `W` of a type flywheel-kernels covers: slabs of rows are
-/// dequantized in parallel into one reused buffer and multiplied by one multi-threaded GEMM each,
-/// written straight into their columns of `y` (no per-slab tensors, no concatenation).
+/// `y = x·Wᵀ` in f32 for a quantized `W` of a type flywheel-kernels covers, without the dense
+/// `W` ever existing: tasks of [`tile_rows`] weight rows, each dequantized by its thread into an
+/// L2-sized buffer and multiplied by a one-thread GEMM into its own columns of `y`. (One 4 MiB
+/// slab at a time under a threaded GEMM moved every weight through L3 or memory three times,
+/// which made prefills of 16–64 positions dequantization-bound: 32 positions of Qwen2.5-0.5B
+/// ran at 50 tok/s, now 90.)
 fn prefill_gemm(
     q: &QTensor,
     x: &[f32],
     dims: &[usize],
 ) -> candle_core::Result<(Vec<f32>, Vec<usize>)> {
+    use rayon::prelude::*;
     let ty = kernel_type(q.dtype()).expect("checked by the caller");
     let (n, k) = q.shape().dims2()?;
     let m: usize = dims[..dims.len() - 1].iter().product();
@@ -296,49 +301,62 @@ fn prefill_gemm(
         candle_core::bail!("prefill GEMM: input of {} values for ({m}, {k})", x.len());
     }
     let data = q.data()?;
-    let step = slab_rows(k).min(n);
-    let mut slab = vec![0f32; step * k];
+    let step = tile_rows(k).min(n);
+    let row_bytes = k / ty.block_elems() * ty.block_bytes();
     let mut y = vec![0f32; m * n];
-    let threads = rayon::current_num_threads();
-    let mut r0 = 0;
-    while r0 < n {
+    let yp = crate::bert_packed::SendPtr(y.as_mut_ptr());
+    (0..n.div_ceil(step)).into_par_iter().for_each(|t| {
+        let r0 = t * step;
         let rows = step.min(n - r0);
-        dequantize_rows_into(ty, &data, k, r0, &mut slab[..rows * k]);
-        // SAFETY: y is (m, n) row-major and columns r0..r0+rows exist; x is (m, k); the slab
-        // holds `rows` rows of k, read as the (k, rows) right-hand side; dst aliases neither.
-        #[allow(unsafe_code)]
-        unsafe {
-            gemm::gemm(
-                m,
-                rows,
-                k,
-                y.as_mut_ptr().add(r0),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                slab.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                if threads > 1 {
-                    gemm::Parallelism::Rayon(threads)
-                } else {
-                    gemm::Parallelism::None
-                },
-            );
-        }
-        r0 += rows;
-    }
+        TILE.with(|b| {
+            let mut slab = b.borrow_mut();
+            slab.resize(rows * k, 0.0);
+            let at = r0 * row_bytes;
+            flywheel_kernels::dequantize_into(ty, &data[at..at + rows * row_bytes], &mut slab);
+            // SAFETY: y is (m, n) row-major and this task alone writes its columns
+            // r0..r0 + rows; x is (m, k); the slab holds `rows` rows of k, read as the
+            // (k, rows) right-hand side; dst aliases neither.
+            #[allow(unsafe_code)]
+            unsafe {
+                gemm::gemm(
+                    m,
+                    rows,
+                    k,
+                    yp.get().add(r0),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    slab.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    });
     let mut shape = dims.to_vec();
     *shape.last_mut().expect("rank >= 1") = n;
     Ok((y, shape))
+}
+
+/// Weight rows per task of [`prefill_gemm`]: about 256 KiB of f32, so a task's
+/// dequantized rows stay in L2 while the GEMM packs and reads them; a multiple of 16 rows. It
+/// depends on `k` only, so the split (and every result) is the same whatever the thread count.
+fn tile_rows(k: usize) -> usize {
+    ((64 * 1024) / k.max(1) / 16 * 16).max(16)
+}
+
+thread_local! {
+    /// Each pool thread's buffer of dequantized weight rows.
+    static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A frozen weight seen by [`FrozenTrainOp`].
