@@ -359,6 +359,73 @@ thread_local! {
     static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// `dx = g·W` (`g` is `(m, n)`, `W` a quantized `(n, k)`, `dx` `(m, k)`), the input gradient
+/// of [`prefill_gemm`]: one task per block of `dx` columns (disjoint outputs), each walking down
+/// `W` in L2-sized tiles (dequantized by its thread) and accumulating one-thread GEMMs. The tiles
+/// depend on the shape only, so the result is the same whatever the thread count.
+fn input_gradient_gemm(q: &QTensor, g: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+    use rayon::prelude::*;
+    let ty = kernel_type(q.dtype()).expect("checked by the caller");
+    let (n, k) = q.shape().dims2()?;
+    if g.len() != m * n {
+        candle_core::bail!("input gradient: {} values for ({m}, {n})", g.len());
+    }
+    let data = q.data()?;
+    let (be, bb) = (ty.block_elems(), ty.block_bytes());
+    let row_bytes = k / be * bb;
+    // Columns per task: whole blocks, at least 64; rows per tile: about 64 Ki values.
+    let kc = be * 64usize.div_ceil(be);
+    let nr = ((64 * 1024) / kc).max(16);
+    let mut dx = vec![0f32; m * k];
+    let dp = crate::bert_packed::SendPtr(dx.as_mut_ptr());
+    (0..k.div_ceil(kc)).into_par_iter().for_each(|t| {
+        let c0 = t * kc;
+        let cols = kc.min(k - c0);
+        let (b0, nb) = (c0 / be, cols / be);
+        TILE.with(|b| {
+            let mut tile = b.borrow_mut();
+            let mut r0 = 0;
+            while r0 < n {
+                let rows = nr.min(n - r0);
+                tile.resize(rows * cols, 0.0);
+                for (i, out) in tile.chunks_exact_mut(cols).enumerate() {
+                    let at = (r0 + i) * row_bytes + b0 * bb;
+                    flywheel_kernels::dequantize_into(ty, &data[at..at + nb * bb], out);
+                }
+                // SAFETY: dx is (m, k) row-major and this task alone writes its columns
+                // c0..c0 + cols; g is (m, n), read from column r0 for `rows` columns; the tile
+                // is (rows, cols) row-major; dst aliases neither.
+                #[allow(unsafe_code)]
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        cols,
+                        rows,
+                        dp.get().add(c0),
+                        1,
+                        k as isize,
+                        r0 > 0,
+                        g.as_ptr().add(r0),
+                        1,
+                        n as isize,
+                        tile.as_ptr(),
+                        1,
+                        cols as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                r0 += rows;
+            }
+        });
+    });
+    Ok(dx)
+}
+
 /// A frozen weight seen by [`FrozenTrainOp`].
 #[derive(Debug, Clone)]
 enum FrozenWeight {
@@ -485,6 +552,13 @@ impl candle_core::CustomOp1 for FrozenTrainOp {
         let dims = grad_res.dims();
         let m: usize = dims[..dims.len() - 1].iter().product();
         let g = grad_res.detach().to_dtype(arg.dtype())?.reshape((m, n))?;
+        if let FrozenWeight::Quantized(q) = &self.weight {
+            if arg.dtype() == DType::F32 && kernel_type(q.dtype()).is_some() {
+                let g = g.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                let dx = input_gradient_gemm(q, &g, m)?;
+                return Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?));
+            }
+        }
         let mut dx: Option<Tensor> = None;
         self.weight.for_each_slab(arg.dtype(), |r0, w| {
             let part = g.narrow(1, r0, w.dim(0)?)?.contiguous()?.matmul(&w)?;
@@ -767,6 +841,38 @@ mod tests {
                 a.flatten_all()?.to_vec1::<f32>()?,
                 k.flatten_all()?.to_vec1::<f32>()?
             );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn tiled_gemms_equal_the_dequantized_matmuls() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        // A partial column block (k = 96 is 64 + 32), several row tiles (n > 1024), a K type.
+        for (dt, n, k) in [
+            (GgmlDType::Q8_0, 1100, 96),
+            (GgmlDType::Q4_0, 40, 160),
+            (GgmlDType::Q4K, 24, 512),
+        ] {
+            let q = QTensor::quantize(&Tensor::randn(0f32, 1.0, (n, k), &dev)?, dt)?;
+            let w = q.dequantize(&dev)?;
+            let m = 5;
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let (y, shape) = prefill_gemm(&q, &x.flatten_all()?.to_vec1()?, &[m, k])?;
+            assert_eq!(shape, [m, n]);
+            let want = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            let g = Tensor::randn(0f32, 1.0, (m, n), &dev)?;
+            let dx = input_gradient_gemm(&q, &g.flatten_all()?.to_vec1()?, m)?;
+            let want_dx = g.matmul(&w)?.flatten_all()?.to_vec1::<f32>()?;
+            for (got, want) in [(&y, &want), (&dx, &want_dx)] {
+                assert_eq!(got.len(), want.len());
+                let worst = got
+                    .iter()
+                    .zip(want.iter())
+                    .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+                    .fold(0f32, f32::max);
+                assert!(worst < 1e-4, "{dt:?} ({n}, {k}): off by {worst}");
+            }
         }
         Ok(())
     }
