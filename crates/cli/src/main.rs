@@ -66,6 +66,9 @@ enum Cmd {
         /// Load the model and data, print what the run would do, and exit without training.
         #[arg(long)]
         dry_run: bool,
+        /// CPU threads (default: physical cores).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Fold a LoRA adapter into its base model and write a Hugging Face folder.
     Merge {
@@ -329,7 +332,14 @@ fn run(cli: Cli) -> Result<()> {
             recipe,
             resume,
             dry_run,
-        } => lora_train(&recipe, resume, dry_run),
+            threads,
+        } => {
+            if threads == Some(0) {
+                bail!("--threads must be at least 1");
+            }
+            flywheel_runtime::threads::configure(threads);
+            lora_train(&recipe, resume, dry_run)
+        }
         Cmd::Merge {
             model,
             adapter,

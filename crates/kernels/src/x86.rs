@@ -161,7 +161,6 @@ fn products<const T: u8>(q: __m256i, ax: __m256i, qy: __m256i) -> __m256 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn step32<const T: u8>(
-    wb: *const u8,
     q: __m256i,
     ax: __m256i,
     dm: __m128,
@@ -170,7 +169,6 @@ unsafe fn step32<const T: u8>(
     summs: &mut f32,
 ) {
     let qy = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-    let _ = wb;
     if has_min(T) {
         *summs += lane1(dm) * xb.s;
     }
@@ -193,7 +191,6 @@ unsafe fn dot32<const T: u8>(w: &[u8], x: &[Q8Block]) -> f32 {
         prefetch(wb);
         let q = weights32::<T>(wb);
         step32::<T>(
-            wb,
             q,
             _mm256_sign_epi8(q, q),
             halves(wb),
@@ -222,15 +219,7 @@ unsafe fn dot32x4<const T: u8>(w: &[u8], x: [&[Q8Block]; 4]) -> [f32; 4] {
         let ax = _mm256_sign_epi8(q, q);
         let dm = halves(wb);
         for r in 0..4 {
-            step32::<T>(
-                wb,
-                q,
-                ax,
-                dm,
-                x[r].get_unchecked(b),
-                &mut acc[r],
-                &mut summs[r],
-            );
+            step32::<T>(q, ax, dm, x[r].get_unchecked(b), &mut acc[r], &mut summs[r]);
         }
     }
     std::array::from_fn(|r| hsum(acc[r]) + summs[r])

@@ -6,6 +6,7 @@
 //! - [`layers`]: RMSNorm, rotary embeddings (incl. llama3 scaling), GQA attention with a KV cache, MLP.
 //! - [`decoder`]: the Llama-family / Qwen2 decoder driven by [`DecoderConfig`].
 //! - [`bert`]: BERT-family sentence encoders with pooling.
+//! - [`low_rank`]: a frozen linear plus a trainable low-rank update as one training node.
 //! - [`train_ops`]: fused training kernels (RMSNorm, RoPE, masked softmax) with backward passes.
 #![deny(missing_docs)]
 
@@ -14,6 +15,7 @@ pub mod bert_packed;
 pub mod decoder;
 pub mod layers;
 pub mod linear;
+pub mod low_rank;
 pub mod train_ops;
 pub mod weights;
 

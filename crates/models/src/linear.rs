@@ -79,6 +79,15 @@ impl Linear {
         self.bias.as_ref()
     }
 
+    /// The weight as the low-rank training op sees it: quantized, or dense and not trainable.
+    pub(crate) fn frozen_weight(&self) -> Option<FrozenWeight> {
+        match &self.weight {
+            LinearWeight::Quantized(q) => Some(FrozenWeight::Quantized(q.clone())),
+            LinearWeight::Dense(w) if !w.track_op() => Some(FrozenWeight::Dense(w.clone())),
+            LinearWeight::Dense(_) => None,
+        }
+    }
+
     /// The GGUF block type when quantized, `None` when dense.
     pub fn quant_type(&self) -> Option<GgmlDType> {
         match &self.weight {
@@ -426,9 +435,9 @@ fn input_gradient_gemm(q: &QTensor, g: &[f32], m: usize) -> candle_core::Result<
     Ok(dx)
 }
 
-/// A frozen weight seen by [`FrozenTrainOp`].
+/// A frozen weight seen by [`FrozenTrainOp`] and the low-rank training op.
 #[derive(Debug, Clone)]
-enum FrozenWeight {
+pub(crate) enum FrozenWeight {
     /// Dequantized a slab of rows at a time.
     Quantized(Arc<QTensor>),
     /// Used as is.
@@ -570,6 +579,78 @@ impl candle_core::CustomOp1 for FrozenTrainOp {
         })?;
         let dx = dx.expect("n >= 1").reshape(arg.shape())?;
         Ok(Some(dx))
+    }
+}
+
+/// Runs `f` on a dense CPU f32 weight's values in place.
+fn with_dense_f32<R>(w: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (storage, layout) = w.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
+            Ok(f(&v[a..b]))
+        }
+        _ => candle_core::bail!("frozen weight: expected a contiguous CPU f32 tensor"),
+    }
+}
+
+/// `x·Wᵀ` in f32 for a frozen weight, `x` of shape `dims` (last axis `k`): the tiled GEMM for
+/// quantized types flywheel-kernels covers, one GEMM on a dense f32 weight, else slabs.
+pub(crate) fn frozen_forward_f32(
+    weight: &FrozenWeight,
+    x: &[f32],
+    dims: &[usize],
+) -> candle_core::Result<(Vec<f32>, Vec<usize>)> {
+    let (n, k) = weight.dims()?;
+    match weight {
+        FrozenWeight::Quantized(q) if kernel_type(q.dtype()).is_some() => prefill_gemm(q, x, dims),
+        FrozenWeight::Dense(w) if w.dtype() == DType::F32 && w.device().is_cpu() => {
+            let m = x.len() / k.max(1);
+            let mut y = vec![0f32; m * n];
+            with_dense_f32(w, |wv| {
+                crate::low_rank::mm(&mut y, (m, n, k), (x, 1, k), (wv, k, 1), 1.0, false)
+            })?;
+            let mut shape = dims.to_vec();
+            *shape.last_mut().expect("rank >= 1") = n;
+            Ok((y, shape))
+        }
+        _ => FrozenTrainOp {
+            weight: weight.clone(),
+        }
+        .forward_cpu(x, dims),
+    }
+}
+
+/// `dy·W` in f32 for a frozen `(n, k)` weight and `dy` of `m` rows.
+pub(crate) fn frozen_input_gradient_f32(
+    weight: &FrozenWeight,
+    g: &[f32],
+    m: usize,
+) -> candle_core::Result<Vec<f32>> {
+    let (n, k) = weight.dims()?;
+    match weight {
+        FrozenWeight::Quantized(q) if kernel_type(q.dtype()).is_some() => {
+            input_gradient_gemm(q, g, m)
+        }
+        FrozenWeight::Dense(w) if w.dtype() == DType::F32 && w.device().is_cpu() => {
+            let mut dx = vec![0f32; m * k];
+            with_dense_f32(w, |wv| {
+                crate::low_rank::mm(&mut dx, (m, k, n), (g, 1, n), (wv, 1, k), 1.0, false)
+            })?;
+            Ok(dx)
+        }
+        _ => {
+            let gt = Tensor::from_slice(g, (m, n), &candle_core::Device::Cpu)?;
+            let mut dx: Option<Tensor> = None;
+            weight.for_each_slab(DType::F32, |r0, w| {
+                let part = gt.narrow(1, r0, w.dim(0)?)?.contiguous()?.matmul(&w)?;
+                dx = Some(match dx.take() {
+                    Some(acc) => (acc + part)?,
+                    None => part,
+                });
+                Ok(())
+            })?;
+            dx.expect("n >= 1").flatten_all()?.to_vec1::<f32>()
+        }
     }
 }
 

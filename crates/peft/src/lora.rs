@@ -321,29 +321,46 @@ impl LoraLinear {
 
 impl Projection for LoraLinear {
     fn forward(&self, x: &Tensor) -> flywheel_models::Result<Tensor> {
-        let y = self.base.forward(x)?;
         if let Some(routing) = ROUTING.with(|r| r.borrow().clone()) {
+            let y = self.base.forward(x)?;
             return self.forward_routed(x, y, &routing);
         }
         let guard = self.slot.read().expect("adapter slot poisoned");
         let Some(p) = guard.as_ref() else {
-            return Ok(y);
+            return self.base.forward(x);
         };
         let training = p.a.track_op();
+        let grad = flywheel_models::train_ops::grad_enabled();
         // Inside a checkpointed block's forward pass the factors are used detached (no graph);
         // the block's recomputation in the backward pass uses them as variables.
-        let (a, b) = if flywheel_models::train_ops::grad_enabled() {
+        let (a, b) = if grad {
             (p.a.clone(), p.b.clone())
         } else {
             (p.a.detach(), p.b.detach())
         };
+        let mask = (training && p.dropout > 0.0 && self.seed.enabled())
+            .then(|| dropout_mask(x.dims(), p.dropout, self.seed.get() ^ self.salt));
+        if training && grad {
+            // One graph node for base + update (flywheel_models::low_rank) where it applies.
+            if let Some(y) = flywheel_models::low_rank::low_rank_train_forward(
+                &self.base,
+                x,
+                &a,
+                &b,
+                p.scale,
+                mask.clone(),
+            )? {
+                return Ok(y);
+            }
+        }
+        let y = self.base.forward(x)?;
         let xa = x.to_dtype(a.dtype())?;
-        let xa = if training && p.dropout > 0.0 && self.seed.enabled() {
-            let mask = dropout_mask(xa.dims(), p.dropout, self.seed.get() ^ self.salt);
-            let mask = Tensor::from_vec(mask, xa.dims(), xa.device())?.to_dtype(xa.dtype())?;
-            (xa * mask)?
-        } else {
-            xa
+        let xa = match mask {
+            Some(mask) => {
+                let mask = Tensor::from_vec(mask, xa.dims(), xa.device())?.to_dtype(xa.dtype())?;
+                (xa * mask)?
+            }
+            None => xa,
         };
         let low = matmul_t(&xa, &a)?;
         let up = (matmul_t(&low, &b)? * p.scale)?;

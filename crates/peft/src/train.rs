@@ -813,6 +813,10 @@ pub fn batch_nll(model: &TextModel, batch: &[&Example], device: &Device) -> Resu
     let ids = Tensor::from_vec(ids, (b, t), device)?;
     let mut cache = model.model().new_cache(vec![0; b]);
     let logits = model.model().forward_rows(&ids, &mut cache, &rows)?;
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+        let op = flywheel_models::train_ops::CrossEntropySumOp { targets };
+        return Ok(logits.contiguous()?.apply_op1(op)?);
+    }
     let n = targets.len();
     let targets = Tensor::from_vec(targets, (n, 1), device)?;
     let max = logits.max_keepdim(D::Minus1)?.detach();

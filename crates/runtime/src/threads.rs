@@ -36,8 +36,20 @@ fn physical_cores() -> Option<usize> {
 
 /// Sizes the process's compute pool: `threads` if given, else [`default_threads`]. rayon and
 /// candle both read `RAYON_NUM_THREADS` when their pools start, so call this before any
-/// compute; an explicit `RAYON_NUM_THREADS` in the environment wins over the default.
+/// compute (and before other threads start); an explicit `RAYON_NUM_THREADS` in the
+/// environment wins over the default.
+///
+/// It also keeps candle's second pool from starting: candle runs large element-wise ops on a
+/// pool of its own (`candle-bp-*`, sized by `CANDLE_NUM_THREADS`, else like rayon's) whose
+/// threads spin for about a millisecond after every op. Next to rayon's pool that is one
+/// spinning thread more than there are cores, and it steals the core from the next matrix
+/// product (LoRA training on 2 cores ran at less than half speed). With `CANDLE_NUM_THREADS=1`
+/// those ops run on the calling thread, which is already one of rayon's. An explicit
+/// `CANDLE_NUM_THREADS` wins.
 pub fn configure(threads: Option<usize>) -> usize {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     let n = match threads {
         Some(t) => t,
         None => match std::env::var("RAYON_NUM_THREADS")
