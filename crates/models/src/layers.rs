@@ -847,8 +847,13 @@ impl Mlp {
     /// Applies the block.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gu = crate::linear::forward_many(&[&self.gate, &self.up], x)?;
-        let g = candle_nn::ops::silu(&gu[0])?;
-        self.down.forward(&(g * &gu[1])?)
+        let act = if crate::train_ops::applicable(&gu[0]) && gu[0].dtype() == gu[1].dtype() {
+            let op = crate::train_ops::SwiGluOp;
+            gu[0].contiguous()?.apply_op2(&gu[1].contiguous()?, op)?
+        } else {
+            (candle_nn::ops::silu(&gu[0])? * &gu[1])?
+        };
+        self.down.forward(&act)
     }
 }
 

@@ -563,8 +563,8 @@ impl candle_core::CustomOp1 for FrozenTrainOp {
         let g = grad_res.detach().to_dtype(arg.dtype())?.reshape((m, n))?;
         if let FrozenWeight::Quantized(q) = &self.weight {
             if arg.dtype() == DType::F32 && kernel_type(q.dtype()).is_some() {
-                let g = g.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                let dx = input_gradient_gemm(q, &g, m)?;
+                let g = g.contiguous()?;
+                let dx = input_gradient_gemm(q, &crate::train_ops::host_f32(&g)?, m)?;
                 return Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?));
             }
         }

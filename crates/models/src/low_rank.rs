@@ -85,10 +85,6 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&
     }
 }
 
-fn host(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.detach().flatten_all()?.to_vec1::<f32>()
-}
-
 /// The fused node. Inputs: `x (…, k)`, `A (r, k)`, `B (n, r)`.
 struct LowRankTrainOp {
     weight: FrozenWeight,
@@ -152,9 +148,10 @@ impl CustomOp3 for LowRankTrainOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (r, k) = a.dims2()?;
         let (n, _) = b.dims2()?;
-        let xs = host(x)?;
-        let (av, bv) = (host(a)?, host(b)?);
-        let g = host(grad)?;
+        use crate::train_ops::host_f32;
+        let xs = host_f32(x)?;
+        let (av, bv) = (host_f32(a)?, host_f32(b)?);
+        let g = host_f32(grad)?;
         let m = xs.len() / k.max(1);
         let xm = self.masked(&xs);
         // low = xm·Aᵀ (recomputed: m·k·r multiply-adds, cheaper than keeping it).

@@ -1,10 +1,10 @@
 //! Fused training kernels with hand-written backward passes (CPU, f32): RMSNorm with a frozen
-//! weight, rotate-half RoPE, softmax with an additive mask, and summed cross-entropy. Each replaces a chain of
+//! weight, rotate-half RoPE, softmax with an additive mask, the SwiGLU activation and summed cross-entropy. Each replaces a chain of
 //! element-wise autograd nodes (and the gradients candle would build for constant tables) with
 //! one forward loop and one backward loop. Tests check them against the differentiable
 //! compositions they replace.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
@@ -13,8 +13,45 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core:
     }
 }
 
-fn host_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.detach().flatten_all()?.to_vec1::<f32>()
+/// A tensor's f32 elements on the host in logical order: borrowed from the storage when the
+/// tensor is a contiguous CPU f32 tensor (the usual case in a backward pass), copied otherwise.
+pub(crate) enum HostF32<'a> {
+    /// A read guard on the storage and the element range.
+    Borrowed(candle_core::StorageRef<'a>, std::ops::Range<usize>),
+    /// A copy.
+    Owned(Vec<f32>),
+}
+
+impl std::ops::Deref for HostF32<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Self::Borrowed(guard, range) => match &**guard {
+                candle_core::Storage::Cpu(CpuStorage::F32(v)) => &v[range.clone()],
+                // `host_f32` only borrows CPU f32 storage.
+                _ => &[],
+            },
+            Self::Owned(v) => v,
+        }
+    }
+}
+
+/// The elements of `t` as f32 without a copy where possible (see [`HostF32`]).
+pub(crate) fn host_f32(t: &Tensor) -> candle_core::Result<HostF32<'_>> {
+    let (guard, layout) = t.storage_and_layout();
+    if let (candle_core::Storage::Cpu(CpuStorage::F32(_)), Some((a, b))) =
+        (&*guard, layout.contiguous_offsets())
+    {
+        return Ok(HostF32::Borrowed(guard, a..b));
+    }
+    drop(guard);
+    let dtype = candle_core::DType::F32;
+    Ok(HostF32::Owned(
+        t.detach()
+            .to_dtype(dtype)?
+            .flatten_all()?
+            .to_vec1::<f32>()?,
+    ))
 }
 
 thread_local! {
@@ -334,6 +371,91 @@ impl CustomOp1 for CrossEntropySumOp {
     }
 }
 
+/// `silu(g) ⊙ u`, the gated MLP's activation, as one node: one pass forward and one pass
+/// backward (`dg = grad·u·σ(g)·(1 + g·(1 − σ(g)))`, `du = grad·silu(g)`) instead of candle's
+/// silu, product and their backward chains. Element-wise, so splitting the work over threads
+/// changes no result; small inputs (decode) stay on the calling thread.
+#[derive(Debug, Clone, Copy)]
+pub struct SwiGluOp;
+
+impl SwiGluOp {
+    /// Elements per parallel task; inputs smaller than this run on the calling thread.
+    const CHUNK: usize = 1 << 14;
+
+    fn sigmoid(g: f32) -> f32 {
+        1.0 / (1.0 + (-g).exp())
+    }
+}
+
+impl CustomOp2 for SwiGluOp {
+    fn name(&self) -> &'static str {
+        "flywheel-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32(s1, l1, self.name())?;
+        let u = contiguous_f32(s2, l2, self.name())?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!(
+                "swiglu: gate {:?} and up {:?} differ",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let mut y = vec![0f32; g.len()];
+        let body = |(yc, (gc, uc)): (&mut [f32], (&[f32], &[f32]))| {
+            for ((o, &g), &u) in yc.iter_mut().zip(gc).zip(uc) {
+                *o = g * Self::sigmoid(g) * u;
+            }
+        };
+        if g.len() <= Self::CHUNK {
+            body((&mut y, (g, u)));
+        } else {
+            use rayon::prelude::*;
+            let c = Self::CHUNK;
+            y.par_chunks_mut(c)
+                .zip(g.par_chunks(c).zip(u.par_chunks(c)))
+                .for_each(body);
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (g, u, dy) = (host_f32(gate)?, host_f32(up)?, host_f32(grad)?);
+        let mut dg = vec![0f32; g.len()];
+        let mut du = vec![0f32; g.len()];
+        use rayon::prelude::*;
+        let c = Self::CHUNK;
+        dg.par_chunks_mut(c)
+            .zip(du.par_chunks_mut(c))
+            .zip(g.par_chunks(c).zip(u.par_chunks(c)).zip(dy.par_chunks(c)))
+            .for_each(|((dgc, duc), ((gc, uc), yc))| {
+                for ((((dg, du), &g), &u), &d) in dgc.iter_mut().zip(duc).zip(gc).zip(uc).zip(yc) {
+                    let s = Self::sigmoid(g);
+                    *dg = d * u * s * (1.0 + g * (1.0 - s));
+                    *du = d * g * s;
+                }
+            });
+        let dev = gate.device();
+        Ok((
+            Some(Tensor::from_vec(dg, gate.shape(), dev)?),
+            Some(Tensor::from_vec(du, up.shape(), dev)?),
+        ))
+    }
+}
+
 /// Host copy of a tensor as f32 (tables and masks for the ops above).
 pub fn to_host(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.to_dtype(candle_core::DType::F32)?
@@ -425,6 +547,46 @@ mod tests {
                 },
             )?;
         }
+        Ok(())
+    }
+
+    #[test]
+    fn swiglu_matches_the_composition() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        // One shape below the parallel threshold (decode) and one above it (prefill, training).
+        for rows in [1usize, 40] {
+            let shape = (rows, 1000);
+            let g0 = Tensor::randn(0f32, 3.0, shape, &dev)?;
+            let u0 = Tensor::randn(0f32, 1.0, shape, &dev)?;
+            let w = Tensor::randn(0f32, 1.0, shape, &dev)?;
+            let run = |fused: bool| -> anyhow::Result<Vec<Vec<f32>>> {
+                let (g, u) = (Var::from_tensor(&g0)?, Var::from_tensor(&u0)?);
+                let y = if fused {
+                    g.as_tensor().apply_op2(u.as_tensor(), SwiGluOp)?
+                } else {
+                    (candle_nn::ops::silu(g.as_tensor())? * u.as_tensor())?
+                };
+                let grads = (&y * &w)?.sum_all()?.backward()?;
+                let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+                Ok(vec![
+                    flat(&y)?,
+                    flat(grads.get(g.as_tensor()).expect("dg"))?,
+                    flat(grads.get(u.as_tensor()).expect("du"))?,
+                ])
+            };
+            let (fused, composed) = (run(true)?, run(false)?);
+            for (what, (a, b)) in ["y", "dg", "du"].iter().zip(fused.iter().zip(&composed)) {
+                let md = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(md < 1e-5, "{what} differs by {md} ({rows} rows)");
+            }
+        }
+        let bad = Tensor::zeros((2, 3), candle_core::DType::F32, &dev)?;
+        let other = Tensor::zeros((3, 2), candle_core::DType::F32, &dev)?;
+        assert!(bad.apply_op2(&other, SwiGluOp).is_err());
         Ok(())
     }
 
