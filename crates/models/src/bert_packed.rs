@@ -174,7 +174,7 @@ pub(crate) unsafe fn small_gemm(
 
 /// Sum with eight independent accumulators, so the loop vectorises.
 #[inline(always)]
-fn sum8(x: &[f32]) -> f32 {
+pub(crate) fn sum8(x: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let mut chunks = x.chunks_exact(8);
     for c in &mut chunks {
@@ -185,9 +185,27 @@ fn sum8(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
+/// Maximum with eight independent lanes, so the loop vectorises.
+#[inline(always)]
+pub(crate) fn max8(x: &[f32]) -> f32 {
+    let mut mx = [f32::NEG_INFINITY; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            mx[k] = mx[k].max(c[k]);
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(&mx)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
 /// The widest vector level this CPU has for the element-wise loops below (checked once).
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Level {
+pub(crate) enum Level {
     /// AVX-512 F/BW/DQ/VL: 16 lanes.
     V4,
     /// AVX2 + FMA: 8 lanes.
@@ -196,7 +214,7 @@ enum Level {
     Base,
 }
 
-fn level() -> Level {
+pub(crate) fn level() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
         static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
@@ -244,19 +262,20 @@ macro_rules! multiversion {
                 unsafe fn v3($($a: $t),*) {
                     body($($a),*)
                 }
-                match level() {
+                match $crate::bert_packed::level() {
                     // SAFETY: the features were detected at run time.
                     #[allow(unsafe_code)]
-                    Level::V4 => return unsafe { v4($($a),*) },
+                    $crate::bert_packed::Level::V4 => return unsafe { v4($($a),*) },
                     #[allow(unsafe_code)]
-                    Level::V3 => return unsafe { v3($($a),*) },
-                    Level::Base => {}
+                    $crate::bert_packed::Level::V3 => return unsafe { v3($($a),*) },
+                    $crate::bert_packed::Level::Base => {}
                 }
             }
             body($($a),*)
         }
     };
 }
+pub(crate) use multiversion;
 
 multiversion! {
 /// LayerNorm of one row in place: `(x − mean) / sqrt(var + eps) · g + b`.
@@ -293,8 +312,8 @@ fn layer_norm(x: &mut [f32], width: usize, n: &Norm, eps: f32) {
 /// e^x to about 3e-7 relative error, branch-free so loops over it vectorise: x = n·ln2 + r
 /// (Cody–Waite split of ln2, |r| <= ln2/2), e^r by its degree-6 Taylor polynomial, 2^n by bits.
 #[inline(always)]
-fn exp_fast(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
+pub(crate) fn exp_fast(x0: f32) -> f32 {
+    let x = x0.clamp(-87.0, 88.0);
     // Round to nearest with the 1.5·2^23 trick (exact for |t| < 2^22).
     let t = x * std::f32::consts::LOG2_E + 12_582_912.0;
     let n = t - 12_582_912.0;
@@ -307,7 +326,15 @@ fn exp_fast(x: f32) -> f32 {
     // (bits + 127) << 23 is the exponent field of 2^n. Integer ops only, so the loop vectorises
     // (a float-to-int `as` cast is a saturating conversion that stays scalar).
     let scale = f32::from_bits(t.to_bits().wrapping_add(127) << 23);
-    p * scale
+    // Saturate like e^x does in f32: exactly 0 below the normal range (a clamped tiny value
+    // would leave denormals in softmax rows, which slow every later multiply by two orders of
+    // magnitude) and +inf above it. Selects, so the loop still vectorises.
+    let y = if x0 < -87.0 { 0.0 } else { p * scale };
+    if x0 > 88.0 {
+        f32::INFINITY
+    } else {
+        y
+    }
 }
 
 /// erf with |error| < 1e-6 (Numerical Recipes' erfc Chebyshev fit, evaluated in f32).
@@ -333,19 +360,7 @@ fn erf(x: f32) -> f32 {
 multiversion! {
 /// Softmax of one row in place (also the decoder's host prefill attention).
 pub(crate) fn softmax(r: &mut [f32]) {
-    let mut mx = [f32::NEG_INFINITY; 8];
-    let mut chunks = r.chunks_exact(8);
-    for c in &mut chunks {
-        for k in 0..8 {
-            mx[k] = mx[k].max(c[k]);
-        }
-    }
-    let m = chunks
-        .remainder()
-        .iter()
-        .chain(&mx)
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
+    let m = max8(r);
     for v in r.iter_mut() {
         *v = exp_fast(*v - m);
     }
@@ -608,6 +623,18 @@ mod tests {
             let (got, want) = (super::exp_fast(x) as f64, (x as f64).exp());
             assert!(((got - want) / want).abs() < 5e-7, "x={x}: {got} vs {want}");
         }
+        // Outside the normal range it saturates like e^x: no denormals below, +inf above.
+        for x in [-87.5f32, -1000.0, f32::NEG_INFINITY] {
+            assert_eq!(super::exp_fast(x), 0.0, "x={x}");
+        }
+        for x in [88.5f32, 1000.0, f32::INFINITY] {
+            assert_eq!(super::exp_fast(x), f32::INFINITY, "x={x}");
+        }
+        // Masked softmax entries come out exactly zero.
+        let mut row = vec![0.5f32, f32::NEG_INFINITY, -1.0, f32::NEG_INFINITY, 2.0];
+        super::softmax(&mut row);
+        assert_eq!((row[1], row[3]), (0.0, 0.0));
+        assert!(row.iter().all(|v| v.is_normal() || *v == 0.0), "{row:?}");
     }
 
     /// The dispatched (widest-vector) softmax, GELU and LayerNorm against f64 references, on an

@@ -252,16 +252,15 @@ impl CustomOp1 for MaskedSoftmaxOp {
                 .mask
                 .as_ref()
                 .map(|m| &m[(bi * t + ti) * s..(bi * t + ti + 1) * s]);
-            let val = |j: usize| xr[j] + m.map_or(0.0, |m| m[j]);
-            let max = (0..s).map(val).fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (j, o) in yr.iter_mut().enumerate() {
-                let e = (val(j) - max).exp();
-                *o = e;
-                sum += e;
+            match m {
+                Some(m) => {
+                    for ((o, x), m) in yr.iter_mut().zip(xr).zip(m) {
+                        *o = x + m;
+                    }
+                }
+                None => yr.copy_from_slice(xr),
             }
-            let inv = 1.0 / sum;
-            yr.iter_mut().for_each(|o| *o *= inv);
+            crate::bert_packed::softmax(yr);
         });
         let _ = b;
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -306,9 +305,9 @@ pub struct CrossEntropySumOp {
 impl CrossEntropySumOp {
     /// `(max, log Σ exp(x − max))` of one row.
     fn row_stats(x: &[f32]) -> (f32, f32) {
-        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f32 = x.iter().map(|v| (v - max).exp()).sum();
-        (max, sum.ln())
+        let mut out = [0f32; 2];
+        row_lse(x, &mut out);
+        (out[0], out[1])
     }
 
     fn check(&self, dims: &[usize]) -> candle_core::Result<(usize, usize)> {
@@ -362,9 +361,7 @@ impl CustomOp1 for CrossEntropySumOp {
             .zip(self.targets.par_iter())
             .for_each(|((dr, xr), &t)| {
                 let (max, lse) = Self::row_stats(xr);
-                for (o, xv) in dr.iter_mut().zip(xr) {
-                    *o = g * (xv - max - lse).exp();
-                }
+                scaled_exp_row(dr, xr, max + lse, g);
                 dr[t as usize] -= g;
             });
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
@@ -381,10 +378,6 @@ pub struct SwiGluOp;
 impl SwiGluOp {
     /// Elements per parallel task; inputs smaller than this run on the calling thread.
     const CHUNK: usize = 1 << 14;
-
-    fn sigmoid(g: f32) -> f32 {
-        1.0 / (1.0 + (-g).exp())
-    }
 }
 
 impl CustomOp2 for SwiGluOp {
@@ -409,11 +402,7 @@ impl CustomOp2 for SwiGluOp {
             );
         }
         let mut y = vec![0f32; g.len()];
-        let body = |(yc, (gc, uc)): (&mut [f32], (&[f32], &[f32]))| {
-            for ((o, &g), &u) in yc.iter_mut().zip(gc).zip(uc) {
-                *o = g * Self::sigmoid(g) * u;
-            }
-        };
+        let body = |(yc, (gc, uc)): (&mut [f32], (&[f32], &[f32]))| swiglu_chunk(yc, gc, uc);
         if g.len() <= Self::CHUNK {
             body((&mut y, (g, u)));
         } else {
@@ -441,19 +430,61 @@ impl CustomOp2 for SwiGluOp {
         dg.par_chunks_mut(c)
             .zip(du.par_chunks_mut(c))
             .zip(g.par_chunks(c).zip(u.par_chunks(c)).zip(dy.par_chunks(c)))
-            .for_each(|((dgc, duc), ((gc, uc), yc))| {
-                for ((((dg, du), &g), &u), &d) in dgc.iter_mut().zip(duc).zip(gc).zip(uc).zip(yc) {
-                    let s = Self::sigmoid(g);
-                    *dg = d * u * s * (1.0 + g * (1.0 - s));
-                    *du = d * g * s;
-                }
-            });
+            .for_each(|((dgc, duc), ((gc, uc), yc))| swiglu_grad_chunk(dgc, duc, gc, uc, yc));
         let dev = gate.device();
         Ok((
             Some(Tensor::from_vec(dg, gate.shape(), dev)?),
             Some(Tensor::from_vec(du, up.shape(), dev)?),
         ))
     }
+}
+
+use crate::bert_packed::{exp_fast, multiversion};
+
+multiversion! {
+/// `out = [max, ln Σ exp(x − max)]` of one row (cross-entropy), eight lanes at a time.
+fn row_lse(x: &[f32], out: &mut [f32; 2]) {
+    let m = crate::bert_packed::max8(x);
+    let mut acc = [0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            acc[k] += exp_fast(c[k] - m);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|v| exp_fast(v - m)).sum();
+    out[0] = m;
+    out[1] = (acc.iter().sum::<f32>() + tail).ln();
+}
+}
+
+multiversion! {
+/// `d = g·exp(x − shift)` over one row (the cross-entropy's softmax term).
+fn scaled_exp_row(d: &mut [f32], x: &[f32], shift: f32, g: f32) {
+    for (o, v) in d.iter_mut().zip(x) {
+        *o = g * exp_fast(v - shift);
+    }
+}
+}
+
+multiversion! {
+/// `y = silu(g)·u` over a chunk.
+fn swiglu_chunk(y: &mut [f32], g: &[f32], u: &[f32]) {
+    for ((o, &g), &u) in y.iter_mut().zip(g).zip(u) {
+        *o = g / (1.0 + exp_fast(-g)) * u;
+    }
+}
+}
+
+multiversion! {
+/// The SwiGLU backward over a chunk: `dg = d·u·σ(g)·(1 + g·(1 − σ(g)))`, `du = d·g·σ(g)`.
+fn swiglu_grad_chunk(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], d: &[f32]) {
+    for ((((dg, du), &g), &u), &d) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(d) {
+        let s = 1.0 / (1.0 + exp_fast(-g));
+        *dg = d * u * s * (1.0 + g * (1.0 - s));
+        *du = d * g * s;
+    }
+}
 }
 
 /// Host copy of a tensor as f32 (tables and masks for the ops above).
