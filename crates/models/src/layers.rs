@@ -848,7 +848,9 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gu = crate::linear::forward_many(&[&self.gate, &self.up], x)?;
         let act = if crate::train_ops::applicable(&gu[0]) && gu[0].dtype() == gu[1].dtype() {
-            let op = crate::train_ops::SwiGluOp;
+            let op = crate::train_ops::SwiGluOp {
+                fast_exp: crate::train_ops::training(&gu[0]),
+            };
             gu[0].contiguous()?.apply_op2(&gu[1].contiguous()?, op)?
         } else {
             (candle_nn::ops::silu(&gu[0])? * &gu[1])?

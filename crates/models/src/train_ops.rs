@@ -373,7 +373,12 @@ impl CustomOp1 for CrossEntropySumOp {
 /// silu, product and their backward chains. Element-wise, so splitting the work over threads
 /// changes no result; small inputs (decode) stay on the calling thread.
 #[derive(Debug, Clone, Copy)]
-pub struct SwiGluOp;
+pub struct SwiGluOp {
+    /// Forward with the vectorised `exp_fast` (training). Off, the forward computes candle's
+    /// `silu(g)·u` bit for bit with libm's `exp` (generation, whose greedy tokens are tested
+    /// against the reference path and llama.cpp). The backward always uses `exp_fast`.
+    pub fast_exp: bool,
+}
 
 impl SwiGluOp {
     /// Elements per parallel task; inputs smaller than this run on the calling thread.
@@ -402,7 +407,16 @@ impl CustomOp2 for SwiGluOp {
             );
         }
         let mut y = vec![0f32; g.len()];
-        let body = |(yc, (gc, uc)): (&mut [f32], (&[f32], &[f32]))| swiglu_chunk(yc, gc, uc);
+        let fast = self.fast_exp;
+        let body = |(yc, (gc, uc)): (&mut [f32], (&[f32], &[f32]))| {
+            if fast {
+                swiglu_chunk(yc, gc, uc)
+            } else {
+                for ((o, &g), &u) in yc.iter_mut().zip(gc).zip(uc) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+        };
         if g.len() <= Self::CHUNK {
             body((&mut y, (g, u)));
         } else {
@@ -584,8 +598,9 @@ mod tests {
     #[test]
     fn swiglu_matches_the_composition() -> anyhow::Result<()> {
         let dev = Device::Cpu;
-        // One shape below the parallel threshold (decode) and one above it (prefill, training).
-        for rows in [1usize, 40] {
+        // One shape below the parallel threshold (decode) and one above it (prefill, training),
+        // each with the exact and the fast forward.
+        for (rows, fast_exp) in [(1usize, false), (1, true), (40, false), (40, true)] {
             let shape = (rows, 1000);
             let g0 = Tensor::randn(0f32, 3.0, shape, &dev)?;
             let u0 = Tensor::randn(0f32, 1.0, shape, &dev)?;
@@ -593,7 +608,8 @@ mod tests {
             let run = |fused: bool| -> anyhow::Result<Vec<Vec<f32>>> {
                 let (g, u) = (Var::from_tensor(&g0)?, Var::from_tensor(&u0)?);
                 let y = if fused {
-                    g.as_tensor().apply_op2(u.as_tensor(), SwiGluOp)?
+                    let op = SwiGluOp { fast_exp };
+                    g.as_tensor().apply_op2(u.as_tensor(), op)?
                 } else {
                     (candle_nn::ops::silu(g.as_tensor())? * u.as_tensor())?
                 };
@@ -606,6 +622,12 @@ mod tests {
                 ])
             };
             let (fused, composed) = (run(true)?, run(false)?);
+            if !fast_exp {
+                assert_eq!(
+                    fused[0], composed[0],
+                    "the exact forward is candle's silu(g)·u"
+                );
+            }
             for (what, (a, b)) in ["y", "dg", "du"].iter().zip(fused.iter().zip(&composed)) {
                 let md = a
                     .iter()
@@ -617,7 +639,8 @@ mod tests {
         }
         let bad = Tensor::zeros((2, 3), candle_core::DType::F32, &dev)?;
         let other = Tensor::zeros((3, 2), candle_core::DType::F32, &dev)?;
-        assert!(bad.apply_op2(&other, SwiGluOp).is_err());
+        let op = SwiGluOp { fast_exp: true };
+        assert!(bad.apply_op2(&other, op).is_err());
         Ok(())
     }
 
