@@ -337,6 +337,7 @@ fn run(cli: Cli) -> Result<()> {
             if threads == Some(0) {
                 bail!("--threads must be at least 1");
             }
+            flywheel_runtime::threads::single_malloc_arena();
             flywheel_runtime::threads::configure(threads);
             lora_train(&recipe, resume, dry_run)
         }

@@ -64,6 +64,24 @@ pub fn configure(threads: Option<usize>) -> usize {
     n
 }
 
+/// Makes glibc's malloc use one arena for the whole process, unless `MALLOC_ARENA_MAX` is set
+/// (glibc has applied it already). With one arena per thread, buffers that a rayon worker
+/// allocates and another thread frees are not reused across arenas: LoRA training's peak RSS
+/// then lands on about 645 or about 1030 MiB from run to run (SmolLM2, batch 4), against a
+/// steady 607 MiB with one arena, at the same speed. Call it before threads start. A no-op
+/// outside glibc.
+pub fn single_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only changes an allocator setting; it is called before other
+        // threads allocate.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
