@@ -445,6 +445,20 @@ pub(crate) enum FrozenWeight {
 }
 
 impl FrozenWeight {
+    /// `g·W` for `g` of shape `(m, n)`, one dequantized slab of rows at a time, in `dtype`.
+    fn slab_input_gradient(&self, g: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+        let mut dx: Option<Tensor> = None;
+        self.for_each_slab(dtype, |r0, w| {
+            let part = g.narrow(1, r0, w.dim(0)?)?.contiguous()?.matmul(&w)?;
+            dx = Some(match dx.take() {
+                Some(acc) => (acc + part)?,
+                None => part,
+            });
+            Ok(())
+        })?;
+        Ok(dx.expect("n >= 1"))
+    }
+
     fn dims(&self) -> candle_core::Result<(usize, usize)> {
         match self {
             FrozenWeight::Quantized(q) => q.shape().dims2(),
@@ -568,28 +582,8 @@ impl candle_core::CustomOp1 for FrozenTrainOp {
                 return Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?));
             }
         }
-        let mut dx: Option<Tensor> = None;
-        self.weight.for_each_slab(arg.dtype(), |r0, w| {
-            let part = g.narrow(1, r0, w.dim(0)?)?.contiguous()?.matmul(&w)?;
-            dx = Some(match dx.take() {
-                Some(acc) => (acc + part)?,
-                None => part,
-            });
-            Ok(())
-        })?;
-        let dx = dx.expect("n >= 1").reshape(arg.shape())?;
-        Ok(Some(dx))
-    }
-}
-
-/// Runs `f` on a dense CPU f32 weight's values in place.
-fn with_dense_f32<R>(w: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let (storage, layout) = w.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
-            Ok(f(&v[a..b]))
-        }
-        _ => candle_core::bail!("frozen weight: expected a contiguous CPU f32 tensor"),
+        let dx = self.weight.slab_input_gradient(&g, arg.dtype())?;
+        Ok(Some(dx.reshape(arg.shape())?))
     }
 }
 
@@ -606,9 +600,8 @@ pub(crate) fn frozen_forward_f32(
         FrozenWeight::Dense(w) if w.dtype() == DType::F32 && w.device().is_cpu() => {
             let m = x.len() / k.max(1);
             let mut y = vec![0f32; m * n];
-            with_dense_f32(w, |wv| {
-                crate::low_rank::mm(&mut y, (m, n, k), (x, 1, k), (wv, k, 1), 1.0, false)
-            })?;
+            let wv = crate::train_ops::host_f32(w)?;
+            crate::low_rank::mm(&mut y, (m, n, k), (x, 1, k), (&wv, k, 1), 1.0, false);
             let mut shape = dims.to_vec();
             *shape.last_mut().expect("rank >= 1") = n;
             Ok((y, shape))
@@ -633,23 +626,16 @@ pub(crate) fn frozen_input_gradient_f32(
         }
         FrozenWeight::Dense(w) if w.dtype() == DType::F32 && w.device().is_cpu() => {
             let mut dx = vec![0f32; m * k];
-            with_dense_f32(w, |wv| {
-                crate::low_rank::mm(&mut dx, (m, k, n), (g, 1, n), (wv, 1, k), 1.0, false)
-            })?;
+            let wv = crate::train_ops::host_f32(w)?;
+            crate::low_rank::mm(&mut dx, (m, k, n), (g, 1, n), (&wv, 1, k), 1.0, false);
             Ok(dx)
         }
         _ => {
             let gt = Tensor::from_slice(g, (m, n), &candle_core::Device::Cpu)?;
-            let mut dx: Option<Tensor> = None;
-            weight.for_each_slab(DType::F32, |r0, w| {
-                let part = gt.narrow(1, r0, w.dim(0)?)?.contiguous()?.matmul(&w)?;
-                dx = Some(match dx.take() {
-                    Some(acc) => (acc + part)?,
-                    None => part,
-                });
-                Ok(())
-            })?;
-            dx.expect("n >= 1").flatten_all()?.to_vec1::<f32>()
+            weight
+                .slab_input_gradient(&gt, DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()
         }
     }
 }

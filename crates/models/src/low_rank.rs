@@ -78,13 +78,6 @@ pub(crate) fn mm(
     }
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("low-rank training op: {what} must be contiguous f32"),
-    }
-}
-
 /// The fused node. Inputs: `x (…, k)`, `A (r, k)`, `B (n, r)`.
 struct LowRankTrainOp {
     weight: FrozenWeight,
@@ -117,9 +110,10 @@ impl CustomOp3 for LowRankTrainOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, "x")?;
-        let a = slice(s2, l2, "A")?;
-        let b = slice(s3, l3, "B")?;
+        use crate::train_ops::contiguous_f32;
+        let x = contiguous_f32(s1, l1, "low-rank training op: x")?;
+        let a = contiguous_f32(s2, l2, "low-rank training op: A")?;
+        let b = contiguous_f32(s3, l3, "low-rank training op: B")?;
         let (r, k) = l2.shape().dims2()?;
         let (n, r2) = l3.shape().dims2()?;
         let dims = l1.shape().dims();
