@@ -316,10 +316,13 @@ fn kern_for(ty: BlockType, simd: bool, vnni: bool) -> Kern {
 
 /// Each activation block's sums of four consecutive values (the i32 lanes of a `vpdpbusd`),
 /// which turn the unsigned weight bytes of the VNNI kernels back into signed values.
-fn lane_sums(xq: &[Q8Block]) -> Vec<[i32; 8]> {
-    xq.iter()
-        .map(|b| std::array::from_fn(|j| b.qs[4 * j..4 * j + 4].iter().map(|&q| q as i32).sum()))
-        .collect()
+fn lane_sums(xq: &[Q8Block], out: &mut Vec<[i32; 8]>) {
+    out.clear();
+    out.extend(
+        xq.iter().map(|b| {
+            std::array::from_fn(|j| b.qs[4 * j..4 * j + 4].iter().map(|&q| q as i32).sum())
+        }),
+    );
 }
 
 /// One product of a [`matmul_many`] call: a weight matrix and where `x·Wᵀ` goes (`m × n`,
@@ -337,16 +340,56 @@ pub fn matmul(w: QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32], path: Path) 
     matmul_many(&mut [Product { w, out }], x, m, path)
 }
 
+/// Products per [`matmul_many`] pass (a layer's q/k/v is three); more are done in groups.
+const MAX_PRODUCTS: usize = 4;
+
+/// Per-thread buffers of [`matmul_many`]: quantized activations, VNNI lane sums and the
+/// column-major outputs of multi-row calls. They keep their capacity between calls, so a
+/// steady stream of same-sized products (decode) allocates nothing.
+#[derive(Default)]
+struct Scratch {
+    xq32: Vec<Q8Block>,
+    xqk: Vec<Q8KBlock>,
+    sums: Vec<[i32; 8]>,
+    cols: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// An output pointer that tasks on other threads write disjoint ranges of.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes its own range of the buffer (see `matmul_many`).
+#[allow(unsafe_code)]
+unsafe impl Send for OutPtr {}
+#[allow(unsafe_code)]
+unsafe impl Sync for OutPtr {}
+
 /// Several products of the same activations (a layer's q/k/v, or gate/up) in one pass: `x` is
 /// quantized once per activation type, and the weight rows of all matrices share one parallel
-/// section. Each output value is bit-identical to [`matmul`] of its matrix alone.
+/// section. Each output value is bit-identical to [`matmul`] of its matrix alone. Working
+/// buffers are per-thread and reused: in steady state a call allocates nothing.
 pub fn matmul_many(products: &mut [Product<'_>], x: &[f32], m: usize, path: Path) {
+    if products.len() > MAX_PRODUCTS {
+        for group in products.chunks_mut(MAX_PRODUCTS) {
+            matmul_many(group, x, m, path);
+        }
+        return;
+    }
     let Some(k) = products.first().map(|p| p.w.k) else {
         return;
     };
     assert_eq!(x.len(), m * k, "activations do not match ({m}, {k})");
-    let mut ws = Vec::with_capacity(products.len());
-    for p in products.iter() {
+    let np = products.len();
+    let mut ws = [QMatrix {
+        ty: BlockType::Q8_0,
+        data: &[],
+        n: 0,
+        k: 0,
+    }; MAX_PRODUCTS];
+    for (w, p) in ws.iter_mut().zip(products.iter()) {
         let QMatrix { ty, data, n, k: pk } = p.w;
         let be = ty.block_elems();
         assert_eq!(pk, k, "products of one matmul_many share k");
@@ -357,35 +400,42 @@ pub fn matmul_many(products: &mut [Product<'_>], x: &[f32], m: usize, path: Path
             "weight bytes do not match ({n}, {k})"
         );
         assert_eq!(p.out.len(), m * n, "output does not match ({m}, {n})");
-        ws.push(p.w);
+        *w = p.w;
     }
+    let ws = &ws[..np];
     let simd = path != Path::Scalar && have_avx2();
     // The VNNI row kernels (where the CPU has them) serve one activation row: decode.
     let vnni = path == Path::Auto && m == 1;
+    // The buffers are taken out for the call (a call nested through work stealing finds them
+    // empty and uses its own) and put back after.
+    let mut sc = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     // One quantization per activation type. Q8_1 is Q8_0 plus the sum term, which the symmetric
     // types ignore, so one pass with sums serves all 32-element types.
     let (b32, bk) = (k / QK, k / QK_K);
-    let mut xq32 = Vec::new();
     if ws.iter().any(|w| !w.ty.is_k()) {
-        xq32 = vec![Q8Block::default(); m * b32];
+        sc.xq32.clear();
+        sc.xq32.resize(m * b32, Q8Block::default());
         let with_sum = ws.iter().any(|w| w.ty.with_sum());
-        for (row, q) in x.chunks_exact(k).zip(xq32.chunks_exact_mut(b32)) {
+        for (row, q) in x.chunks_exact(k).zip(sc.xq32.chunks_exact_mut(b32)) {
             quantize_row(row, q, with_sum);
         }
     }
-    let mut xqk = Vec::new();
     if ws.iter().any(|w| w.ty.is_k()) {
-        xqk = vec![Q8KBlock::default(); m * bk];
-        for (row, q) in x.chunks_exact(k).zip(xqk.chunks_exact_mut(bk)) {
+        sc.xqk.clear();
+        sc.xqk.resize(m * bk, Q8KBlock::default());
+        for (row, q) in x.chunks_exact(k).zip(sc.xqk.chunks_exact_mut(bk)) {
             quantize_row_k(row, q);
         }
     }
-    let kerns: Vec<Kern> = ws.iter().map(|w| kern_for(w.ty, simd, vnni)).collect();
-    let sums = if kerns.iter().any(|k| matches!(k, Kern::B32(_, _, Some(_)))) {
-        lane_sums(&xq32)
-    } else {
-        Vec::new()
-    };
+    let mut kerns = [Kern::K(scalar::dot_q6k); MAX_PRODUCTS];
+    for (kn, w) in kerns.iter_mut().zip(ws) {
+        *kn = kern_for(w.ty, simd, vnni);
+    }
+    let kerns = &kerns[..np];
+    if kerns.iter().any(|k| matches!(k, Kern::B32(_, _, Some(_)))) {
+        lane_sums(&sc.xq32, &mut sc.sums);
+    }
+    let (xq32, xqk, sums) = (&sc.xq32[..], &sc.xqk[..], &sc.sums[..]);
     // Fills `dst` (`width × m`, column-major) with columns c0.. of product i.
     let fill = |i: usize, c0: usize, dst: &mut [f32]| {
         let w = ws[i];
@@ -394,59 +444,80 @@ pub fn matmul_many(products: &mut [Product<'_>], x: &[f32], m: usize, path: Path
             let width = dst.len();
             return rows(
                 &w.data[c0 * row_bytes..(c0 + width) * row_bytes],
-                &xq32,
-                &sums,
+                xq32,
+                sums,
                 dst,
             );
         }
         for (c, col) in dst.chunks_exact_mut(m).enumerate() {
             let wr = &w.data[(c0 + c) * row_bytes..(c0 + c + 1) * row_bytes];
             match kerns[i] {
-                Kern::B32(dot, dot4, _) => fill_column(wr, &xq32, b32, dot, dot4, col),
-                Kern::K(dot) => fill_column(wr, &xqk, bk, dot, None, col),
+                Kern::B32(dot, dot4, _) => fill_column(wr, xq32, b32, dot, dot4, col),
+                Kern::K(dot) => fill_column(wr, xqk, bk, dot, None, col),
             }
         }
     };
     // A few ranges per thread (work stealing evens out a slow core) but not so many that
-    // scheduling costs more than the work: at least 16 weight rows a range.
+    // scheduling costs more than the work: at least 16 weight rows a range. Task `t` is range
+    // `t - first[i]` of product `i`; its `width × m` values go to `base[i]` from `c0 · m` on
+    // (one row: the output itself; more rows: column-major scratch, transposed below).
     let threads = rayon::current_num_threads().max(1);
     let total: usize = ws.iter().map(|w| w.n).sum();
     let cols = total.div_ceil(threads * 4).max(16);
+    let mut first = [0usize; MAX_PRODUCTS + 1];
+    for (i, w) in ws.iter().enumerate() {
+        first[i + 1] = first[i] + w.n.div_ceil(cols);
+    }
+    let mut base = [OutPtr(std::ptr::null_mut()); MAX_PRODUCTS];
     if m == 1 {
-        let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
-        for (i, p) in products.iter_mut().enumerate() {
-            for (t, dst) in p.out.chunks_mut(cols).enumerate() {
-                tasks.push((i, t * cols, dst));
+        for (b, p) in base.iter_mut().zip(products.iter_mut()) {
+            *b = OutPtr(p.out.as_mut_ptr());
+        }
+    } else {
+        sc.cols.clear();
+        sc.cols.resize(total * m, 0.0);
+        let mut off = 0;
+        for (b, w) in base.iter_mut().zip(ws) {
+            // SAFETY: `off + w.n · m <= total · m`, the length of `sc.cols`.
+            #[allow(unsafe_code)]
+            {
+                *b = OutPtr(unsafe { sc.cols.as_mut_ptr().add(off) });
             }
-        }
-        if tasks.len() == 1 {
-            let (i, c0, dst) = tasks.pop().expect("one task");
-            fill(i, c0, dst);
-        } else {
-            tasks
-                .into_par_iter()
-                .for_each(|(i, c0, dst)| fill(i, c0, dst));
-        }
-        return;
-    }
-    let mut tmp: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.n * m]).collect();
-    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
-    for (i, t) in tmp.iter_mut().enumerate() {
-        for (j, dst) in t.chunks_mut(cols * m).enumerate() {
-            tasks.push((i, j * cols, dst));
+            off += w.n * m;
         }
     }
-    tasks
-        .into_par_iter()
-        .for_each(|(i, c0, dst)| fill(i, c0, dst));
-    for (p, t) in products.iter_mut().zip(&tmp) {
-        let n = p.w.n;
-        for (c, col) in t.chunks_exact(m).enumerate() {
-            for (i, &v) in col.iter().enumerate() {
-                p.out[i * n + c] = v;
+    let task = |t: usize| {
+        let i = (0..np)
+            .rfind(|&i| first[i] <= t)
+            .expect("task 0 is in product 0");
+        let c0 = (t - first[i]) * cols;
+        let width = cols.min(ws[i].n - c0);
+        let at = base[i];
+        // SAFETY: tasks of product i cover disjoint column ranges c0..c0 + width of its
+        // `n × m` buffer (the output for one row, its scratch region otherwise), which outlives
+        // the parallel section and which nothing else touches meanwhile.
+        #[allow(unsafe_code)]
+        let dst = unsafe { std::slice::from_raw_parts_mut(at.0.add(c0 * m), width * m) };
+        fill(i, c0, dst);
+    };
+    if first[np] == 1 {
+        task(0);
+    } else {
+        (0..first[np]).into_par_iter().for_each(task);
+    }
+    if m > 1 {
+        let mut off = 0;
+        for p in products.iter_mut() {
+            let n = p.w.n;
+            for (c, col) in sc.cols[off..off + n * m].chunks_exact(m).enumerate() {
+                for (i, &v) in col.iter().enumerate() {
+                    p.out[i * n + c] = v;
+                }
             }
+            off += n * m;
         }
     }
+    SCRATCH.with(|s| *s.borrow_mut() = sc);
 }
 
 /// One weight row against every activation row: `col[i] = dot(wr, x row i)`, four rows per
@@ -561,6 +632,19 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 /// order of operations, so the result does not depend on who calls it. The scores live in a
 /// per-thread scratch buffer (no allocation in steady state).
 pub fn attention_head(q: &[f32], k: &[f32], v: &[f32], scale: f32, out: &mut [f32]) {
+    attention_head_within(q, k, v, scale, out, 0)
+}
+
+/// [`attention_head`] for a cache with room for `capacity` positions: the scratch buffer is
+/// sized for all of them at once, so it does not grow again while the cache fills up.
+pub fn attention_head_within(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    out: &mut [f32],
+    capacity: usize,
+) {
     let d = q.len();
     assert!(d > 0 && out.len() == d, "attention_head: q and out differ");
     assert!(
@@ -573,6 +657,7 @@ pub fn attention_head(q: &[f32], k: &[f32], v: &[f32], scale: f32, out: &mut [f3
     SCORES.with(|s| {
         let mut s = s.borrow_mut();
         s.clear();
+        s.reserve(capacity.max(k.len() / d));
         s.resize(k.len() / d, 0.0);
         #[cfg(target_arch = "x86_64")]
         if have_avx2() && d.is_multiple_of(8) {

@@ -150,7 +150,9 @@ fn one_row_kernels_equal_the_avx2_path_bit_for_bit() {
                 let mut xq = vec![crate::Q8Block::default(); k / crate::QK];
                 crate::quantize_row(&x, &mut xq, true);
                 let mut c = vec![0f32; n];
-                crate::x86::rows32(ty, flavour)(&wq, &xq, &crate::lane_sums(&xq), &mut c);
+                let mut sums = vec![];
+                crate::lane_sums(&xq, &mut sums);
+                crate::x86::rows32(ty, flavour)(&wq, &xq, &sums, &mut c);
                 assert_eq!(c, b, "{ty:?} n={n}: {flavour:?} vs avx2");
             }
         }

@@ -16,6 +16,9 @@ use crate::linear::{Embedding, LinearHook, Projection};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
+mod host_step;
+pub use host_step::DecodeScratch;
+
 /// The decoder families flywheel implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
@@ -363,11 +366,11 @@ impl DecoderConfig {
 }
 
 #[derive(Debug, Clone)]
-struct Block {
-    attn_norm: RmsNorm,
-    attn: Attention,
-    mlp_norm: RmsNorm,
-    mlp: Mlp,
+pub(crate) struct Block {
+    pub(crate) attn_norm: RmsNorm,
+    pub(crate) attn: Attention,
+    pub(crate) mlp_norm: RmsNorm,
+    pub(crate) mlp: Mlp,
 }
 
 impl Block {
@@ -486,9 +489,9 @@ impl candle_core::CustomOp1 for CheckpointOp {
 /// The KV cache of a (possibly left-padded) batch.
 #[derive(Debug, Clone)]
 pub struct Cache {
-    layers: Vec<LayerCache>,
-    pads: Vec<usize>,
-    len: usize,
+    pub(crate) layers: Vec<LayerCache>,
+    pub(crate) pads: Vec<usize>,
+    pub(crate) len: usize,
 }
 
 impl Cache {
@@ -505,6 +508,17 @@ impl Cache {
     /// Number of rows.
     pub fn batch_size(&self) -> usize {
         self.pads.len()
+    }
+
+    /// Makes room in the host KV buffers for `extra` more positions, so that decoding them
+    /// never grows the buffers (no reallocation, nothing copied). Layers whose keys and values
+    /// are tensors (GPU, training) or not yet written are left as they are.
+    pub fn reserve(&mut self, extra: usize) {
+        for l in &mut self.layers {
+            if let Some(h) = &mut l.host {
+                h.reserve_exact(extra);
+            }
+        }
     }
 
     /// Keeps only the first `len` positions (a shared prompt prefix); longer caches are cut,
@@ -547,6 +561,8 @@ pub struct DecoderModel {
     device: Device,
     checkpointing: std::sync::Arc<std::sync::atomic::AtomicBool>,
     training: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Whether the host decode step ([`DecoderModel::decode_into`]) can run this model.
+    host_ready: std::sync::OnceLock<bool>,
 }
 
 impl DecoderModel {
@@ -635,6 +651,7 @@ impl DecoderModel {
             device: w.device().clone(),
             checkpointing: Default::default(),
             training: Default::default(),
+            host_ready: Default::default(),
         })
     }
 

@@ -11,8 +11,8 @@ use crate::Result;
 /// Root-mean-square layer norm: `x / sqrt(mean(x²) + eps) · w`.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
+    pub(crate) weight: Tensor,
+    pub(crate) eps: f64,
 }
 
 impl RmsNorm {
@@ -162,7 +162,7 @@ impl Rope {
 
     /// Rotates `heads` vectors of `head_dim` in place at position `pos` (host f32 tables only;
     /// `false` when the tables live elsewhere or `pos` is out of range).
-    fn rotate_host(&self, x: &mut [f32], head_dim: usize, pos: usize) -> bool {
+    pub(crate) fn rotate_host(&self, x: &mut [f32], head_dim: usize, pos: usize) -> bool {
         let half = head_dim / 2;
         if pos >= self.max_positions() {
             return false;
@@ -232,7 +232,7 @@ pub enum PositionTables {
 pub struct LayerCache {
     k: Option<Tensor>,
     v: Option<Tensor>,
-    host: Option<HostKv>,
+    pub(crate) host: Option<HostKv>,
 }
 
 impl LayerCache {
@@ -248,6 +248,11 @@ impl LayerCache {
         Ok(())
     }
 
+    /// Whether no positions are held as tensors (the host buffers, if any, hold them all).
+    pub(crate) fn is_host_only(&self) -> bool {
+        self.k.is_none()
+    }
+
     /// Whether keys/values of this dtype and device go to host buffers: CPU, f32, no gradient,
     /// and the cache has not started as tensors.
     fn host_eligible(&self, k: &Tensor) -> bool {
@@ -256,7 +261,7 @@ impl LayerCache {
 
     /// The host buffers for `b` rows of `heads × dim`, created on first use; `None` when this
     /// cache holds tensors.
-    fn host_mut(&mut self, b: usize, heads: usize, dim: usize) -> Option<&mut HostKv> {
+    pub(crate) fn host_mut(&mut self, b: usize, heads: usize, dim: usize) -> Option<&mut HostKv> {
         if self.k.is_some() {
             return None;
         }
@@ -306,14 +311,14 @@ impl LayerCache {
 /// Host keys and values, `(b, heads, cap, dim)` each, the first `len` positions in use.
 /// Capacity grows by doubling, so appending is amortised O(1) and usually allocates nothing.
 #[derive(Debug)]
-struct HostKv {
+pub(crate) struct HostKv {
     b: usize,
     heads: usize,
     dim: usize,
-    len: usize,
+    pub(crate) len: usize,
     cap: usize,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    pub(crate) k: Vec<f32>,
+    pub(crate) v: Vec<f32>,
 }
 
 impl Clone for HostKv {
@@ -340,12 +345,12 @@ impl HostKv {
     }
 
     /// Offset of position `p` of head `h` in row `r`.
-    fn at(&self, r: usize, h: usize, p: usize) -> usize {
+    pub(crate) fn at(&self, r: usize, h: usize, p: usize) -> usize {
         ((r * self.heads + h) * self.cap + p) * self.dim
     }
 
     /// Makes room for `extra` more positions.
-    fn reserve(&mut self, extra: usize) {
+    pub(crate) fn reserve(&mut self, extra: usize) {
         let need = self.len + extra;
         if need > self.cap {
             let cap = need.max(self.cap * 2).max(64);
@@ -353,6 +358,21 @@ impl HostKv {
             self.grow_to(&old, cap);
             self.len = old.len;
         }
+    }
+
+    /// Makes room for exactly `extra` more positions (no doubling) when there is less.
+    pub(crate) fn reserve_exact(&mut self, extra: usize) {
+        let need = self.len + extra;
+        if need > self.cap {
+            let old = std::mem::replace(self, HostKv::new(self.b, self.heads, self.dim));
+            self.grow_to(&old, need);
+            self.len = old.len;
+        }
+    }
+
+    /// Whether the buffers hold `b` rows of `heads × dim`.
+    pub(crate) fn fits(&self, b: usize, heads: usize, dim: usize) -> bool {
+        (self.b, self.heads, self.dim) == (b, heads, dim)
     }
 
     /// Allocates `cap` positions and copies `from`'s positions in use.
@@ -395,18 +415,26 @@ impl HostKv {
 /// every cached key of its KV group, a softmax, and the weighted sum of values into `out`
 /// (`heads × dim`). Heads run in parallel when the cache is long enough to pay for it; each head
 /// computes the same way either way, so results do not depend on the thread count.
-fn attend_row(q: &[f32], h: &HostKv, r: usize, group: usize, scale: f32, out: &mut [f32]) {
+pub(crate) fn attend_row(
+    q: &[f32],
+    h: &HostKv,
+    r: usize,
+    group: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     use rayon::prelude::*;
     let (d, len) = (h.dim, h.len);
     let head = |hq: usize, o: &mut [f32]| {
         let base = h.at(r, hq / group, 0);
         let span = base..base + len * d;
-        flywheel_kernels::attention_head(
+        flywheel_kernels::attention_head_within(
             &q[hq * d..(hq + 1) * d],
             &h.k[span.clone()],
             &h.v[span],
             scale,
             o,
+            h.cap,
         );
     };
     if len * out.len() >= 1 << 17 {
@@ -421,7 +449,7 @@ fn attend_row(q: &[f32], h: &HostKv, r: usize, group: usize, scale: f32, out: &m
 }
 
 /// Runs `f` on a contiguous CPU f32 tensor's elements without copying them.
-fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     if !t.is_contiguous() {
         return None;
     }
@@ -438,13 +466,13 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
 /// Grouped-query self-attention (`n_kv_heads` divides `n_heads`).
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q_proj: Arc<dyn Projection>,
-    k_proj: Arc<dyn Projection>,
-    v_proj: Arc<dyn Projection>,
-    o_proj: Arc<dyn Projection>,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
+    pub(crate) q_proj: Arc<dyn Projection>,
+    pub(crate) k_proj: Arc<dyn Projection>,
+    pub(crate) v_proj: Arc<dyn Projection>,
+    pub(crate) o_proj: Arc<dyn Projection>,
+    pub(crate) n_heads: usize,
+    pub(crate) n_kv_heads: usize,
+    pub(crate) head_dim: usize,
 }
 
 impl Attention {
@@ -829,9 +857,9 @@ impl Attention {
 /// The gated (SwiGLU) feed-forward block: `down(silu(gate(x)) · up(x))`.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    gate: Arc<dyn Projection>,
-    up: Arc<dyn Projection>,
-    down: Arc<dyn Projection>,
+    pub(crate) gate: Arc<dyn Projection>,
+    pub(crate) up: Arc<dyn Projection>,
+    pub(crate) down: Arc<dyn Projection>,
 }
 
 impl Mlp {

@@ -20,7 +20,9 @@ pub mod train_ops;
 pub mod weights;
 
 pub use candle_core::{quantized::GgmlDType, DType, Device, Tensor};
-pub use decoder::{Architecture, Cache, DecoderConfig, DecoderModel, Logits, RopeScaling};
+pub use decoder::{
+    Architecture, Cache, DecodeScratch, DecoderConfig, DecoderModel, Logits, RopeScaling,
+};
 pub use linear::{
     pinned, with_reference_kernels, Embedding, KernelChoice, Linear, LinearHook, NoHook, Projection,
 };

@@ -26,11 +26,11 @@ pub enum LinearWeight {
 /// A linear layer whose weight is dense or quantized.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: LinearWeight,
+    pub(crate) weight: LinearWeight,
     qmatmul: Option<QMatMul>,
-    bias: Option<Tensor>,
-    in_dim: usize,
-    out_dim: usize,
+    pub(crate) bias: Option<Tensor>,
+    pub(crate) in_dim: usize,
+    pub(crate) out_dim: usize,
 }
 
 impl Linear {
@@ -654,7 +654,7 @@ pub enum KernelChoice {
     Candle,
 }
 
-fn kernel_type(t: GgmlDType) -> Option<flywheel_kernels::BlockType> {
+pub(crate) fn kernel_type(t: GgmlDType) -> Option<flywheel_kernels::BlockType> {
     match t {
         GgmlDType::Q4_0 => Some(flywheel_kernels::BlockType::Q4_0),
         GgmlDType::Q4_1 => Some(flywheel_kernels::BlockType::Q4_1),

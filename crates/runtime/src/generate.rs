@@ -399,26 +399,46 @@ impl TextModel {
         let forward = |input: &Tensor, cache: &mut flywheel_models::Cache| {
             flywheel_models::on_pool(device, || self.model.forward(input, cache, Logits::Last))
         };
-        let mut logits = forward(&input, &mut cache)?;
+        let logits = forward(&input, &mut cache)?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
+        // Decode: the host step (no tensors, nothing allocated per token) where the model and
+        // cache allow it, the tensor path otherwise. Room for every token is reserved up front.
+        let budget = rows.iter().map(|r| r.budget()).max().unwrap_or(0);
+        cache.reserve(budget);
+        let vocab = logits.dim(1)?;
+        let mut tensor_logits = logits.flatten_all()?.to_vec1::<f32>()?;
+        let mut scratch = flywheel_models::DecodeScratch::default();
+        let mut on_host = false;
+        let mut next = Vec::with_capacity(rows.len());
         loop {
-            let all: Vec<Vec<f32>> = logits.to_vec2::<f32>()?;
-            let mut next = Vec::with_capacity(rows.len());
-            for (i, (row, mut l)) in rows.iter_mut().zip(all).enumerate() {
+            let all: &mut [f32] = if on_host {
+                scratch.logits()
+            } else {
+                &mut tensor_logits
+            };
+            next.clear();
+            for (i, (row, l)) in rows.iter_mut().zip(all.chunks_exact_mut(vocab)).enumerate() {
                 if row.finish.is_some() {
                     next.push(*row.history.last().expect("prompt is not empty"));
                     continue;
                 }
-                let tok = row.sample(&mut l);
+                let tok = row.sample(l);
                 next.push(tok);
                 row.step(tok, &self.eos, &mut *sinks[i])?;
             }
             if rows.iter().all(|r| r.finish.is_some()) {
                 break;
             }
-            let input = Tensor::from_vec(next, (rows.len(), 1), device)?;
-            logits = forward(&input, &mut cache)?;
+            let (model, c, sc, ids) = (&self.model, &mut cache, &mut scratch, &next);
+            on_host =
+                flywheel_models::on_pool(device, move || model.decode_into(ids, &mut [c], sc))?;
+            if !on_host {
+                let input = Tensor::from_slice(&next, (rows.len(), 1), device)?;
+                tensor_logits = forward(&input, &mut cache)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+            }
         }
         let decode_s = t1.elapsed().as_secs_f64();
         let timings = Timings {
@@ -468,6 +488,11 @@ impl<'a> RowState<'a> {
     /// Picks the next token from this row's logits.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.sampler.sample(logits, &self.history)
+    }
+
+    /// The most tokens this row may still generate in all.
+    pub fn budget(&self) -> usize {
+        self.budget
     }
 
     /// The accepted output text so far (stop strings removed).

@@ -116,6 +116,7 @@ impl Engine {
             active: active.clone(),
             reused: reused.clone(),
             prefixes: Default::default(),
+            scratch: Default::default(),
         };
         let thread = std::thread::Builder::new()
             .name("flywheel-engine".into())
@@ -235,6 +236,8 @@ struct Worker {
     active: Arc<AtomicUsize>,
     reused: Arc<AtomicUsize>,
     prefixes: std::cell::RefCell<PrefixCache>,
+    /// Buffers of the host decode step, reused from step to step.
+    scratch: std::cell::RefCell<flywheel_models::DecodeScratch>,
 }
 
 /// Prompts are fed in chunks at fixed positions (multiples of this), so a prompt whose first
@@ -512,6 +515,29 @@ impl Worker {
     fn decode(&self, batch: &mut [Seq], eos: &[u32]) -> Result<(), String> {
         let model = self.model.model();
         let ids: Vec<u32> = batch.iter().map(|s| s.next).collect();
+        if batch.iter().all(|s| s.adapter.is_none()) {
+            // The host step, where the model allows it (no adapters loaded: plain layers).
+            let mut scratch = self.scratch.borrow_mut();
+            let stepped = {
+                let mut caches: Vec<&mut Cache> = batch.iter_mut().map(|s| &mut s.cache).collect();
+                let sc = &mut *scratch;
+                flywheel_models::on_pool(model.device(), || {
+                    model.decode_into(&ids, &mut caches, sc)
+                })
+                .map_err(|e| e.to_string())?
+            };
+            if stepped {
+                let vocab = scratch.vocab();
+                for (s, l) in batch
+                    .iter_mut()
+                    .zip(scratch.logits().chunks_exact_mut(vocab))
+                {
+                    let t = s.row.sample(l);
+                    s.accept(t, eos).map_err(|e| e.to_string())?;
+                }
+                return Ok(());
+            }
+        }
         let route = routing(batch.iter().map(|s| s.adapter.as_ref()));
         let logits = {
             let mut caches: Vec<&mut Cache> = batch.iter_mut().map(|s| &mut s.cache).collect();

@@ -1,0 +1,484 @@
+//! The one-token decode step on host buffers, for CPU f32 models whose projections are plain
+//! quantized layers that flywheel-kernels covers (every GGUF model of the supported types).
+//!
+//! It runs the same arithmetic as the tensor path (`DecoderModel::forward` for one token, or
+//! `decode_step`), bit for bit: the embedding row, RMSNorm as candle computes it, the fused
+//! q/k/v and gate/up products, RoPE, attention over the host KV cache in place, SwiGLU, the
+//! residuals and the output head. Every intermediate goes into a [`DecodeScratch`] that keeps
+//! its buffers between steps, the kernels keep theirs per thread, and the KV cache grows only
+//! when it is full, so in steady state (same batch size, cache room reserved with
+//! [`Cache::reserve`]) a step allocates nothing on the heap.
+
+use super::{Cache, DecoderModel};
+use crate::layers::{attend_row, with_cpu_f32, RmsNorm};
+use crate::linear::{kernel_type, Embedding, Linear, LinearWeight, Projection};
+use crate::Result;
+use flywheel_kernels::{BlockType, Path, Product, QMatrix};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+/// Working buffers of [`DecoderModel::decode_into`], reused from step to step (one per
+/// generation loop). The logits of the last step stay here.
+#[derive(Debug, Default, Clone)]
+pub struct DecodeScratch {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    o: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    logits: Vec<f32>,
+    positions: Vec<usize>,
+    vocab: usize,
+}
+
+impl DecodeScratch {
+    /// The logits of the last step, `b × vocab` row-major (the sampler may change them).
+    pub fn logits(&mut self) -> &mut [f32] {
+        &mut self.logits
+    }
+
+    /// The vocabulary size of the last step's logits rows.
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+}
+
+/// A quantized layer as the kernels read it, with its bias.
+struct HostLinear<'a> {
+    w: QMatrix<'a>,
+    bias: Option<&'a candle_core::Tensor>,
+}
+
+/// `l` as a kernel matrix: quantized, of a covered type, its blocks in host memory.
+fn host_linear(l: &Linear) -> Option<HostLinear<'_>> {
+    let LinearWeight::Quantized(q) = &l.weight else {
+        return None;
+    };
+    let ty = kernel_type(q.dtype())?;
+    let Ok(Cow::Borrowed(data)) = q.data() else {
+        return None;
+    };
+    if let Some(b) = &l.bias {
+        with_cpu_f32(b, |_| ())?;
+    }
+    Some(HostLinear {
+        w: QMatrix {
+            ty,
+            data,
+            n: l.out_dim,
+            k: l.in_dim,
+        },
+        bias: l.bias.as_ref(),
+    })
+}
+
+/// The plain layer behind a projection, as a kernel matrix.
+fn plain(p: &Arc<dyn Projection>) -> Option<HostLinear<'_>> {
+    host_linear(p.plain()?)
+}
+
+/// `out_i = x_i · Wᵀ + b` for every listed layer (one quantization of `x`), `m` rows.
+fn products<const N: usize>(mut layers: [(HostLinear<'_>, &mut Vec<f32>); N], x: &[f32], m: usize) {
+    let mut ps = layers.each_mut().map(|(l, out)| {
+        out.resize(m * l.w.n, 0.0);
+        Product {
+            w: l.w,
+            out: &mut out[..],
+        }
+    });
+    flywheel_kernels::matmul_many(&mut ps, x, m, Path::Auto);
+    for (l, out) in layers.iter_mut() {
+        if let Some(b) = l.bias {
+            with_cpu_f32(b, |b| {
+                for row in out.chunks_exact_mut(b.len()) {
+                    for (y, &bv) in row.iter_mut().zip(b) {
+                        *y += bv;
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// RMSNorm of each row of `x` into `out`, with candle's arithmetic (`candle_nn::ops::rms_norm`:
+/// a sequential f32 sum of squares, `s / m · w`).
+fn rms_norm(norm: &RmsNorm, x: &[f32], dim: usize, out: &mut Vec<f32>) -> Option<()> {
+    out.resize(x.len(), 0.0);
+    let eps = norm.eps as f32;
+    with_cpu_f32(&norm.weight, |w| {
+        for (src, dst) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+            let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
+            let m = (sum2 / dim as f32 + eps).sqrt();
+            for ((d, &s), &a) in dst.iter_mut().zip(src).zip(w) {
+                *d = s / m * a;
+            }
+        }
+    })
+}
+
+/// `g ← silu(g) · u`, as the inference SwiGLU computes it.
+fn swiglu(g: &mut [f32], u: &[f32]) {
+    use rayon::prelude::*;
+    let body = |(gc, uc): (&mut [f32], &[f32])| {
+        for (g, &u) in gc.iter_mut().zip(uc) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    };
+    const CHUNK: usize = 1 << 14;
+    if g.len() <= CHUNK {
+        body((g, u));
+    } else {
+        g.par_chunks_mut(CHUNK)
+            .zip(u.par_chunks(CHUNK))
+            .for_each(body);
+    }
+}
+
+impl DecoderModel {
+    /// Whether every weight the host step reads qualifies (checked once per model).
+    fn host_ready(&self) -> bool {
+        *self.host_ready.get_or_init(|| {
+            let norms_ok = |n: &RmsNorm| with_cpu_f32(&n.weight, |_| ()).is_some();
+            let embed_ok = match &self.embed {
+                Embedding::Quantized(q) => {
+                    kernel_type(q.dtype()).is_some() && matches!(q.data(), Ok(Cow::Borrowed(_)))
+                }
+                Embedding::Dense(w) => with_cpu_f32(w, |_| ()).is_some(),
+            };
+            self.device.is_cpu()
+                && self.dtype == candle_core::DType::F32
+                && embed_ok
+                && norms_ok(&self.norm)
+                && plain(&self.lm_head).is_some()
+                && self.blocks.iter().all(|b| {
+                    let a = &b.attn;
+                    norms_ok(&b.attn_norm)
+                        && norms_ok(&b.mlp_norm)
+                        && [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]
+                            .into_iter()
+                            .chain([&b.mlp.gate, &b.mlp.up, &b.mlp.down])
+                            .all(|p| plain(p).is_some())
+                })
+        })
+    }
+
+    /// One decode step on host buffers: `ids[i]` is the next token of row `i`, where the rows
+    /// are either one per cache (`caches.len() == ids.len()`, single-row caches, as
+    /// [`DecoderModel::decode_step`] takes them) or the rows of one cache. The logits land in
+    /// `scratch` ([`DecodeScratch::logits`]). Returns `false`, having changed nothing, when the
+    /// model or the caches do not qualify (GPU, half precision, dense or wrapped projections,
+    /// training mode, padded rows, a cache held as tensors, the context full); the caller then
+    /// takes the tensor path.
+    pub fn decode_into(
+        &self,
+        ids: &[u32],
+        caches: &mut [&mut Cache],
+        scratch: &mut DecodeScratch,
+    ) -> Result<bool> {
+        let b = ids.len();
+        let per_cache = match caches.len() {
+            n if n == b && caches.iter().all(|c| c.pads.len() == 1) => true,
+            1 if caches[0].pads.len() == b => false,
+            _ => return Ok(false),
+        };
+        if b == 0
+            || !self.host_ready()
+            || self.training.load(std::sync::atomic::Ordering::Relaxed)
+            || crate::linear::reference_kernels()
+            || caches.iter().any(|c| c.pads.iter().any(|&p| p > 0))
+        {
+            return Ok(false);
+        }
+        let cfg = &self.cfg;
+        let (h, nh, nkv, d) = (
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        );
+        let rows_per_cache = if per_cache { 1 } else { b };
+        let max_pos = self.rope.max_positions().min(cfg.max_position_embeddings);
+        for c in caches.iter() {
+            if c.len >= max_pos {
+                return Ok(false);
+            }
+            for lc in &c.layers {
+                let ok = match &lc.host {
+                    Some(hk) => hk.fits(rows_per_cache, nkv, d) && hk.len == c.len,
+                    None => c.len == 0,
+                };
+                if !ok || !lc.is_host_only() {
+                    return Ok(false);
+                }
+            }
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+            return Err(candle_core::Error::Msg(format!(
+                "token id {id} is outside the vocabulary of {}",
+                cfg.vocab_size
+            ))
+            .into());
+        }
+        for c in caches.iter_mut() {
+            for lc in &mut c.layers {
+                lc.host_mut(rows_per_cache, nkv, d)
+                    .expect("checked: the cache holds no tensors and fits");
+            }
+        }
+        let s = scratch;
+        s.positions.clear();
+        for i in 0..b {
+            s.positions.push(caches[if per_cache { i } else { 0 }].len);
+        }
+        // Row i → (cache, row in that cache).
+        let slot = |i: usize| if per_cache { (i, 0) } else { (0, i) };
+
+        // Embedding rows.
+        s.x.resize(b * h, 0.0);
+        for (&id, x) in ids.iter().zip(s.x.chunks_exact_mut(h)) {
+            let id = id as usize;
+            match &self.embed {
+                Embedding::Quantized(q) => {
+                    let ty: BlockType = kernel_type(q.dtype()).expect("checked by host_ready");
+                    let Ok(Cow::Borrowed(data)) = q.data() else {
+                        unreachable!("checked by host_ready")
+                    };
+                    let rb = h / ty.block_elems() * ty.block_bytes();
+                    flywheel_kernels::dequantize_into(ty, &data[id * rb..(id + 1) * rb], x);
+                }
+                Embedding::Dense(w) => {
+                    with_cpu_f32(w, |w| x.copy_from_slice(&w[id * h..(id + 1) * h]));
+                }
+            }
+        }
+
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let group = nh / nkv;
+        let missing = || candle_core::Error::Msg("host decode: a weight changed form".into());
+        for (l, block) in self.blocks.iter().enumerate() {
+            let a = &block.attn;
+            rms_norm(&block.attn_norm, &s.x, h, &mut s.xn).ok_or_else(missing)?;
+            let (q, k, v) = (
+                plain(&a.q_proj).ok_or_else(missing)?,
+                plain(&a.k_proj).ok_or_else(missing)?,
+                plain(&a.v_proj).ok_or_else(missing)?,
+            );
+            products([(q, &mut s.q), (k, &mut s.k), (v, &mut s.v)], &s.xn, b);
+            for (i, &p) in s.positions.iter().enumerate() {
+                let ok = self
+                    .rope
+                    .rotate_host(&mut s.q[i * nh * d..(i + 1) * nh * d], d, p)
+                    && self
+                        .rope
+                        .rotate_host(&mut s.k[i * nkv * d..(i + 1) * nkv * d], d, p);
+                if !ok {
+                    return Err(missing().into());
+                }
+            }
+            for c in caches.iter_mut() {
+                c.layers[l].host.as_mut().expect("created above").reserve(1);
+            }
+            for i in 0..b {
+                let (c, r) = slot(i);
+                let hk = caches[c].layers[l].host.as_mut().expect("created above");
+                for hd in 0..nkv {
+                    let at = hk.at(r, hd, hk.len);
+                    let src = (i * nkv + hd) * d;
+                    hk.k[at..at + d].copy_from_slice(&s.k[src..src + d]);
+                    hk.v[at..at + d].copy_from_slice(&s.v[src..src + d]);
+                }
+            }
+            for c in caches.iter_mut() {
+                c.layers[l].host.as_mut().expect("created above").len += 1;
+            }
+            s.attn.resize(b * nh * d, 0.0);
+            for (i, out) in s.attn.chunks_exact_mut(nh * d).enumerate() {
+                let (c, r) = slot(i);
+                let hk = caches[c].layers[l].host.as_ref().expect("created above");
+                attend_row(&s.q[i * nh * d..(i + 1) * nh * d], hk, r, group, scale, out);
+            }
+            let o = plain(&a.o_proj).ok_or_else(missing)?;
+            products([(o, &mut s.o)], &s.attn, b);
+            for (x, &o) in s.x.iter_mut().zip(&s.o) {
+                *x += o;
+            }
+            rms_norm(&block.mlp_norm, &s.x, h, &mut s.xn).ok_or_else(missing)?;
+            let (g, u) = (
+                plain(&block.mlp.gate).ok_or_else(missing)?,
+                plain(&block.mlp.up).ok_or_else(missing)?,
+            );
+            products([(g, &mut s.g), (u, &mut s.u)], &s.xn, b);
+            swiglu(&mut s.g, &s.u);
+            let down = plain(&block.mlp.down).ok_or_else(missing)?;
+            products([(down, &mut s.o)], &s.g, b);
+            for (x, &o) in s.x.iter_mut().zip(&s.o) {
+                *x += o;
+            }
+        }
+        for c in caches.iter_mut() {
+            c.len += 1;
+        }
+        rms_norm(&self.norm, &s.x, h, &mut s.xn).ok_or_else(missing)?;
+        let head = plain(&self.lm_head).ok_or_else(missing)?;
+        s.vocab = head.w.n;
+        products([(head, &mut s.logits)], &s.xn, b);
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::tiny;
+    use super::*;
+    use crate::decoder::{Architecture, DecoderConfig, Logits};
+    use crate::linear::{LinearHook, NoHook};
+    use crate::weights::MemoryWeights;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{DType, Device, Tensor};
+
+    /// Quantizes every projection (and a tied output head) to one block type.
+    struct Quantize(GgmlDType);
+
+    impl LinearHook for Quantize {
+        fn wrap(&self, _name: &str, base: Linear) -> Result<Arc<dyn Projection>> {
+            let w = QTensor::quantize(&base.dense_weight(DType::F32)?, self.0)?;
+            Ok(Arc::new(Linear::quantized(Arc::new(w), base.bias.clone())?))
+        }
+    }
+
+    /// The tiny config widened so that K-quants (blocks of 256) fit every projection.
+    fn wide(arch: Architecture) -> DecoderConfig {
+        DecoderConfig {
+            hidden_size: 256,
+            intermediate_size: 512,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 64,
+            ..tiny(arch)
+        }
+    }
+
+    fn model(cfg: &DecoderConfig, quant: Option<GgmlDType>) -> anyhow::Result<DecoderModel> {
+        let w = MemoryWeights::random_decoder(cfg, 11, &Device::Cpu, DType::F32)?;
+        Ok(match quant {
+            Some(q) => DecoderModel::load(&w, cfg, &Quantize(q))?,
+            None => DecoderModel::load(&w, cfg, &NoHook)?,
+        })
+    }
+
+    fn prompt(rows: usize, len: usize) -> anyhow::Result<Tensor> {
+        let ids: Vec<u32> = (0..rows * len).map(|i| (i * 37 % 90) as u32 + 3).collect();
+        Ok(Tensor::from_vec(ids, (rows, len), &Device::Cpu)?)
+    }
+
+    #[test]
+    fn host_steps_equal_the_tensor_path_bit_for_bit() -> anyhow::Result<()> {
+        let cases = [
+            (tiny(Architecture::Llama), GgmlDType::Q4_0),
+            (tiny(Architecture::Llama), GgmlDType::Q4_1),
+            (tiny(Architecture::Qwen2), GgmlDType::Q8_0),
+            (wide(Architecture::Qwen2), GgmlDType::Q4K),
+            (wide(Architecture::Llama), GgmlDType::Q6K),
+        ];
+        for (cfg, q) in cases {
+            let m = model(&cfg, Some(q))?;
+            for rows in [1usize, 3] {
+                let p = prompt(rows, 5)?;
+                let mut a = m.new_cache(vec![0; rows]);
+                let mut b = m.new_cache(vec![0; rows]);
+                m.forward(&p, &mut a, Logits::Last)?;
+                m.forward(&p, &mut b, Logits::Last)?;
+                let mut s = DecodeScratch::default();
+                // Enough steps to grow the KV buffers past their first capacity (64).
+                for step in 0..cfg.max_position_embeddings - 5 {
+                    let ids: Vec<u32> = (0..rows)
+                        .map(|r| (step * 7 + r * 11) as u32 % 90 + 3)
+                        .collect();
+                    let t = Tensor::from_slice(&ids, (rows, 1), &Device::Cpu)?;
+                    let want = m
+                        .forward(&t, &mut a, Logits::Last)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
+                    assert!(
+                        m.decode_into(&ids, &mut [&mut b], &mut s)?,
+                        "{q:?}: declined"
+                    );
+                    assert_eq!(s.vocab(), cfg.vocab_size);
+                    assert_eq!(s.logits(), &want[..], "{q:?}, {rows} rows, step {step}");
+                    assert_eq!(a.len(), b.len());
+                }
+                // The context is full: the host step declines, the tensor path gives the error.
+                assert!(!m.decode_into(&[5; 3][..rows], &mut [&mut b], &mut s)?);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn host_steps_over_separate_caches_equal_decode_step() -> anyhow::Result<()> {
+        let cfg = tiny(Architecture::Qwen2);
+        let m = model(&cfg, Some(GgmlDType::Q4_0))?;
+        // Three sequences of different lengths, one single-row cache each.
+        let (mut a, mut b) = (vec![], vec![]);
+        for len in [2usize, 6, 9] {
+            for set in [&mut a, &mut b] {
+                let mut c = m.new_cache(vec![0]);
+                m.forward(&prompt(1, len)?, &mut c, Logits::Last)?;
+                set.push(c);
+            }
+        }
+        let mut s = DecodeScratch::default();
+        for step in 0..12u32 {
+            let ids = [step + 3, step + 20, step + 40];
+            let mut ra: Vec<&mut Cache> = a.iter_mut().collect();
+            let want = m
+                .decode_step(&ids, &mut ra)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let mut rb: Vec<&mut Cache> = b.iter_mut().collect();
+            assert!(m.decode_into(&ids, &mut rb, &mut s)?);
+            assert_eq!(s.logits(), &want[..], "step {step}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_host_step_declines_what_it_does_not_cover() -> anyhow::Result<()> {
+        let cfg = tiny(Architecture::Llama);
+        let mut s = DecodeScratch::default();
+        // Dense projections.
+        let dense = model(&cfg, None)?;
+        let mut c = dense.new_cache(vec![0]);
+        dense.forward(&prompt(1, 3)?, &mut c, Logits::Last)?;
+        assert!(!dense.decode_into(&[4], &mut [&mut c], &mut s)?);
+        let m = model(&cfg, Some(GgmlDType::Q8_0))?;
+        // A left-padded batch (the tensor path masks the padding).
+        let mut padded = m.new_cache(vec![0, 2]);
+        m.forward(&prompt(2, 4)?, &mut padded, Logits::Last)?;
+        assert!(!m.decode_into(&[4, 5], &mut [&mut padded], &mut s)?);
+        // Rows that do not match the cache, training mode, the reference kernels.
+        let mut c = m.new_cache(vec![0]);
+        m.forward(&prompt(1, 3)?, &mut c, Logits::Last)?;
+        assert!(!m.decode_into(&[4, 5], &mut [&mut c], &mut s)?);
+        m.set_training(true);
+        assert!(!m.decode_into(&[4], &mut [&mut c], &mut s)?);
+        m.set_training(false);
+        assert!(!crate::with_reference_kernels(|| m.decode_into(
+            &[4],
+            &mut [&mut c],
+            &mut s
+        ))?);
+        // Nothing changed: the cache still takes the step.
+        assert_eq!(c.len(), 3);
+        assert!(m.decode_into(&[4], &mut [&mut c], &mut s)?);
+        assert_eq!(c.len(), 4);
+        // An id outside the vocabulary is an error, not a panic.
+        assert!(m.decode_into(&[10_000], &mut [&mut c], &mut s).is_err());
+        assert_eq!(c.len(), 4);
+        Ok(())
+    }
+}
