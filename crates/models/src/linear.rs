@@ -679,6 +679,12 @@ pub trait Projection: Send + Sync + std::fmt::Debug {
     fn plain(&self) -> Option<&Linear> {
         None
     }
+    /// The base layer when, in the current state (this thread's adapter routing, the installed
+    /// adapter), the projection adds nothing to it, so a caller may compute the base alone
+    /// (the host decode step). `None` when it adds something or cannot tell.
+    fn plain_now(&self) -> Option<&Linear> {
+        self.plain()
+    }
 }
 
 impl Projection for Linear {

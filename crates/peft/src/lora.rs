@@ -370,6 +370,22 @@ impl Projection for LoraLinear {
     fn base(&self) -> &Linear {
         &self.base
     }
+
+    fn plain_now(&self) -> Option<&Linear> {
+        let routed = ROUTING.with(|r| {
+            r.borrow().as_ref().map(|routing| {
+                routing.groups.iter().any(|(a, rows)| {
+                    !rows.is_empty()
+                        && (a.host.contains_key(&*self.name) || a.pairs.contains_key(&*self.name))
+                })
+            })
+        });
+        let adds = match routed {
+            Some(any) => any,
+            None => self.slot.read().map_or(true, |g| g.is_some()),
+        };
+        (!adds).then_some(&self.base)
+    }
 }
 
 /// Inverted-dropout mask: 0 with probability `p`, else `1/(1-p)`, from a SplitMix stream.

@@ -176,6 +176,47 @@ fn zero_b_leaves_logits_unchanged() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The host decode step's logits after a short prompt, or `None` when the model declines it.
+fn host_step(m: &TextModel, ids: &[u32]) -> anyhow::Result<Option<Vec<f32>>> {
+    let mut cache = m.model().new_cache(vec![0]);
+    let t = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+    m.model().forward(&t, &mut cache, Logits::Last)?;
+    let mut s = flywheel_models::DecodeScratch::default();
+    let ran = m.model().decode_into(&[5], &mut [&mut cache], &mut s)?;
+    Ok(ran.then(|| s.logits().to_vec()))
+}
+
+#[test]
+fn the_host_decode_step_runs_while_no_adapter_is_in_use() -> anyhow::Result<()> {
+    use flywheel_peft::lora::{with_routing, Routing};
+    let dir = tempfile::tempdir()?;
+    let path = tiny_model(dir.path(), Some(GgmlDType::Q4_0))?;
+    let plain = TextModel::load(path.to_str().unwrap(), &LoadOptions::default())?;
+    let hook = LoraHook::for_config(&lora_cfg(4));
+    let model = load(&path, &hook)?;
+    let ids = model.encode_prompt("hello there")?;
+    let want = host_step(&plain, &ids)?.expect("a plain GGUF model takes the host step");
+    // Wrapped, nothing installed: the step runs and computes the base model.
+    assert_eq!(host_step(&model, &ids)?.as_deref(), Some(&want[..]));
+    // An installed adapter adds to every projection: the step declines.
+    let adapter = hook.init_trainable(&lora_cfg(4), 5, DType::F32, &Device::Cpu)?;
+    randomise_b(&adapter, 9)?;
+    let frozen = adapter.snapshot("test")?;
+    hook.install(&frozen)?;
+    assert_eq!(host_step(&model, &ids)?, None);
+    hook.clear();
+    assert_eq!(host_step(&model, &ids)?.as_deref(), Some(&want[..]));
+    // Per-row routing: a row with the adapter declines; an empty routing runs.
+    let routed = std::sync::Arc::new(hook.prepare(&frozen, DType::F32)?);
+    let one = Routing {
+        groups: vec![(routed, vec![0])],
+    };
+    assert_eq!(with_routing(one, || host_step(&model, &ids))?, None);
+    let none = with_routing(Routing::default(), || host_step(&model, &ids))?;
+    assert_eq!(none.as_deref(), Some(&want[..]));
+    Ok(())
+}
+
 #[test]
 fn adapters_save_in_peft_layout_and_round_trip() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

@@ -76,9 +76,10 @@ fn host_linear(l: &Linear) -> Option<HostLinear<'_>> {
     })
 }
 
-/// The plain layer behind a projection, as a kernel matrix.
+/// The layer a projection computes right now (its base, when a wrapper adds nothing in the
+/// current state), as a kernel matrix.
 fn plain(p: &Arc<dyn Projection>) -> Option<HostLinear<'_>> {
-    host_linear(p.plain()?)
+    host_linear(p.plain_now()?)
 }
 
 /// `out_i = x_i · Wᵀ + b` for every listed layer (one quantization of `x`), `m` rows.
@@ -139,7 +140,27 @@ fn swiglu(g: &mut [f32], u: &[f32]) {
 }
 
 impl DecoderModel {
-    /// Whether every weight the host step reads qualifies (checked once per model).
+    /// Every projection, the output head last.
+    fn projections(&self) -> impl Iterator<Item = &Arc<dyn Projection>> {
+        self.blocks
+            .iter()
+            .flat_map(|b| {
+                let a = &b.attn;
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &b.mlp.gate,
+                    &b.mlp.up,
+                    &b.mlp.down,
+                ]
+            })
+            .chain(std::iter::once(&self.lm_head))
+    }
+
+    /// Whether every weight the host step reads qualifies (checked once per model; whether a
+    /// wrapper adds something to its base is checked per step).
     fn host_ready(&self) -> bool {
         *self.host_ready.get_or_init(|| {
             let norms_ok = |n: &RmsNorm| with_cpu_f32(&n.weight, |_| ()).is_some();
@@ -153,16 +174,11 @@ impl DecoderModel {
                 && self.dtype == candle_core::DType::F32
                 && embed_ok
                 && norms_ok(&self.norm)
-                && plain(&self.lm_head).is_some()
-                && self.blocks.iter().all(|b| {
-                    let a = &b.attn;
-                    norms_ok(&b.attn_norm)
-                        && norms_ok(&b.mlp_norm)
-                        && [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]
-                            .into_iter()
-                            .chain([&b.mlp.gate, &b.mlp.up, &b.mlp.down])
-                            .all(|p| plain(p).is_some())
-                })
+                && self
+                    .blocks
+                    .iter()
+                    .all(|b| norms_ok(&b.attn_norm) && norms_ok(&b.mlp_norm))
+                && self.projections().all(|p| host_linear(p.base()).is_some())
         })
     }
 
@@ -170,8 +186,8 @@ impl DecoderModel {
     /// are either one per cache (`caches.len() == ids.len()`, single-row caches, as
     /// [`DecoderModel::decode_step`] takes them) or the rows of one cache. The logits land in
     /// `scratch` ([`DecodeScratch::logits`]). Returns `false`, having changed nothing, when the
-    /// model or the caches do not qualify (GPU, half precision, dense or wrapped projections,
-    /// training mode, padded rows, a cache held as tensors, the context full); the caller then
+    /// model or the caches do not qualify (GPU, half precision, dense projections, an adapter
+    /// in use, training mode, padded rows, a cache held as tensors, the context full); the caller then
     /// takes the tensor path.
     pub fn decode_into(
         &self,
@@ -190,6 +206,7 @@ impl DecoderModel {
             || self.training.load(std::sync::atomic::Ordering::Relaxed)
             || crate::linear::reference_kernels()
             || caches.iter().any(|c| c.pads.iter().any(|&p| p > 0))
+            || !self.projections().all(|p| p.plain_now().is_some())
         {
             return Ok(false);
         }
