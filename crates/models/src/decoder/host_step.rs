@@ -402,6 +402,11 @@ mod tests {
             (wide(Architecture::Llama), GgmlDType::Q6K),
         ];
         for (cfg, q) in cases {
+            // A context past the KV buffers' first capacity (64 positions), so they grow.
+            let cfg = DecoderConfig {
+                max_position_embeddings: 100,
+                ..cfg
+            };
             let m = model(&cfg, Some(q))?;
             for rows in [1usize, 3] {
                 let p = prompt(rows, 5)?;
@@ -410,7 +415,6 @@ mod tests {
                 m.forward(&p, &mut a, Logits::Last)?;
                 m.forward(&p, &mut b, Logits::Last)?;
                 let mut s = DecodeScratch::default();
-                // Enough steps to grow the KV buffers past their first capacity (64).
                 for step in 0..cfg.max_position_embeddings - 5 {
                     let ids: Vec<u32> = (0..rows)
                         .map(|r| (step * 7 + r * 11) as u32 % 90 + 3)
