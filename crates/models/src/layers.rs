@@ -308,6 +308,27 @@ impl LayerCache {
     }
 }
 
+/// The host KV buffers of one layer that a one-token step writes: one per row (single-row
+/// caches) or one holding every row. Each exists already.
+pub(crate) trait HostLayer {
+    /// How many buffers.
+    fn buffers(&self) -> usize;
+    /// Buffer `c`.
+    fn buffer(&mut self, c: usize) -> &mut HostKv;
+}
+
+impl HostLayer for [&mut LayerCache] {
+    fn buffers(&self) -> usize {
+        self.len()
+    }
+    fn buffer(&mut self, c: usize) -> &mut HostKv {
+        self[c]
+            .host
+            .as_mut()
+            .expect("host buffers are created first")
+    }
+}
+
 /// Host keys and values, `(b, heads, cap, dim)` each, the first `len` positions in use.
 /// Capacity grows by doubling, so appending is amortised O(1) and usually allocates nothing.
 #[derive(Debug)]
@@ -666,6 +687,30 @@ impl Attention {
         let mut q = host(&qkv[0])?;
         let mut k = host(&qkv[1])?;
         let v = host(&qkv[2])?;
+        let mut out = vec![0f32; b * nh * d];
+        self.attend_host(rope, positions, &mut q, &mut k, &v, caches, &mut out)?;
+        let out = Tensor::from_vec(out, (b, 1, nh * d), x.device())?;
+        Ok(Some(self.o_proj.forward(&out)?))
+    }
+
+    /// The one-token step after the q/k/v projections (`b` rows of `heads × dim` in `q`, of
+    /// `kv_heads × dim` in `k` and `v`), on host KV buffers that exist and fit: RoPE at each
+    /// row's position, the new keys and values written in place, then attention per row into
+    /// `out` (`b × heads·dim`). Row `i` is the only row of buffer `i` when there is one buffer
+    /// per row, else row `i` of the one buffer. Allocates nothing once the buffers have room.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attend_host(
+        &self,
+        rope: &Rope,
+        positions: &[usize],
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &[f32],
+        kv: &mut (impl HostLayer + ?Sized),
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (nh, nkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let b = positions.len();
         for (i, &p) in positions.iter().enumerate() {
             let ok = rope.rotate_host(&mut q[i * nh * d..(i + 1) * nh * d], d, p)
                 && rope.rotate_host(&mut k[i * nkv * d..(i + 1) * nkv * d], d, p);
@@ -676,14 +721,15 @@ impl Attention {
                 .into());
             }
         }
-        // Row i → (cache, row in that cache).
-        let slot = |i: usize| if per_cache == 1 { (i, 0) } else { (0, i) };
-        for c in caches.iter_mut() {
-            c.host.as_mut().expect("checked above").reserve(1);
+        // Row i → (buffer, row in that buffer).
+        let per_row = kv.buffers() == b;
+        let slot = |i: usize| if per_row { (i, 0) } else { (0, i) };
+        for c in 0..kv.buffers() {
+            kv.buffer(c).reserve(1);
         }
         for i in 0..b {
             let (c, r) = slot(i);
-            let h = caches[c].host.as_mut().expect("checked above");
+            let h = kv.buffer(c);
             for hd in 0..nkv {
                 let at = h.at(r, hd, h.len);
                 let src = (i * nkv + hd) * d;
@@ -691,25 +737,16 @@ impl Attention {
                 h.v[at..at + d].copy_from_slice(&v[src..src + d]);
             }
         }
-        for c in caches.iter_mut() {
-            c.host.as_mut().expect("checked above").len += 1;
+        for c in 0..kv.buffers() {
+            kv.buffer(c).len += 1;
         }
-        let scale = 1.0 / (d as f64).sqrt();
-        let mut out = vec![0f32; b * nh * d];
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
         for (i, o) in out.chunks_exact_mut(nh * d).enumerate() {
             let (c, r) = slot(i);
-            let h = caches[c].host.as_ref().expect("checked above");
-            attend_row(
-                &q[i * nh * d..(i + 1) * nh * d],
-                h,
-                r,
-                nh / nkv,
-                scale as f32,
-                o,
-            );
+            let h = kv.buffer(c);
+            attend_row(&q[i * nh * d..(i + 1) * nh * d], h, r, nh / nkv, scale, o);
         }
-        let out = Tensor::from_vec(out, (b, 1, nh * d), x.device())?;
-        Ok(Some(self.o_proj.forward(&out)?))
+        Ok(())
     }
 
     /// Several tokens per row at positions `start..start + t`, every row at the same positions

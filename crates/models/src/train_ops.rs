@@ -390,6 +390,29 @@ impl SwiGluOp {
     const CHUNK: usize = 1 << 14;
 }
 
+/// `y = silu(g)·u`, in parallel chunks of [`SwiGluOp::CHUNK`] when the input is larger: with
+/// `exp_fast` when `fast` (training), otherwise candle's `silu(g)·u` bit for bit (generation).
+pub(crate) fn swiglu_into(y: &mut [f32], g: &[f32], u: &[f32], fast: bool) {
+    let body = |(yc, (gc, uc)): (&mut [f32], (&[f32], &[f32]))| {
+        if fast {
+            swiglu_chunk(yc, gc, uc)
+        } else {
+            for ((o, &g), &u) in yc.iter_mut().zip(gc).zip(uc) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        }
+    };
+    if g.len() <= SwiGluOp::CHUNK {
+        body((y, (g, u)));
+    } else {
+        use rayon::prelude::*;
+        let c = SwiGluOp::CHUNK;
+        y.par_chunks_mut(c)
+            .zip(g.par_chunks(c).zip(u.par_chunks(c)))
+            .for_each(body);
+    }
+}
+
 impl CustomOp2 for SwiGluOp {
     fn name(&self) -> &'static str {
         "flywheel-swiglu"
@@ -412,25 +435,7 @@ impl CustomOp2 for SwiGluOp {
             );
         }
         let mut y = vec![0f32; g.len()];
-        let fast = self.fast_exp;
-        let body = |(yc, (gc, uc)): (&mut [f32], (&[f32], &[f32]))| {
-            if fast {
-                swiglu_chunk(yc, gc, uc)
-            } else {
-                for ((o, &g), &u) in yc.iter_mut().zip(gc).zip(uc) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
-            }
-        };
-        if g.len() <= Self::CHUNK {
-            body((&mut y, (g, u)));
-        } else {
-            use rayon::prelude::*;
-            let c = Self::CHUNK;
-            y.par_chunks_mut(c)
-                .zip(g.par_chunks(c).zip(u.par_chunks(c)))
-                .for_each(body);
-        }
+        swiglu_into(&mut y, g, u, self.fast_exp);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

@@ -516,7 +516,7 @@ impl Worker {
         let model = self.model.model();
         let ids: Vec<u32> = batch.iter().map(|s| s.next).collect();
         if batch.iter().all(|s| s.adapter.is_none()) {
-            // The host step, where the model allows it (no adapters loaded: plain layers).
+            // The host step, where the model allows it (quantized layers, no adapter in use).
             let mut scratch = self.scratch.borrow_mut();
             let stepped = {
                 let mut caches: Vec<&mut Cache> = batch.iter_mut().map(|s| &mut s.cache).collect();

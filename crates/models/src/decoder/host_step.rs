@@ -10,7 +10,7 @@
 //! [`Cache::reserve`]) a step allocates nothing on the heap.
 
 use super::{Cache, DecoderModel};
-use crate::layers::{attend_row, with_cpu_f32, RmsNorm};
+use crate::layers::{with_cpu_f32, HostKv, HostLayer, RmsNorm};
 use crate::linear::{kernel_type, Embedding, Linear, LinearWeight, Projection};
 use crate::Result;
 use flywheel_kernels::{BlockType, Path, Product, QMatrix};
@@ -30,6 +30,7 @@ pub struct DecodeScratch {
     o: Vec<f32>,
     g: Vec<f32>,
     u: Vec<f32>,
+    act: Vec<f32>,
     logits: Vec<f32>,
     positions: Vec<usize>,
     vocab: usize,
@@ -121,21 +122,21 @@ fn rms_norm(norm: &RmsNorm, x: &[f32], dim: usize, out: &mut Vec<f32>) -> Option
     })
 }
 
-/// `g ← silu(g) · u`, as the inference SwiGLU computes it.
-fn swiglu(g: &mut [f32], u: &[f32]) {
-    use rayon::prelude::*;
-    let body = |(gc, uc): (&mut [f32], &[f32])| {
-        for (g, &u) in gc.iter_mut().zip(uc) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
-    };
-    const CHUNK: usize = 1 << 14;
-    if g.len() <= CHUNK {
-        body((g, u));
-    } else {
-        g.par_chunks_mut(CHUNK)
-            .zip(u.par_chunks(CHUNK))
-            .for_each(body);
+/// Layer `l` of each cache, as the host buffers a one-token step writes.
+struct LayerOf<'a, 'b> {
+    caches: &'a mut [&'b mut Cache],
+    l: usize,
+}
+
+impl HostLayer for LayerOf<'_, '_> {
+    fn buffers(&self) -> usize {
+        self.caches.len()
+    }
+    fn buffer(&mut self, c: usize) -> &mut HostKv {
+        self.caches[c].layers[self.l]
+            .host
+            .as_mut()
+            .expect("created before the step")
     }
 }
 
@@ -251,8 +252,6 @@ impl DecoderModel {
         for i in 0..b {
             s.positions.push(caches[if per_cache { i } else { 0 }].len);
         }
-        // Row i → (cache, row in that cache).
-        let slot = |i: usize| if per_cache { (i, 0) } else { (0, i) };
 
         // Embedding rows.
         s.x.resize(b * h, 0.0);
@@ -273,8 +272,6 @@ impl DecoderModel {
             }
         }
 
-        let scale = (1.0 / (d as f64).sqrt()) as f32;
-        let group = nh / nkv;
         let missing = || candle_core::Error::Msg("host decode: a weight changed form".into());
         for (l, block) in self.blocks.iter().enumerate() {
             let a = &block.attn;
@@ -285,39 +282,19 @@ impl DecoderModel {
                 plain(&a.v_proj).ok_or_else(missing)?,
             );
             products([(q, &mut s.q), (k, &mut s.k), (v, &mut s.v)], &s.xn, b);
-            for (i, &p) in s.positions.iter().enumerate() {
-                let ok = self
-                    .rope
-                    .rotate_host(&mut s.q[i * nh * d..(i + 1) * nh * d], d, p)
-                    && self
-                        .rope
-                        .rotate_host(&mut s.k[i * nkv * d..(i + 1) * nkv * d], d, p);
-                if !ok {
-                    return Err(missing().into());
-                }
-            }
-            for c in caches.iter_mut() {
-                c.layers[l].host.as_mut().expect("created above").reserve(1);
-            }
-            for i in 0..b {
-                let (c, r) = slot(i);
-                let hk = caches[c].layers[l].host.as_mut().expect("created above");
-                for hd in 0..nkv {
-                    let at = hk.at(r, hd, hk.len);
-                    let src = (i * nkv + hd) * d;
-                    hk.k[at..at + d].copy_from_slice(&s.k[src..src + d]);
-                    hk.v[at..at + d].copy_from_slice(&s.v[src..src + d]);
-                }
-            }
-            for c in caches.iter_mut() {
-                c.layers[l].host.as_mut().expect("created above").len += 1;
-            }
             s.attn.resize(b * nh * d, 0.0);
-            for (i, out) in s.attn.chunks_exact_mut(nh * d).enumerate() {
-                let (c, r) = slot(i);
-                let hk = caches[c].layers[l].host.as_ref().expect("created above");
-                attend_row(&s.q[i * nh * d..(i + 1) * nh * d], hk, r, group, scale, out);
-            }
+            a.attend_host(
+                &self.rope,
+                &s.positions,
+                &mut s.q,
+                &mut s.k,
+                &s.v,
+                &mut LayerOf {
+                    caches: &mut *caches,
+                    l,
+                },
+                &mut s.attn,
+            )?;
             let o = plain(&a.o_proj).ok_or_else(missing)?;
             products([(o, &mut s.o)], &s.attn, b);
             for (x, &o) in s.x.iter_mut().zip(&s.o) {
@@ -329,9 +306,10 @@ impl DecoderModel {
                 plain(&block.mlp.up).ok_or_else(missing)?,
             );
             products([(g, &mut s.g), (u, &mut s.u)], &s.xn, b);
-            swiglu(&mut s.g, &s.u);
+            s.act.resize(s.g.len(), 0.0);
+            crate::train_ops::swiglu_into(&mut s.act, &s.g, &s.u, false);
             let down = plain(&block.mlp.down).ok_or_else(missing)?;
-            products([(down, &mut s.o)], &s.g, b);
+            products([(down, &mut s.o)], &s.act, b);
             for (x, &o) in s.x.iter_mut().zip(&s.o) {
                 *x += o;
             }
