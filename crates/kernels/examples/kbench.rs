@@ -1,4 +1,5 @@
-//! Kernel micro-benchmark: `cargo run --release -p flywheel-kernels --example kbench [n k m]`.
+//! Kernel micro-benchmark:
+//! `cargo run --release -p flywheel-kernels --example kbench [n k m] [auto|baseline|scalar]`.
 //! Times `matmul` per block type on random weights and prints ns per block and GB/s of weights.
 use flywheel_kernels::{matmul, BlockType, Path, QMatrix, ALL_TYPES};
 use std::time::Instant;
@@ -11,10 +12,15 @@ fn main() {
     let n = args.first().copied().unwrap_or(1536);
     let k = args.get(1).copied().unwrap_or(4608);
     let m = args.get(2).copied().unwrap_or(1);
-    println!(
-        "path {} n {n} k {k} m {m}",
-        flywheel_kernels::auto_path_name()
-    );
+    let (path, name) = match std::env::args()
+        .skip(1)
+        .find(|a| a.parse::<usize>().is_err() && a != "--bench")
+    {
+        Some(p) if p.ends_with("scalar") => (Path::Scalar, "scalar".to_string()),
+        Some(p) if p.ends_with("baseline") => (Path::Baseline, "baseline".to_string()),
+        _ => (Path::Auto, flywheel_kernels::auto_path_name().to_string()),
+    };
+    println!("path {name} n {n} k {k} m {m}");
     let mut s = 1u64;
     let mut rnd = || {
         s = s
@@ -48,10 +54,10 @@ fn main() {
         let mut out = vec![0f32; m * n];
         let wm = QMatrix { ty, data: &w, n, k };
         let iters = (200_000_000 / (n * k * m)).max(3);
-        matmul(wm, &x, m, &mut out, Path::Auto);
+        matmul(wm, &x, m, &mut out, path);
         let t = Instant::now();
         for _ in 0..iters {
-            matmul(wm, &x, m, &mut out, Path::Auto);
+            matmul(wm, &x, m, &mut out, path);
         }
         let dt = t.elapsed().as_secs_f64() / iters as f64;
         let blocks = (n * k / ty.block_elems() * m) as f64;

@@ -8,7 +8,9 @@
 //! f32. AVX2+FMA+F16C is used when the CPU has it (checked at run time); a scalar path does the
 //! same integer arithmetic everywhere else and is the oracle in tests. With one activation row
 //! (decode) and a CPU with VNNI (AVX-VNNI or AVX-512 VNNI), the 32-element types run four weight
-//! rows per pass with `vpdpbusd`; their results are bit-identical to the AVX2 kernels'.
+//! rows per pass with `vpdpbusd`; their results are bit-identical to the AVX2 kernels'. On
+//! aarch64 the NEON kernels (`sdot` where the CPU has the dot-product extension) equal the scalar
+//! path bit for bit.
 //!
 //! Output columns (weight rows) run in parallel on rayon in contiguous ranges; every output value
 //! is computed by the same code whatever the range, so results do not depend on the thread count.
@@ -27,9 +29,42 @@
 use half::f16;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "aarch64")]
+mod arm;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+/// Const-generic tags of the 32-element types, shared by the SIMD modules.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub(crate) mod tag {
+    /// Q4_0.
+    pub(crate) const Q4_0: u8 = 0;
+    /// Q4_1.
+    pub(crate) const Q4_1: u8 = 1;
+    /// Q5_0.
+    pub(crate) const Q5_0: u8 = 2;
+    /// Q5_1.
+    pub(crate) const Q5_1: u8 = 3;
+    /// Q8_0.
+    pub(crate) const Q8_0: u8 = 4;
+
+    /// Bytes per block of the tagged type.
+    pub(crate) const fn block_bytes(t: u8) -> usize {
+        match t {
+            Q4_0 => 18,
+            Q4_1 => 20,
+            Q5_0 => 22,
+            Q5_1 => 24,
+            _ => 34,
+        }
+    }
+
+    /// Types with a per-block minimum (unsigned values, Q8_1 activations).
+    pub(crate) const fn has_min(t: u8) -> bool {
+        matches!(t, Q4_1 | Q5_1)
+    }
+}
 
 /// Elements per block of the 32-element types.
 pub const QK: usize = 32;
@@ -204,6 +239,7 @@ pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
+#[cfg_attr(target_arch = "aarch64", allow(dead_code))]
 fn have_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -246,25 +282,37 @@ fn have_vnni() -> Option<x86::Vnni> {
 pub enum Path {
     /// The best the CPU supports.
     Auto,
-    /// AVX2 without the VNNI row kernels (to compare the two in tests; the scalar path where
-    /// the CPU lacks AVX2).
-    Avx2,
+    /// The baseline SIMD set without its optional extensions, to compare the two in tests:
+    /// AVX2 without the VNNI row kernels on x86-64 (the scalar path where the CPU lacks AVX2),
+    /// NEON without the dot-product instructions on aarch64.
+    Baseline,
     /// The portable scalar code (the oracle for the SIMD path).
     Scalar,
 }
 
 /// The name of the implementation [`Path::Auto`] picks on this CPU (for `flywheel info`/benches).
 pub fn auto_path_name() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    match have_vnni() {
-        Some(x86::Vnni::Avx) => return "avx2+fma+f16c+avxvnni",
-        Some(x86::Vnni::Avx512) => return "avx2+fma+f16c+avx512vnni",
-        None => {}
+    #[cfg(target_arch = "aarch64")]
+    {
+        if arm::have_dotprod() {
+            "neon+dotprod"
+        } else {
+            "neon"
+        }
     }
-    if have_avx2() {
-        "avx2+fma+f16c"
-    } else {
-        "scalar"
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        #[cfg(target_arch = "x86_64")]
+        match have_vnni() {
+            Some(x86::Vnni::Avx) => return "avx2+fma+f16c+avxvnni",
+            Some(x86::Vnni::Avx512) => return "avx2+fma+f16c+avx512vnni",
+            None => {}
+        }
+        if have_avx2() {
+            "avx2+fma+f16c"
+        } else {
+            "scalar"
+        }
     }
 }
 
@@ -296,19 +344,37 @@ enum Kern {
     /// row where the CPU has VNNI.
     B32(RowDot<Q8Block>, Option<RowDot4<Q8Block>>, Option<Rows32>),
     /// A K-quant on Q8_K activations.
-    K(RowDot<Q8KBlock>),
+    K(RowDot<Q8KBlock>, Option<RowDot4<Q8KBlock>>),
 }
 
-fn kern_for(ty: BlockType, simd: bool, vnni: bool) -> Kern {
-    if ty.is_k() {
-        Kern::K(if simd {
-            x86_k_dot(ty)
+/// The kernels for `ty` on this CPU: the SIMD ones unless `path` is [`Path::Scalar`] (or the CPU
+/// lacks them); the optional extensions (VNNI row kernels for one activation row, `sdot`) only
+/// with [`Path::Auto`].
+fn kern_for(ty: BlockType, path: Path, m: usize) -> Kern {
+    #[cfg(target_arch = "x86_64")]
+    if path != Path::Scalar && have_avx2() {
+        return if ty.is_k() {
+            Kern::K(x86::dot_k(ty), None)
         } else {
-            scalar_k_dot(ty)
-        })
-    } else if simd {
-        let (d, d4) = x86_dots32(ty);
-        Kern::B32(d, d4, if vnni { x86_rows32(ty) } else { None })
+            let (d, d4) = x86::dots32(ty);
+            let vnni = path == Path::Auto && m == 1;
+            Kern::B32(d, d4, if vnni { x86_rows32(ty) } else { None })
+        };
+    }
+    #[cfg(target_arch = "aarch64")]
+    if path != Path::Scalar {
+        let dotprod = path == Path::Auto && arm::have_dotprod();
+        return if ty.is_k() {
+            let (d, d4) = arm::dots_k(ty, dotprod);
+            Kern::K(d, Some(d4))
+        } else {
+            let (d, d4) = arm::dots32(ty, dotprod);
+            Kern::B32(d, Some(d4), None)
+        };
+    }
+    let _ = (path, m);
+    if ty.is_k() {
+        Kern::K(scalar_k_dot(ty), None)
     } else {
         Kern::B32(scalar_dot32(ty), None, None)
     }
@@ -403,9 +469,6 @@ pub fn matmul_many(products: &mut [Product<'_>], x: &[f32], m: usize, path: Path
         *w = p.w;
     }
     let ws = &ws[..np];
-    let simd = path != Path::Scalar && have_avx2();
-    // The VNNI row kernels (where the CPU has them) serve one activation row: decode.
-    let vnni = path == Path::Auto && m == 1;
     // The buffers are taken out for the call (a call nested through work stealing finds them
     // empty and uses its own) and put back after.
     let mut sc = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
@@ -427,9 +490,9 @@ pub fn matmul_many(products: &mut [Product<'_>], x: &[f32], m: usize, path: Path
             quantize_row_k(row, q);
         }
     }
-    let mut kerns = [Kern::K(scalar::dot_q6k); MAX_PRODUCTS];
+    let mut kerns = [Kern::K(scalar::dot_q6k, None); MAX_PRODUCTS];
     for (kn, w) in kerns.iter_mut().zip(ws) {
-        *kn = kern_for(w.ty, simd, vnni);
+        *kn = kern_for(w.ty, path, m);
     }
     let kerns = &kerns[..np];
     if kerns.iter().any(|k| matches!(k, Kern::B32(_, _, Some(_)))) {
@@ -453,7 +516,7 @@ pub fn matmul_many(products: &mut [Product<'_>], x: &[f32], m: usize, path: Path
             let wr = &w.data[(c0 + c) * row_bytes..(c0 + c + 1) * row_bytes];
             match kerns[i] {
                 Kern::B32(dot, dot4, _) => fill_column(wr, xq32, b32, dot, dot4, col),
-                Kern::K(dot) => fill_column(wr, xqk, bk, dot, None, col),
+                Kern::K(dot, dot4) => fill_column(wr, xqk, bk, dot, dot4, col),
             }
         }
     };
@@ -556,30 +619,8 @@ fn scalar_dot32(ty: BlockType) -> RowDot<Q8Block> {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn x86_dots32(ty: BlockType) -> (RowDot<Q8Block>, Option<RowDot4<Q8Block>>) {
-    x86::dots32(ty)
-}
-#[cfg(not(target_arch = "x86_64"))]
-fn x86_dots32(ty: BlockType) -> (RowDot<Q8Block>, Option<RowDot4<Q8Block>>) {
-    (scalar_dot32(ty), None)
-}
-
-#[cfg(target_arch = "x86_64")]
 fn x86_rows32(ty: BlockType) -> Option<Rows32> {
     have_vnni().map(|v| x86::rows32(ty, v))
-}
-#[cfg(not(target_arch = "x86_64"))]
-fn x86_rows32(_ty: BlockType) -> Option<Rows32> {
-    None
-}
-
-#[cfg(target_arch = "x86_64")]
-fn x86_k_dot(ty: BlockType) -> RowDot<Q8KBlock> {
-    x86::dot_k(ty)
-}
-#[cfg(not(target_arch = "x86_64"))]
-fn x86_k_dot(ty: BlockType) -> RowDot<Q8KBlock> {
-    scalar_k_dot(ty)
 }
 
 fn scalar_k_dot(ty: BlockType) -> RowDot<Q8KBlock> {
@@ -624,7 +665,14 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         #[allow(unsafe_code)]
         return unsafe { x86::dot_f32_avx2(a, b) };
     }
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    #[cfg(target_arch = "aarch64")]
+    {
+        arm::dot_f32(a, b)
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
 }
 
 /// Single-query attention for one head: `out = softmax(scale · K·q) · V` over the `len` cached
@@ -665,11 +713,19 @@ pub fn attention_head_within(
             #[allow(unsafe_code)]
             return unsafe { x86::attention_head_avx2(q, k, v, scale, &mut s, out) };
         }
-        attention_head_scalar(q, k, v, scale, &mut s, out)
+        #[cfg(target_arch = "aarch64")]
+        {
+            attention_head_by(q, k, v, scale, &mut s, out, arm::dot_f32, arm::axpy_f32)
+        }
+        #[cfg(not(target_arch = "aarch64"))]
+        {
+            attention_head_scalar(q, k, v, scale, &mut s, out)
+        }
     })
 }
 
 /// The portable [`attention_head`].
+#[cfg_attr(all(target_arch = "aarch64", not(test)), allow(dead_code))]
 fn attention_head_scalar(
     q: &[f32],
     k: &[f32],
@@ -678,10 +734,32 @@ fn attention_head_scalar(
     s: &mut [f32],
     out: &mut [f32],
 ) {
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let axpy = |a: f32, x: &[f32], y: &mut [f32]| {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y += a * x;
+        }
+    };
+    attention_head_by(q, k, v, scale, s, out, dot, axpy)
+}
+
+/// [`attention_head`] in three passes over the cache with the given dot product and `y += a·x`:
+/// scores, softmax (`exp` from the standard library), then the weighted sum of the values.
+#[allow(clippy::too_many_arguments)]
+fn attention_head_by(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    s: &mut [f32],
+    out: &mut [f32],
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+    axpy: impl Fn(f32, &[f32], &mut [f32]),
+) {
     let d = q.len();
     let mut max = f32::NEG_INFINITY;
     for (sc, kr) in s.iter_mut().zip(k.chunks_exact(d)) {
-        *sc = q.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
+        *sc = dot(q, kr) * scale;
         max = max.max(*sc);
     }
     let mut sum = 0f32;
@@ -692,9 +770,7 @@ fn attention_head_scalar(
     let inv = 1.0 / sum;
     out.fill(0.0);
     for (&w, vr) in s.iter().zip(v.chunks_exact(d)) {
-        for (o, x) in out.iter_mut().zip(vr) {
-            *o += w * inv * x;
-        }
+        axpy(w * inv, vr, out);
     }
 }
 
@@ -707,6 +783,9 @@ pub fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
         #[allow(unsafe_code)]
         return unsafe { x86::axpy_f32_avx2(a, x, y) };
     }
+    #[cfg(target_arch = "aarch64")]
+    arm::axpy_f32(a, x, y);
+    #[cfg(not(target_arch = "aarch64"))]
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * x;
     }

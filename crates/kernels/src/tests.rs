@@ -112,7 +112,7 @@ fn every_type_simd_equals_scalar_and_both_track_the_dequantized_product() {
 #[test]
 fn one_row_kernels_equal_the_avx2_path_bit_for_bit() {
     // One activation row goes to the VNNI row kernels where the CPU has VNNI (four weight rows a
-    // pass, a short last group padded); `Path::Avx2` runs the row-at-a-time AVX2 kernel. Every
+    // pass, a short last group padded); `Path::Baseline` runs the row-at-a-time AVX2 kernel. Every
     // row count up to three groups, so each padding case is hit. (On a CPU without VNNI both
     // calls take the same path and the test only checks that the result is not empty.)
     let mut seed = 11;
@@ -129,7 +129,7 @@ fn one_row_kernels_equal_the_avx2_path_bit_for_bit() {
             };
             let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
             matmul(wm, &x, 1, &mut a, Path::Auto);
-            matmul(wm, &x, 1, &mut b, Path::Avx2);
+            matmul(wm, &x, 1, &mut b, Path::Baseline);
             assert!(a.iter().any(|v| *v != 0.0), "{ty:?} n={n}: all zero");
             assert_eq!(a, b, "{ty:?} n={n}: {} vs avx2", crate::auto_path_name());
             // Each VNNI flavour this CPU has, called directly (Auto picks only one).
@@ -388,6 +388,46 @@ fn attention_head_simd_matches_scalar_and_a_softmax_in_f64() {
                 (scalar[i] as f64 - want).abs() < 1e-5,
                 "d={d} len={len} scalar"
             );
+        }
+    }
+}
+
+#[test]
+#[cfg(target_arch = "aarch64")]
+fn neon_kernels_equal_the_scalar_path_bit_for_bit() {
+    // Each block's integer product is exact and the f32 accumulation is the scalar code's
+    // expression in its order, so NEON with `sdot` (Auto, where the CPU has it), NEON without it
+    // (Baseline) and the scalar code agree exactly: one row, a four-row pass, and a pass plus
+    // a remainder. scripts/test-aarch64.sh names the path it expects of the emulated CPU.
+    if let Ok(want) = std::env::var("FLYWHEEL_EXPECT_KERNEL_PATH") {
+        assert_eq!(auto_path_name(), want);
+    }
+    let mut seed = 13;
+    for ty in ALL_TYPES {
+        let (n, k) = (19, 3 * ty.block_elems());
+        let wq = random_weights(ty, n, k, &mut seed);
+        let wm = QMatrix {
+            ty,
+            data: &wq,
+            n,
+            k,
+        };
+        for m in [1usize, 4, 6] {
+            let x = random_x(m, k, &mut seed);
+            let run = |path| {
+                let mut out = vec![0f32; m * n];
+                matmul(wm, &x, m, &mut out, path);
+                out
+            };
+            let scalar = run(Path::Scalar);
+            assert!(scalar.iter().any(|v| *v != 0.0), "{ty:?}: all zero");
+            assert_eq!(
+                run(Path::Auto),
+                scalar,
+                "{ty:?} m={m}: {}",
+                auto_path_name()
+            );
+            assert_eq!(run(Path::Baseline), scalar, "{ty:?} m={m}: neon");
         }
     }
 }

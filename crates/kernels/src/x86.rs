@@ -6,26 +6,10 @@
 use crate::{BlockType, Q8Block, Q8KBlock, RowDot, RowDot4};
 use std::arch::x86_64::*;
 
-const T_Q4_0: u8 = 0;
-const T_Q4_1: u8 = 1;
-const T_Q5_0: u8 = 2;
-const T_Q5_1: u8 = 3;
-const T_Q8_0: u8 = 4;
-
-const fn block_bytes(t: u8) -> usize {
-    match t {
-        T_Q4_0 => 18,
-        T_Q4_1 => 20,
-        T_Q5_0 => 22,
-        T_Q5_1 => 24,
-        _ => 34,
-    }
-}
-
-/// Types with a per-block minimum (unsigned values, Q8_1 activations).
-const fn has_min(t: u8) -> bool {
-    matches!(t, T_Q4_1 | T_Q5_1)
-}
+use crate::tag::{
+    block_bytes, has_min, Q4_0 as T_Q4_0, Q4_1 as T_Q4_1, Q5_0 as T_Q5_0, Q5_1 as T_Q5_1,
+    Q8_0 as T_Q8_0,
+};
 
 /// The row dot products for a 32-element type. Only call after detecting AVX2, FMA and F16C.
 pub(crate) fn dots32(ty: BlockType) -> (RowDot<Q8Block>, Option<RowDot4<Q8Block>>) {
