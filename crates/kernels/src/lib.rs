@@ -6,9 +6,12 @@
 //! elements, f32 scale, sums of each 16) for the K-quants Q4_K / Q5_K / Q6_K — with
 //! round-half-to-even; then each output is a sum over blocks of integer dot products scaled in
 //! f32. AVX2+FMA+F16C is used when the CPU has it (checked at run time); a scalar path does the
-//! same integer arithmetic everywhere else and is the oracle in tests. With one activation row
-//! (decode) and a CPU with VNNI (AVX-VNNI or AVX-512 VNNI), the 32-element types run four weight
-//! rows per pass with `vpdpbusd`; their results are bit-identical to the AVX2 kernels'. On
+//! same integer arithmetic everywhere else and is the oracle in tests. On a CPU with VNNI
+//! (AVX-VNNI or AVX-512 VNNI) the 32-element types run four weight rows per pass with
+//! `vpdpbusd`, one pass per activation row; their results are bit-identical to the AVX2
+//! kernels'. Those types can also be repacked at load ([`Layout::Rows4`], [`pack_rows4`]): four
+//! rows' blocks side by side with their scales together, which the VNNI kernels read as one
+//! stream. On
 //! aarch64 the NEON kernels (`sdot` where the CPU has the dot-product extension) equal the scalar
 //! path bit for bit.
 //!
@@ -316,17 +319,187 @@ pub fn auto_path_name() -> &'static str {
     }
 }
 
-/// A quantized `(n, k)` weight matrix: `n` rows of `k / block_elems` blocks in ggml layout.
+/// How the blocks of a [`QMatrix`] are laid out in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// ggml's: row after row, each row's blocks in order.
+    #[default]
+    Ggml,
+    /// The 32-element types repacked for the decode kernels ([`pack_rows4`]): rows in groups of
+    /// four, and for each block index the four rows' scales side by side, then their fifth bits
+    /// (Q5), then their quants. The `n % 4` rows after the last whole group keep ggml's layout.
+    /// A group of four rows takes the bytes of four ggml rows, so row ranges that start at a
+    /// multiple of four are byte ranges as in ggml's layout.
+    Rows4,
+}
+
+/// A quantized `(n, k)` weight matrix: `n` rows of `k / block_elems` blocks.
 #[derive(Debug, Clone, Copy)]
 pub struct QMatrix<'a> {
     /// Block type.
     pub ty: BlockType,
-    /// The raw blocks, row after row.
+    /// The raw blocks, in `layout`.
     pub data: &'a [u8],
     /// Rows (output features).
     pub n: usize,
     /// Columns (input features), a multiple of the block's element count.
     pub k: usize,
+    /// How `data` is laid out.
+    pub layout: Layout,
+}
+
+impl<'a> QMatrix<'a> {
+    /// A matrix in ggml's layout.
+    pub fn ggml(ty: BlockType, data: &'a [u8], n: usize, k: usize) -> Self {
+        Self {
+            ty,
+            data,
+            n,
+            k,
+            layout: Layout::Ggml,
+        }
+    }
+
+    /// Bytes per row (a group of four rows in [`Layout::Rows4`] takes four times this).
+    pub fn row_bytes(&self) -> usize {
+        self.k / self.ty.block_elems() * self.ty.block_bytes()
+    }
+
+    /// Rows stored in whole groups of four ([`Layout::Rows4`]); 0 in ggml's layout.
+    pub fn packed_rows(&self) -> usize {
+        match self.layout {
+            Layout::Ggml => 0,
+            Layout::Rows4 => self.n / 4 * 4,
+        }
+    }
+
+    /// Where field `f` (see `fields32`) of block `b` of row `r` starts in `data`.
+    fn field_at(&self, r: usize, b: usize, f: usize) -> usize {
+        let (rb, bb) = (self.row_bytes(), self.ty.block_bytes());
+        let fl = fields32(self.ty);
+        let before: usize = fl[..f].iter().sum();
+        if r < self.packed_rows() {
+            (r / 4) * 4 * rb + b * 4 * bb + 4 * before + (r % 4) * fl[f]
+        } else {
+            r * rb + b * bb + before
+        }
+    }
+
+    /// Block `b` of row `r` in ggml's layout: a slice of `data`, or gathered into `buf`.
+    fn block<'b>(&'b self, r: usize, b: usize, buf: &'b mut [u8; 34]) -> &'b [u8] {
+        let bb = self.ty.block_bytes();
+        if r >= self.packed_rows() {
+            let at = r * self.row_bytes() + b * bb;
+            return &self.data[at..at + bb];
+        }
+        let mut o = 0;
+        for (f, len) in fields32(self.ty).into_iter().enumerate() {
+            let at = self.field_at(r, b, f);
+            buf[o..o + len].copy_from_slice(&self.data[at..at + len]);
+            o += len;
+        }
+        &buf[..bb]
+    }
+
+    /// Row `r` in ggml's layout: a slice of `data`, or gathered into `buf`.
+    fn row<'b>(&'b self, r: usize, buf: &'b mut Vec<u8>) -> &'b [u8] {
+        let rb = self.row_bytes();
+        if r >= self.packed_rows() {
+            return &self.data[r * rb..(r + 1) * rb];
+        }
+        buf.clear();
+        let mut blk = [0u8; 34];
+        for b in 0..self.k / self.ty.block_elems() {
+            let bytes = self.block(r, b, &mut blk);
+            buf.extend_from_slice(bytes);
+        }
+        buf
+    }
+}
+
+/// The byte widths of a 32-element block's fields in ggml order: scale (and minimum), fifth
+/// bits, quants. (K-quants have no [`Layout::Rows4`]; they get one field, the whole block.)
+fn fields32(ty: BlockType) -> [usize; 3] {
+    match ty {
+        BlockType::Q4_0 => [2, 0, 16],
+        BlockType::Q4_1 => [4, 0, 16],
+        BlockType::Q5_0 => [2, 4, 16],
+        BlockType::Q5_1 => [4, 4, 16],
+        BlockType::Q8_0 => [2, 0, 32],
+        k => [k.block_bytes(), 0, 0],
+    }
+}
+
+/// Whether `ty` has a [`Layout::Rows4`] (the 32-element types).
+pub fn has_rows4(ty: BlockType) -> bool {
+    !ty.is_k()
+}
+
+/// Whether this CPU's decode kernels read [`Layout::Rows4`] faster than ggml's layout: the
+/// 32-element types where the VNNI row kernels run (one contiguous stream and one load of four
+/// rows' scales per block, instead of four of each). Elsewhere Rows4 is read correctly but
+/// row by row through a gather, so loaders should keep ggml's layout.
+pub fn prefers_rows4(ty: BlockType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_rows4(ty) && have_vnni().is_some()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        false
+    }
+}
+
+/// `n` rows of `ty` in ggml's layout (`data`) repacked into [`Layout::Rows4`]: the same bytes,
+/// moved. Panics if `ty` has no Rows4 layout or `data` is not `n` whole rows.
+pub fn pack_rows4(ty: BlockType, data: &[u8], n: usize) -> Vec<u8> {
+    let mut out = data.to_vec();
+    pack_rows4_in_place(ty, &mut out, n);
+    out
+}
+
+/// [`pack_rows4`] without a second copy of the matrix: each group of four rows is moved through
+/// a buffer of its own size.
+pub fn pack_rows4_in_place(ty: BlockType, data: &mut [u8], n: usize) {
+    convert_rows4(ty, data, n, true)
+}
+
+/// The inverse of [`pack_rows4`]: [`Layout::Rows4`] back to ggml's layout.
+pub fn unpack_rows4(ty: BlockType, data: &[u8], n: usize) -> Vec<u8> {
+    let mut out = data.to_vec();
+    convert_rows4(ty, &mut out, n, false);
+    out
+}
+
+/// Repacks (`pack`) or unpacks `n` rows in place, group by group (the ggml tail rows stay).
+fn convert_rows4(ty: BlockType, data: &mut [u8], n: usize, pack: bool) {
+    assert!(has_rows4(ty), "{ty:?} has no Rows4 layout");
+    let bb = ty.block_bytes();
+    assert!(
+        n > 0 && data.len().is_multiple_of(n) && (data.len() / n).is_multiple_of(bb),
+        "{} bytes are not {n} rows of {ty:?} blocks",
+        data.len()
+    );
+    let rb = data.len() / n;
+    let fl = fields32(ty);
+    let mut src = vec![0u8; 4 * rb];
+    for group in data.chunks_exact_mut(4 * rb) {
+        src.copy_from_slice(group);
+        // Block by block, field by field: the four rows' copies of the field.
+        for b in 0..rb / bb {
+            let mut before = 0;
+            for len in fl {
+                for r in 0..4 {
+                    let a = r * rb + b * bb + before; // ggml
+                    let p = 4 * b * bb + 4 * before + r * len; // Rows4
+                    let (s, d) = if pack { (a, p) } else { (p, a) };
+                    group[d..d + len].copy_from_slice(&src[s..s + len]);
+                }
+                before += len;
+            }
+        }
+    }
 }
 
 /// One weight row times one activation row.
@@ -334,8 +507,11 @@ type RowDot<A> = fn(&[u8], &[A]) -> f32;
 /// One weight row times four activation rows (bit-identical to four [`RowDot`]s).
 type RowDot4<A> = fn(&[u8], [&[A]; 4]) -> [f32; 4];
 
-/// Many weight rows times one activation row (see `x86::Rows32`).
-type Rows32 = fn(&[u8], &[Q8Block], &[[i32; 8]], &mut [f32]);
+/// Many weight rows times one activation row (see `x86::rows32`): the weight bytes, how many of
+/// their rows are in [`Layout::Rows4`] groups (the rest follow in ggml's layout), the
+/// activation blocks, their lane sums, the outputs and their stride (row `r`'s value goes to
+/// `out[r · stride]`; `out.len().div_ceil(stride)` rows).
+pub(crate) type Rows32 = fn(&[u8], usize, &[Q8Block], &[[i32; 8]], &mut [f32], usize);
 
 /// The row kernels of one weight matrix.
 #[derive(Clone, Copy)]
@@ -350,14 +526,17 @@ enum Kern {
 /// The kernels for `ty` on this CPU: the SIMD ones unless `path` is [`Path::Scalar`] (or the CPU
 /// lacks them); the optional extensions (VNNI row kernels for one activation row, `sdot`) only
 /// with [`Path::Auto`].
-fn kern_for(ty: BlockType, path: Path, m: usize) -> Kern {
+fn kern_for(ty: BlockType, layout: Layout, path: Path, m: usize) -> Kern {
     #[cfg(target_arch = "x86_64")]
     if path != Path::Scalar && have_avx2() {
         return if ty.is_k() {
             Kern::K(x86::dot_k(ty), None)
         } else {
             let (d, d4) = x86::dots32(ty);
-            let vnni = path == Path::Auto && m == 1;
+            // The VNNI row kernels serve any number of activation rows (one pass per row over a
+            // task's weights, which stay in L1/L2 between passes): bit for bit what the AVX2
+            // kernels give, and faster than the AVX2 four-row kernel (BENCHMARKS.md).
+            let vnni = path == Path::Auto;
             Kern::B32(d, d4, if vnni { x86_rows32(ty) } else { None })
         };
     }
@@ -372,7 +551,7 @@ fn kern_for(ty: BlockType, path: Path, m: usize) -> Kern {
             Kern::B32(d, Some(d4), None)
         };
     }
-    let _ = (path, m);
+    let _ = (layout, path, m);
     if ty.is_k() {
         Kern::K(scalar_k_dot(ty), None)
     } else {
@@ -422,6 +601,8 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+    /// A weight row gathered out of [`Layout::Rows4`] for the row-at-a-time kernels.
+    static ROW: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// An output pointer that tasks on other threads write disjoint ranges of.
@@ -449,14 +630,19 @@ pub fn matmul_many(products: &mut [Product<'_>], x: &[f32], m: usize, path: Path
     };
     assert_eq!(x.len(), m * k, "activations do not match ({m}, {k})");
     let np = products.len();
-    let mut ws = [QMatrix {
-        ty: BlockType::Q8_0,
-        data: &[],
-        n: 0,
-        k: 0,
-    }; MAX_PRODUCTS];
+    let mut ws = [QMatrix::ggml(BlockType::Q8_0, &[], 0, 0); MAX_PRODUCTS];
     for (w, p) in ws.iter_mut().zip(products.iter()) {
-        let QMatrix { ty, data, n, k: pk } = p.w;
+        let QMatrix {
+            ty,
+            data,
+            n,
+            k: pk,
+            layout,
+        } = p.w;
+        assert!(
+            layout == Layout::Ggml || has_rows4(ty),
+            "{ty:?} has no Rows4 layout"
+        );
         let be = ty.block_elems();
         assert_eq!(pk, k, "products of one matmul_many share k");
         assert!(k.is_multiple_of(be), "k = {k} is not a multiple of {be}");
@@ -492,7 +678,7 @@ pub fn matmul_many(products: &mut [Product<'_>], x: &[f32], m: usize, path: Path
     }
     let mut kerns = [Kern::K(scalar::dot_q6k, None); MAX_PRODUCTS];
     for (kn, w) in kerns.iter_mut().zip(ws) {
-        *kn = kern_for(w.ty, path, m);
+        *kn = kern_for(w.ty, w.layout, path, m);
     }
     let kerns = &kerns[..np];
     if kerns.iter().any(|k| matches!(k, Kern::B32(_, _, Some(_)))) {
@@ -500,25 +686,39 @@ pub fn matmul_many(products: &mut [Product<'_>], x: &[f32], m: usize, path: Path
     }
     let (xq32, xqk, sums) = (&sc.xq32[..], &sc.xqk[..], &sc.sums[..]);
     // Fills `dst` (`width × m`, column-major) with columns c0.. of product i.
+    // (`c0` is a multiple of four, so in Rows4 a task's rows are whole groups and then the
+    // ggml tail, and its bytes are the range of its rows as in ggml's layout.)
     let fill = |i: usize, c0: usize, dst: &mut [f32]| {
         let w = ws[i];
-        let row_bytes = w.data.len() / w.n;
+        let row_bytes = w.row_bytes();
         if let Kern::B32(_, _, Some(rows)) = kerns[i] {
-            let width = dst.len();
-            return rows(
-                &w.data[c0 * row_bytes..(c0 + width) * row_bytes],
-                xq32,
-                sums,
-                dst,
-            );
-        }
-        for (c, col) in dst.chunks_exact_mut(m).enumerate() {
-            let wr = &w.data[(c0 + c) * row_bytes..(c0 + c + 1) * row_bytes];
-            match kerns[i] {
-                Kern::B32(dot, dot4, _) => fill_column(wr, xq32, b32, dot, dot4, col),
-                Kern::K(dot, dot4) => fill_column(wr, xqk, bk, dot, dot4, col),
+            let width = dst.len() / m;
+            let packed = w.packed_rows().saturating_sub(c0).min(width);
+            let wr = &w.data[c0 * row_bytes..(c0 + width) * row_bytes];
+            // One pass per activation row, each writing its values `m` apart (the columns).
+            for i in 0..m {
+                let blocks = i * b32..(i + 1) * b32;
+                rows(
+                    wr,
+                    packed,
+                    &xq32[blocks.clone()],
+                    &sums[blocks],
+                    &mut dst[i..],
+                    m,
+                );
             }
+            return;
         }
+        ROW.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            for (c, col) in dst.chunks_exact_mut(m).enumerate() {
+                let wr = w.row(c0 + c, &mut buf);
+                match kerns[i] {
+                    Kern::B32(dot, dot4, _) => fill_column(wr, xq32, b32, dot, dot4, col),
+                    Kern::K(dot, dot4) => fill_column(wr, xqk, bk, dot, dot4, col),
+                }
+            }
+        })
     };
     // A few ranges per thread (work stealing evens out a slow core) but not so many that
     // scheduling costs more than the work: at least 16 weight rows a range. Task `t` is range
@@ -526,7 +726,7 @@ pub fn matmul_many(products: &mut [Product<'_>], x: &[f32], m: usize, path: Path
     // (one row: the output itself; more rows: column-major scratch, transposed below).
     let threads = rayon::current_num_threads().max(1);
     let total: usize = ws.iter().map(|w| w.n).sum();
-    let cols = total.div_ceil(threads * 4).max(16);
+    let cols = total.div_ceil(threads * 4).max(16).next_multiple_of(4);
     let mut first = [0usize; MAX_PRODUCTS + 1];
     for (i, w) in ws.iter().enumerate() {
         first[i + 1] = first[i] + w.n.div_ceil(cols);
@@ -637,6 +837,32 @@ pub fn dequantize(ty: BlockType, data: &[u8]) -> Vec<f32> {
     let mut out = vec![0f32; data.len() / ty.block_bytes() * ty.block_elems()];
     dequantize_into(ty, data, &mut out);
     out
+}
+
+/// Blocks `b0..b0 + out.len() / block_elems` of row `r` of `w`, dequantized into `out`, in
+/// either layout (the same values as [`dequantize`] of those blocks in ggml's layout).
+pub fn dequantize_row_blocks(w: &QMatrix<'_>, r: usize, b0: usize, out: &mut [f32]) {
+    let (be, bb) = (w.ty.block_elems(), w.ty.block_bytes());
+    assert!(
+        r < w.n && out.len().is_multiple_of(be) && b0 + out.len() / be <= w.k / be,
+        "dequantize_row_blocks: row {r}, blocks {b0}.. out of range"
+    );
+    if r >= w.packed_rows() {
+        let at = r * w.row_bytes() + b0 * bb;
+        return dequantize_into(w.ty, &w.data[at..at + out.len() / be * bb], out);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if have_avx2() {
+        // The row's fields, block after block, a group's stride apart.
+        let offs = [0, 1, 2].map(|f| w.field_at(r, b0, f));
+        let stride = 4 * bb;
+        return x86::dequantize32_strided(w.ty, w.data, offs, stride, out);
+    }
+    let mut blk = [0u8; 34];
+    for (i, o) in out.chunks_exact_mut(be).enumerate() {
+        let bytes = w.block(r, b0 + i, &mut blk);
+        dequantize_into(w.ty, bytes, o);
+    }
 }
 
 /// [`dequantize`] into `out` (`data.len() / block_bytes · block_elems` values), with AVX2 for

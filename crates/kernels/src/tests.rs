@@ -63,6 +63,7 @@ fn every_type_simd_equals_scalar_and_both_track_the_dequantized_product() {
             data: &wq,
             n,
             k,
+            layout: Layout::Ggml,
         };
         let mut a = vec![0f32; m * n];
         let mut b = vec![0f32; m * n];
@@ -126,6 +127,7 @@ fn one_row_kernels_equal_the_avx2_path_bit_for_bit() {
                 data: &wq,
                 n,
                 k,
+                layout: Layout::Ggml,
             };
             let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
             matmul(wm, &x, 1, &mut a, Path::Auto);
@@ -152,8 +154,13 @@ fn one_row_kernels_equal_the_avx2_path_bit_for_bit() {
                 let mut c = vec![0f32; n];
                 let mut sums = vec![];
                 crate::lane_sums(&xq, &mut sums);
-                crate::x86::rows32(ty, flavour)(&wq, &xq, &sums, &mut c);
+                crate::x86::rows32(ty, flavour)(&wq, 0, &xq, &sums, &mut c, 1);
                 assert_eq!(c, b, "{ty:?} n={n}: {flavour:?} vs avx2");
+                // The same rows repacked into groups of four (and a ggml tail).
+                let packed = pack_rows4(ty, &wq, n);
+                let mut p = vec![0f32; n];
+                crate::x86::rows32(ty, flavour)(&packed, n / 4 * 4, &xq, &sums, &mut p, 1);
+                assert_eq!(p, b, "{ty:?} n={n}: {flavour:?} on Rows4 vs avx2");
             }
         }
     }
@@ -170,6 +177,7 @@ fn results_do_not_depend_on_the_thread_count() {
             data: &wq,
             n,
             k,
+            layout: Layout::Ggml,
         };
         for m in [1usize, 6] {
             let x = random_x(m, k, &mut seed);
@@ -223,6 +231,7 @@ fn matmul_many_equals_each_matmul_alone() {
                     data: &ws[i],
                     n: ns[i],
                     k,
+                    layout: Layout::Ggml,
                 },
                 out: &mut out[..],
             })
@@ -235,6 +244,7 @@ fn matmul_many_equals_each_matmul_alone() {
                 data: &ws[i],
                 n: ns[i],
                 k,
+                layout: Layout::Ggml,
             };
             matmul(w, &x, m, &mut alone, Path::Auto);
             assert_eq!(out, &alone, "{:?} m={m}", tys[i]);
@@ -411,6 +421,7 @@ fn neon_kernels_equal_the_scalar_path_bit_for_bit() {
             data: &wq,
             n,
             k,
+            layout: Layout::Ggml,
         };
         for m in [1usize, 4, 6] {
             let x = random_x(m, k, &mut seed);
@@ -430,4 +441,76 @@ fn neon_kernels_equal_the_scalar_path_bit_for_bit() {
             assert_eq!(run(Path::Baseline), scalar, "{ty:?} m={m}: neon");
         }
     }
+}
+
+#[test]
+fn rows4_repacking_round_trips_and_every_path_reads_it_bit_for_bit() {
+    // Row counts around the groups of four (a tail of 1–3 ggml rows, no whole group, several
+    // tasks), activation rows for the VNNI decode kernels (1) and the row-by-row kernels (2, 5),
+    // and thread counts that split the rows differently.
+    let mut seed = 17;
+    for ty in ALL_TYPES.into_iter().filter(|&t| has_rows4(t)) {
+        for n in [1usize, 3, 4, 5, 8, 13, 37, 70] {
+            let k = 3 * ty.block_elems();
+            let wq = random_weights(ty, n, k, &mut seed);
+            let packed = pack_rows4(ty, &wq, n);
+            assert_eq!(unpack_rows4(ty, &packed, n), wq, "{ty:?} n={n}: round trip");
+            if n >= 4 {
+                assert_ne!(packed, wq, "{ty:?} n={n}: packing moved nothing");
+            }
+            let ggml = QMatrix::ggml(ty, &wq, n, k);
+            let rows4 = QMatrix {
+                data: &packed,
+                layout: Layout::Rows4,
+                ..ggml
+            };
+            // Dequantized rows and block ranges read the same values in both layouts.
+            for r in 0..n {
+                let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
+                dequantize_row_blocks(&ggml, r, 0, &mut a);
+                dequantize_row_blocks(&rows4, r, 0, &mut b);
+                assert_eq!(a, b, "{ty:?} n={n} row {r}");
+                let mut c = vec![0f32; ty.block_elems()];
+                dequantize_row_blocks(&rows4, r, 2, &mut c);
+                assert_eq!(&c[..], &a[2 * ty.block_elems()..], "{ty:?} row {r} block 2");
+            }
+            for m in [1usize, 2, 5] {
+                let x = random_x(m, k, &mut seed);
+                let mut wants = vec![];
+                for path in [Path::Auto, Path::Baseline, Path::Scalar] {
+                    let mut want = vec![0f32; m * n];
+                    matmul(ggml, &x, m, &mut want, path);
+                    assert!(want.iter().any(|v| *v != 0.0), "{ty:?}: all zero");
+                    wants.push(want.clone());
+                    for threads in [1usize, 2, 3] {
+                        let pool = rayon::ThreadPoolBuilder::new()
+                            .num_threads(threads)
+                            .build()
+                            .unwrap();
+                        let mut got = vec![0f32; m * n];
+                        pool.install(|| matmul(rows4, &x, m, &mut got, path));
+                        assert_eq!(got, want, "{ty:?} n={n} m={m} {path:?} {threads} threads");
+                    }
+                }
+                // The VNNI row kernels (Auto, where the CPU has them, one pass per activation
+                // row) equal the AVX2 four-row kernel bit for bit.
+                assert_eq!(wants[0], wants[1], "{ty:?} n={n} m={m}: auto vs baseline");
+            }
+        }
+    }
+}
+
+#[test]
+fn rows4_is_refused_for_the_k_quants() {
+    let mut seed = 19;
+    let wq = random_weights(BlockType::Q4K, 4, QK_K, &mut seed);
+    assert!(!has_rows4(BlockType::Q4K));
+    assert!(std::panic::catch_unwind(|| pack_rows4(BlockType::Q4K, &wq, 4)).is_err());
+    let w = QMatrix {
+        layout: Layout::Rows4,
+        ..QMatrix::ggml(BlockType::Q4K, &wq, 4, QK_K)
+    };
+    let x = random_x(1, QK_K, &mut seed);
+    let mut out = vec![0f32; 4];
+    assert!(std::panic::catch_unwind(move || matmul(w, &x, 1, &mut out, Path::Auto)).is_err());
 }

@@ -211,8 +211,9 @@ unsafe fn dot32x4<const T: u8>(w: &[u8], x: [&[Q8Block]; 4]) -> [f32; 4] {
 
 /// Many weight rows times one activation row with VNNI (`vpdpbusd`: unsigned bytes times
 /// signed bytes, four products summed into each i32 lane). `w` holds `out.len()` whole rows of
-/// `x.len()` blocks; `ls` holds each activation block's lane sums (see [`crate::lane_sums`]).
-pub(crate) type Rows32 = fn(&[u8], &[Q8Block], &[[i32; 8]], &mut [f32]);
+/// `x.len()` blocks, the first `packed` of them in Rows4 groups; `ls` holds each activation
+/// block's lane sums (see [`crate::lane_sums`]).
+pub(crate) use crate::Rows32;
 
 /// Which VNNI encoding the CPU has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -231,11 +232,11 @@ pub(crate) fn rows32(ty: BlockType, vnni: Vnni) -> Rows32 {
         ($f:ident) => {
             // SAFETY (all closures): the caller detected the features; sizes are checked inside.
             match ty {
-                BlockType::Q4_0 => |w, x, l, o| unsafe { $f::<T_Q4_0>(w, x, l, o) },
-                BlockType::Q4_1 => |w, x, l, o| unsafe { $f::<T_Q4_1>(w, x, l, o) },
-                BlockType::Q5_0 => |w, x, l, o| unsafe { $f::<T_Q5_0>(w, x, l, o) },
-                BlockType::Q5_1 => |w, x, l, o| unsafe { $f::<T_Q5_1>(w, x, l, o) },
-                _ => |w, x, l, o| unsafe { $f::<T_Q8_0>(w, x, l, o) },
+                BlockType::Q4_0 => |w, p, x, l, o, s| unsafe { $f::<T_Q4_0>(w, p, x, l, o, s) },
+                BlockType::Q4_1 => |w, p, x, l, o, s| unsafe { $f::<T_Q4_1>(w, p, x, l, o, s) },
+                BlockType::Q5_0 => |w, p, x, l, o, s| unsafe { $f::<T_Q5_0>(w, p, x, l, o, s) },
+                BlockType::Q5_1 => |w, p, x, l, o, s| unsafe { $f::<T_Q5_1>(w, p, x, l, o, s) },
+                _ => |w, p, x, l, o, s| unsafe { $f::<T_Q8_0>(w, p, x, l, o, s) },
             }
         };
     }
@@ -259,21 +260,31 @@ fn prefetch(p: *const u8) {
     unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_AHEAD) as *const i8) }
 }
 
+/// Where a 32-element block's fifth bits and quants start, relative to the block (ggml layout).
+const fn qh_qs_at(t: u8) -> (usize, usize) {
+    match t {
+        T_Q4_0 | T_Q8_0 => (2, 2),
+        T_Q4_1 => (4, 4),
+        T_Q5_0 => (2, 6),
+        _ => (4, 8),
+    }
+}
+
 /// A weight block's 32 values as unsigned bytes, `value + offset` with the offset of
-/// [`offset_init`] (8 for Q4_0, 16 for Q5_0, 128 for Q8_0, none for the types with a minimum).
+/// [`offset_init`] (8 for Q4_0, 16 for Q5_0, 128 for Q8_0, none for the types with a minimum),
+/// from its fifth bits at `qh` (Q5 types) and its quants at `qs`: the fields of one block in
+/// ggml's layout, or one row's fields of a [`crate::Layout::Rows4`] group.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn unsigned32<const T: u8>(wb: *const u8) -> __m256i {
+unsafe fn unsigned32<const T: u8>(qh: *const u8, qs: *const u8) -> __m256i {
     match T {
-        // The types with a minimum are unsigned already.
-        T_Q4_1 | T_Q5_1 => weights32::<T>(wb),
-        T_Q4_0 => nibbles(wb.add(2)),
-        T_Q5_0 => _mm256_or_si256(
-            nibbles(wb.add(6)),
-            _mm256_and_si256(bytes_from_bits(wb.add(2)), _mm256_set1_epi8(0x10)),
+        T_Q4_0 | T_Q4_1 => nibbles(qs),
+        T_Q5_0 | T_Q5_1 => _mm256_or_si256(
+            nibbles(qs),
+            _mm256_and_si256(bytes_from_bits(qh), _mm256_set1_epi8(0x10)),
         ),
         _ => _mm256_xor_si256(
-            _mm256_loadu_si256(wb.add(2) as *const __m256i),
+            _mm256_loadu_si256(qs as *const __m256i),
             _mm256_set1_epi8(0x80u8 as i8),
         ),
     }
@@ -283,15 +294,16 @@ unsafe fn unsigned32<const T: u8>(wb: *const u8) -> __m256i {
 /// and one masked move, instead of the five-instruction byte expansion AVX2 needs.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-unsafe fn unsigned32_k<const T: u8>(wb: *const u8) -> __m256i {
-    let fifth = |at: usize| {
-        let bits = (wb.add(at) as *const u32).read_unaligned();
-        _mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(0x10))
-    };
+unsafe fn unsigned32_k<const T: u8>(qh: *const u8, qs: *const u8) -> __m256i {
     match T {
-        T_Q5_0 => _mm256_or_si256(nibbles(wb.add(6)), fifth(2)),
-        T_Q5_1 => _mm256_or_si256(nibbles(wb.add(8)), fifth(4)),
-        _ => unsigned32::<T>(wb),
+        T_Q5_0 | T_Q5_1 => {
+            let bits = (qh as *const u32).read_unaligned();
+            _mm256_or_si256(
+                nibbles(qs),
+                _mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(0x10)),
+            )
+        }
+        _ => unsigned32::<T>(qh, qs),
     }
 }
 
@@ -311,19 +323,27 @@ unsafe fn offset_init<const T: u8>(ls: &[i32; 8]) -> __m256i {
 }
 
 /// Defines a [`Rows32`] kernel for one VNNI flavour: four rows at a time (one activation load
-/// and one f16 conversion serve four rows; four independent FMA chains). A short last group
-/// repeats its last row and drops the extra results, so every row is computed by the same
-/// code wherever it falls and results do not depend on how rows are split between threads.
+/// and one f16 conversion serve four rows; four independent FMA chains), from a
+/// [`crate::Layout::Rows4`] group (one stream, the four rows' scales in one load) or from four
+/// ggml rows. A short last group of ggml rows repeats its last row and drops the extra results,
+/// so every row is computed by the same code wherever it falls and results do not depend on how
+/// rows are split between threads; both layouts give the same bits.
 macro_rules! vnni_rows {
     ($rows:ident, $group:ident, $feat:literal, $dp:ident, $unsigned:ident) => {
+        /// Four rows: `w` holds the four rows' starts (ggml), or the group's start four times
+        /// (`PACKED`, Rows4).
         #[inline]
         #[target_feature(enable = $feat)]
-        unsafe fn $group<const T: u8>(
+        unsafe fn $group<const T: u8, const PACKED: bool>(
             w: [*const u8; 4],
             x: &[Q8Block],
             ls: &[[i32; 8]],
         ) -> [f32; 4] {
             let bb = block_bytes(T);
+            let (qh_at, qs_at) = qh_qs_at(T);
+            // Rows4: per block, 4 scale fields, then 4 fifth-bit fields, then 4 quant fields.
+            let (dmb, qhb) = (qh_at, qs_at - qh_at);
+            let qsb = bb - qs_at;
             let mut acc = [_mm256_setzero_ps(); 4];
             let mut summs = _mm256_setzero_ps();
             for (b, (xb, l)) in x.iter().zip(ls).enumerate() {
@@ -331,9 +351,24 @@ macro_rules! vnni_rows {
                 let init = offset_init::<T>(l);
                 // The rows' `d` (and `m`) halves, widened together: lane 2r is row r's scale
                 // times the activation's, lane 2r + 1 its minimum times the activation sum.
-                let h: [u32; 4] =
-                    std::array::from_fn(|r| (w[r].add(b * bb) as *const u32).read_unaligned());
-                let dm = _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr() as *const __m128i));
+                let dm = if PACKED {
+                    let g = w[0].add(4 * b * bb);
+                    let mut o = 0;
+                    while o < 4 * bb {
+                        prefetch(g.add(o));
+                        o += 64;
+                    }
+                    if has_min(T) {
+                        _mm256_cvtph_ps(_mm_loadu_si128(g as *const __m128i))
+                    } else {
+                        let d = _mm_loadl_epi64(g as *const __m128i);
+                        _mm256_cvtph_ps(_mm_unpacklo_epi16(d, _mm_setzero_si128()))
+                    }
+                } else {
+                    let h: [u32; 4] =
+                        std::array::from_fn(|r| (w[r].add(b * bb) as *const u32).read_unaligned());
+                    _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr() as *const __m128i))
+                };
                 let sc = _mm256_mul_ps(
                     dm,
                     _mm256_setr_ps(xb.d, xb.s, xb.d, xb.s, xb.d, xb.s, xb.d, xb.s),
@@ -344,8 +379,14 @@ macro_rules! vnni_rows {
                 let mut s = [0f32; 8];
                 _mm256_storeu_ps(s.as_mut_ptr(), sc);
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    prefetch(w[r].add(b * bb));
-                    let u = $unsigned::<T>(w[r].add(b * bb));
+                    let u = if PACKED {
+                        let g = w[0].add(4 * b * bb);
+                        $unsigned::<T>(g.add(4 * dmb + r * qhb), g.add(4 * qs_at + r * qsb))
+                    } else {
+                        let wb = w[r].add(b * bb);
+                        prefetch(wb);
+                        $unsigned::<T>(wb.add(qh_at), wb.add(qs_at))
+                    };
                     let p = _mm256_cvtepi32_ps($dp(init, u, qy));
                     *acc = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[2 * r]), p, *acc);
                 }
@@ -356,16 +397,30 @@ macro_rules! vnni_rows {
         }
 
         #[target_feature(enable = $feat)]
-        unsafe fn $rows<const T: u8>(w: &[u8], x: &[Q8Block], ls: &[[i32; 8]], out: &mut [f32]) {
+        unsafe fn $rows<const T: u8>(
+            w: &[u8],
+            packed: usize,
+            x: &[Q8Block],
+            ls: &[[i32; 8]],
+            out: &mut [f32],
+            stride: usize,
+        ) {
             let rb = x.len() * block_bytes(T);
-            let n = out.len();
+            let n = out.len().div_ceil(stride.max(1));
             assert!(ls.len() == x.len() && w.len() >= n * rb);
+            assert!(packed.is_multiple_of(4) && packed <= n);
             let mut r = 0;
             while r < n {
-                let rows = std::array::from_fn(|i| w.as_ptr().add((r + i).min(n - 1) * rb));
-                let v = $group::<T>(rows, x, ls);
-                let take = (n - r).min(4);
-                out[r..r + take].copy_from_slice(&v[..take]);
+                let v = if r < packed {
+                    let g = w.as_ptr().add(r * rb);
+                    $group::<T, true>([g; 4], x, ls)
+                } else {
+                    let rows = std::array::from_fn(|i| w.as_ptr().add((r + i).min(n - 1) * rb));
+                    $group::<T, false>(rows, x, ls)
+                };
+                for (j, &v) in v.iter().enumerate().take(n - r) {
+                    out[(r + j) * stride] = v;
+                }
                 r += 4;
             }
         }
@@ -748,27 +803,71 @@ pub(crate) unsafe fn attention_head_avx2(
 /// Dequantizes blocks of a 32-element type (same values as the scalar code: `q·d + m`, two
 /// roundings). Only call after detecting AVX2, FMA and F16C.
 pub(crate) fn dequantize32(ty: BlockType, data: &[u8], out: &mut [f32]) {
-    // SAFETY: the caller detected the features; sizes are checked inside.
+    let (qh, qs) = qh_qs_at(tag_of(ty));
+    dequantize32_strided(ty, data, [0, qh, qs], ty.block_bytes(), out)
+}
+
+/// The const-generic tag of a 32-element type.
+fn tag_of(ty: BlockType) -> u8 {
+    match ty {
+        BlockType::Q4_0 => T_Q4_0,
+        BlockType::Q4_1 => T_Q4_1,
+        BlockType::Q5_0 => T_Q5_0,
+        BlockType::Q5_1 => T_Q5_1,
+        _ => T_Q8_0,
+    }
+}
+
+/// Dequantizes `out.len() / 32` blocks of a 32-element type whose fields sit at
+/// `data[offs[f] + b·stride ..]` for block `b` (scale and minimum, fifth bits, quants): blocks in
+/// ggml's layout, or one row of a [`crate::Layout::Rows4`] group. Only call after detecting AVX2,
+/// FMA and F16C.
+pub(crate) fn dequantize32_strided(
+    ty: BlockType,
+    data: &[u8],
+    offs: [usize; 3],
+    stride: usize,
+    out: &mut [f32],
+) {
+    let blocks = out.len() / 32;
+    if blocks == 0 {
+        return;
+    }
+    // Reads: 4 bytes at the scale and at the fifth bits, the quants after those.
+    let t = tag_of(ty);
+    let qs_len = block_bytes(t) - qh_qs_at(t).1;
+    let last = (blocks - 1) * stride;
+    assert!(
+        last + offs[2] + qs_len <= data.len()
+            && last + offs[0] + 4 <= data.len()
+            && last + offs[1] + 4 <= data.len(),
+        "dequantize: blocks out of range"
+    );
+    // SAFETY: the caller detected the features; every read is inside `data` (checked above).
     unsafe {
         match ty {
-            BlockType::Q4_0 => dequant32::<T_Q4_0>(data, out),
-            BlockType::Q4_1 => dequant32::<T_Q4_1>(data, out),
-            BlockType::Q5_0 => dequant32::<T_Q5_0>(data, out),
-            BlockType::Q5_1 => dequant32::<T_Q5_1>(data, out),
-            _ => dequant32::<T_Q8_0>(data, out),
+            BlockType::Q4_0 => dequant32::<T_Q4_0>(data, offs, stride, out),
+            BlockType::Q4_1 => dequant32::<T_Q4_1>(data, offs, stride, out),
+            BlockType::Q5_0 => dequant32::<T_Q5_0>(data, offs, stride, out),
+            BlockType::Q5_1 => dequant32::<T_Q5_1>(data, offs, stride, out),
+            _ => dequant32::<T_Q8_0>(data, offs, stride, out),
         }
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dequant32<const T: u8>(data: &[u8], out: &mut [f32]) {
-    let bb = block_bytes(T);
-    let blocks = data.len() / bb;
-    assert!(out.len() >= blocks * 32);
-    for b in 0..blocks {
-        let wb = data.as_ptr().add(b * bb);
-        let q = weights32::<T>(wb);
-        let dm = halves(wb);
+unsafe fn dequant32<const T: u8>(data: &[u8], offs: [usize; 3], stride: usize, out: &mut [f32]) {
+    for b in 0..out.len() / 32 {
+        let at = data.as_ptr().add(b * stride);
+        let u = unsigned32::<T>(at.add(offs[1]), at.add(offs[2]));
+        // Back to the signed values (the types with a minimum are unsigned already).
+        let q = match T {
+            T_Q4_0 => _mm256_sub_epi8(u, _mm256_set1_epi8(8)),
+            T_Q5_0 => _mm256_sub_epi8(u, _mm256_set1_epi8(16)),
+            T_Q8_0 => _mm256_xor_si256(u, _mm256_set1_epi8(0x80u8 as i8)),
+            _ => u,
+        };
+        let dm = halves(at.add(offs[0]));
         let d = _mm256_set1_ps(_mm_cvtss_f32(dm));
         let m = _mm256_set1_ps(if has_min(T) { lane1(dm) } else { 0.0 });
         let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));

@@ -16,6 +16,7 @@ pub mod decoder;
 pub mod layers;
 pub mod linear;
 pub mod low_rank;
+pub mod packed;
 pub mod train_ops;
 pub mod weights;
 

@@ -10,6 +10,8 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
+use flywheel_kernels::Layout;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use crate::Result;
@@ -31,6 +33,8 @@ pub struct Linear {
     pub(crate) bias: Option<Tensor>,
     pub(crate) in_dim: usize,
     pub(crate) out_dim: usize,
+    /// How a quantized weight's blocks are laid out (ggml's, or repacked at load).
+    pub(crate) layout: Layout,
 }
 
 impl Linear {
@@ -43,11 +47,43 @@ impl Linear {
             bias,
             in_dim,
             out_dim,
+            layout: Layout::Ggml,
         })
     }
 
-    /// A quantized layer from an `(out, in)` quantized weight and an optional dense bias.
+    /// A quantized layer from an `(out, in)` quantized weight (ggml's layout) and an optional
+    /// dense bias. When this holds the only reference to the weight and the CPU's decode
+    /// kernels read repacked rows faster ([`crate::packed::preferred_layout`]), the weight is
+    /// repacked and the original dropped; the results are the same bits either way.
     pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
+        let layout = if Arc::strong_count(&weight) == 1 {
+            crate::packed::preferred_layout(&weight)
+        } else {
+            Layout::Ggml
+        };
+        Self::quantized_in(weight, bias, layout)
+    }
+
+    /// [`Linear::quantized`] with the weight kept in `layout` (repacked here for
+    /// [`Layout::Rows4`]), whatever the CPU prefers. Errors if the type has no such layout.
+    pub fn quantized_in(
+        weight: Arc<QTensor>,
+        bias: Option<Tensor>,
+        layout: Layout,
+    ) -> Result<Self> {
+        let weight = match layout {
+            Layout::Ggml => weight,
+            Layout::Rows4 => Arc::new(crate::packed::repack(&weight)?),
+        };
+        Self::quantized_as(weight, bias, layout)
+    }
+
+    /// A quantized layer from a weight whose blocks are already in `layout`.
+    pub(crate) fn quantized_as(
+        weight: Arc<QTensor>,
+        bias: Option<Tensor>,
+        layout: Layout,
+    ) -> Result<Self> {
         let (out_dim, in_dim) = weight.shape().dims2()?;
         let qmatmul = QMatMul::from_arc(weight.clone())?;
         Ok(Self {
@@ -56,6 +92,31 @@ impl Linear {
             bias,
             in_dim,
             out_dim,
+            layout,
+        })
+    }
+
+    /// How the quantized weight's blocks are laid out (ggml's for a dense layer).
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The quantized weight as flywheel-kernels reads it: its type, blocks and layout. `None`
+    /// for a dense weight, a type the kernels do not cover, or blocks not in host memory.
+    pub(crate) fn kernel_matrix(&self) -> Option<flywheel_kernels::QMatrix<'_>> {
+        let LinearWeight::Quantized(q) = &self.weight else {
+            return None;
+        };
+        let ty = kernel_type(q.dtype())?;
+        let Ok(Cow::Borrowed(data)) = q.data() else {
+            return None;
+        };
+        Some(flywheel_kernels::QMatrix {
+            ty,
+            data,
+            n: self.out_dim,
+            k: self.in_dim,
+            layout: self.layout,
         })
     }
 
@@ -82,7 +143,7 @@ impl Linear {
     /// The weight as the low-rank training op sees it: quantized, or dense and not trainable.
     pub(crate) fn frozen_weight(&self) -> Option<FrozenWeight> {
         match &self.weight {
-            LinearWeight::Quantized(q) => Some(FrozenWeight::Quantized(q.clone())),
+            LinearWeight::Quantized(q) => Some(FrozenWeight::Quantized(q.clone(), self.layout)),
             LinearWeight::Dense(w) if !w.track_op() => Some(FrozenWeight::Dense(w.clone())),
             LinearWeight::Dense(_) => None,
         }
@@ -131,25 +192,28 @@ impl Linear {
             {
                 let xf = x.to_dtype(DType::F32)?.contiguous()?;
                 xf.apply_op1(FrozenTrainOp {
-                    weight: FrozenWeight::Quantized(q.clone()),
+                    weight: FrozenWeight::Quantized(q.clone(), self.layout),
                 })?
                 .to_dtype(x.dtype())?
             }
-            (LinearWeight::Quantized(q), _)
+            // The integer kernels. A repacked weight takes them for any input dtype: candle's
+            // path would unpack it on every call.
+            (LinearWeight::Quantized(_), _)
                 if choice != KernelChoice::Candle
-                    && x.dtype() == DType::F32
+                    && (x.dtype() == DType::F32 || self.layout != Layout::Ggml)
                     && x.device().is_cpu()
-                    && kernel_type(q.dtype()).is_some() =>
+                    && self.kernel_matrix().is_some() =>
             {
-                let ty = kernel_type(q.dtype()).expect("checked in the guard");
                 let path = if choice == KernelChoice::Scalar {
                     flywheel_kernels::Path::Scalar
                 } else {
                     flywheel_kernels::Path::Auto
                 };
-                kernel_products(&[(self, q, ty)], x, path)?
+                let xf = x.to_dtype(DType::F32)?;
+                kernel_products(&[self], &xf, path)?
                     .pop()
                     .expect("one product")
+                    .to_dtype(x.dtype())?
             }
             (LinearWeight::Quantized(_), Some(qmm)) => {
                 // Quantized kernels take f32 activations.
@@ -254,13 +318,29 @@ fn slab_rows(k: usize) -> usize {
     (1usize << 20).div_ceil(k.max(1)).max(1)
 }
 
-/// Rows `r0..r1` of a quantized `(n, k)` matrix as a dense f32 `(r1 - r0, k)` tensor.
-fn dequantize_rows(q: &QTensor, r0: usize, r1: usize) -> candle_core::Result<Tensor> {
-    let (_, k) = q.shape().dims2()?;
+/// Rows `r0..r1` of a quantized `(n, k)` matrix in `layout` as a dense f32 `(r1 - r0, k)`
+/// tensor.
+fn dequantize_rows(
+    q: &QTensor,
+    layout: Layout,
+    r0: usize,
+    r1: usize,
+) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let (n, k) = q.shape().dims2()?;
     let data = q.data()?;
     if let Some(ty) = kernel_type(q.dtype()) {
+        let w = flywheel_kernels::QMatrix {
+            ty,
+            data: &data,
+            n,
+            k,
+            layout,
+        };
         let mut out = vec![0f32; (r1 - r0) * k];
-        dequantize_rows_into(ty, &data, k, r0, &mut out);
+        out.par_chunks_mut(k).enumerate().for_each(|(i, row)| {
+            flywheel_kernels::dequantize_row_blocks(&w, r0 + i, 0, row);
+        });
         return Tensor::from_vec(out, (r1 - r0, k), &candle_core::Device::Cpu);
     }
     let ty = q.dtype();
@@ -274,23 +354,6 @@ fn dequantize_rows(q: &QTensor, r0: usize, r1: usize) -> candle_core::Result<Ten
     slab.dequantize(&candle_core::Device::Cpu)
 }
 
-/// Rows `r0..` of a `(n, k)` matrix of block type `ty` (raw `data`) into `dst`
-/// (`dst.len() / k` rows), dequantized in parallel by flywheel-kernels.
-fn dequantize_rows_into(
-    ty: flywheel_kernels::BlockType,
-    data: &[u8],
-    k: usize,
-    r0: usize,
-    dst: &mut [f32],
-) {
-    use rayon::prelude::*;
-    let row_bytes = k / ty.block_elems() * ty.block_bytes();
-    dst.par_chunks_mut(k).enumerate().for_each(|(i, row)| {
-        let at = (r0 + i) * row_bytes;
-        flywheel_kernels::dequantize_into(ty, &data[at..at + row_bytes], row);
-    });
-}
-
 /// `y = x·Wᵀ` in f32 for a quantized `W` of a type flywheel-kernels covers, without the dense
 /// `W` ever existing: tasks of [`tile_rows`] weight rows, each dequantized by its thread into an
 /// L2-sized buffer and multiplied by a one-thread GEMM into its own columns of `y`. (One 4 MiB
@@ -299,6 +362,7 @@ fn dequantize_rows_into(
 /// ran at 50 tok/s, now 90.)
 fn prefill_gemm(
     q: &QTensor,
+    layout: Layout,
     x: &[f32],
     dims: &[usize],
 ) -> candle_core::Result<(Vec<f32>, Vec<usize>)> {
@@ -310,8 +374,14 @@ fn prefill_gemm(
         candle_core::bail!("prefill GEMM: input of {} values for ({m}, {k})", x.len());
     }
     let data = q.data()?;
+    let w = flywheel_kernels::QMatrix {
+        ty,
+        data: &data,
+        n,
+        k,
+        layout,
+    };
     let step = tile_rows(k).min(n);
-    let row_bytes = k / ty.block_elems() * ty.block_bytes();
     let mut y = vec![0f32; m * n];
     let yp = crate::bert_packed::SendPtr(y.as_mut_ptr());
     (0..n.div_ceil(step)).into_par_iter().for_each(|t| {
@@ -320,8 +390,9 @@ fn prefill_gemm(
         TILE.with(|b| {
             let mut slab = b.borrow_mut();
             slab.resize(rows * k, 0.0);
-            let at = r0 * row_bytes;
-            flywheel_kernels::dequantize_into(ty, &data[at..at + rows * row_bytes], &mut slab);
+            for (i, row) in slab.chunks_exact_mut(k).enumerate() {
+                flywheel_kernels::dequantize_row_blocks(&w, r0 + i, 0, row);
+            }
             // SAFETY: y is (m, n) row-major and this task alone writes its columns
             // r0..r0 + rows; x is (m, k); the slab holds `rows` rows of k, read as the
             // (k, rows) right-hand side; dst aliases neither.
@@ -372,7 +443,12 @@ thread_local! {
 /// of [`prefill_gemm`]: one task per block of `dx` columns (disjoint outputs), each walking down
 /// `W` in L2-sized tiles (dequantized by its thread) and accumulating one-thread GEMMs. The tiles
 /// depend on the shape only, so the result is the same whatever the thread count.
-fn input_gradient_gemm(q: &QTensor, g: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+fn input_gradient_gemm(
+    q: &QTensor,
+    layout: Layout,
+    g: &[f32],
+    m: usize,
+) -> candle_core::Result<Vec<f32>> {
     use rayon::prelude::*;
     let ty = kernel_type(q.dtype()).expect("checked by the caller");
     let (n, k) = q.shape().dims2()?;
@@ -380,8 +456,14 @@ fn input_gradient_gemm(q: &QTensor, g: &[f32], m: usize) -> candle_core::Result<
         candle_core::bail!("input gradient: {} values for ({m}, {n})", g.len());
     }
     let data = q.data()?;
-    let (be, bb) = (ty.block_elems(), ty.block_bytes());
-    let row_bytes = k / be * bb;
+    let w = flywheel_kernels::QMatrix {
+        ty,
+        data: &data,
+        n,
+        k,
+        layout,
+    };
+    let be = ty.block_elems();
     // Columns per task: whole blocks, at least 64; rows per tile: about 64 Ki values.
     let kc = be * 64usize.div_ceil(be);
     let nr = ((64 * 1024) / kc).max(16);
@@ -390,7 +472,7 @@ fn input_gradient_gemm(q: &QTensor, g: &[f32], m: usize) -> candle_core::Result<
     (0..k.div_ceil(kc)).into_par_iter().for_each(|t| {
         let c0 = t * kc;
         let cols = kc.min(k - c0);
-        let (b0, nb) = (c0 / be, cols / be);
+        let b0 = c0 / be;
         TILE.with(|b| {
             let mut tile = b.borrow_mut();
             let mut r0 = 0;
@@ -398,8 +480,7 @@ fn input_gradient_gemm(q: &QTensor, g: &[f32], m: usize) -> candle_core::Result<
                 let rows = nr.min(n - r0);
                 tile.resize(rows * cols, 0.0);
                 for (i, out) in tile.chunks_exact_mut(cols).enumerate() {
-                    let at = (r0 + i) * row_bytes + b0 * bb;
-                    flywheel_kernels::dequantize_into(ty, &data[at..at + nb * bb], out);
+                    flywheel_kernels::dequantize_row_blocks(&w, r0 + i, b0, out);
                 }
                 // SAFETY: dx is (m, k) row-major and this task alone writes its columns
                 // c0..c0 + cols; g is (m, n), read from column r0 for `rows` columns; the tile
@@ -438,8 +519,8 @@ fn input_gradient_gemm(q: &QTensor, g: &[f32], m: usize) -> candle_core::Result<
 /// A frozen weight seen by [`FrozenTrainOp`] and the low-rank training op.
 #[derive(Debug, Clone)]
 pub(crate) enum FrozenWeight {
-    /// Dequantized a slab of rows at a time.
-    Quantized(Arc<QTensor>),
+    /// Dequantized a slab of rows at a time; its blocks in the given layout.
+    Quantized(Arc<QTensor>, Layout),
     /// Used as is.
     Dense(Tensor),
 }
@@ -461,7 +542,7 @@ impl FrozenWeight {
 
     fn dims(&self) -> candle_core::Result<(usize, usize)> {
         match self {
-            FrozenWeight::Quantized(q) => q.shape().dims2(),
+            FrozenWeight::Quantized(q, _) => q.shape().dims2(),
             FrozenWeight::Dense(w) => w.dims2(),
         }
     }
@@ -476,12 +557,12 @@ impl FrozenWeight {
         let (n, k) = self.dims()?;
         match self {
             FrozenWeight::Dense(w) => f(0, w.to_dtype(dtype)?),
-            FrozenWeight::Quantized(q) => {
+            FrozenWeight::Quantized(q, layout) => {
                 let step = slab_rows(k);
                 let mut r0 = 0;
                 while r0 < n {
                     let r1 = (r0 + step).min(n);
-                    f(r0, dequantize_rows(q, r0, r1)?.to_dtype(dtype)?)?;
+                    f(r0, dequantize_rows(q, *layout, r0, r1)?.to_dtype(dtype)?)?;
                     r0 = r1;
                 }
                 Ok(())
@@ -541,8 +622,8 @@ impl candle_core::CustomOp1 for FrozenTrainOp {
         let (data, shape) = match storage {
             S::F32(v) => {
                 let (y, s) = match &self.weight {
-                    FrozenWeight::Quantized(q) if kernel_type(q.dtype()).is_some() => {
-                        prefill_gemm(q, &v[a..b], dims)?
+                    FrozenWeight::Quantized(q, wl) if kernel_type(q.dtype()).is_some() => {
+                        prefill_gemm(q, *wl, &v[a..b], dims)?
                     }
                     _ => self.forward_cpu(&v[a..b], dims)?,
                 };
@@ -575,10 +656,10 @@ impl candle_core::CustomOp1 for FrozenTrainOp {
         let dims = grad_res.dims();
         let m: usize = dims[..dims.len() - 1].iter().product();
         let g = grad_res.detach().to_dtype(arg.dtype())?.reshape((m, n))?;
-        if let FrozenWeight::Quantized(q) = &self.weight {
+        if let FrozenWeight::Quantized(q, layout) = &self.weight {
             if arg.dtype() == DType::F32 && kernel_type(q.dtype()).is_some() {
                 let g = g.contiguous()?;
-                let dx = input_gradient_gemm(q, &crate::train_ops::host_f32(&g)?, m)?;
+                let dx = input_gradient_gemm(q, *layout, &crate::train_ops::host_f32(&g)?, m)?;
                 return Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?));
             }
         }
@@ -596,7 +677,9 @@ pub(crate) fn frozen_forward_f32(
 ) -> candle_core::Result<(Vec<f32>, Vec<usize>)> {
     let (n, k) = weight.dims()?;
     match weight {
-        FrozenWeight::Quantized(q) if kernel_type(q.dtype()).is_some() => prefill_gemm(q, x, dims),
+        FrozenWeight::Quantized(q, layout) if kernel_type(q.dtype()).is_some() => {
+            prefill_gemm(q, *layout, x, dims)
+        }
         FrozenWeight::Dense(w) if w.dtype() == DType::F32 && w.device().is_cpu() => {
             let m = x.len() / k.max(1);
             let mut y = vec![0f32; m * n];
@@ -621,8 +704,8 @@ pub(crate) fn frozen_input_gradient_f32(
 ) -> candle_core::Result<Vec<f32>> {
     let (n, k) = weight.dims()?;
     match weight {
-        FrozenWeight::Quantized(q) if kernel_type(q.dtype()).is_some() => {
-            input_gradient_gemm(q, g, m)
+        FrozenWeight::Quantized(q, layout) if kernel_type(q.dtype()).is_some() => {
+            input_gradient_gemm(q, *layout, g, m)
         }
         FrozenWeight::Dense(w) if w.dtype() == DType::F32 && w.device().is_cpu() => {
             let mut dx = vec![0f32; m * k];
@@ -720,27 +803,17 @@ fn fused_products(ps: &[&Arc<dyn Projection>], x: &Tensor) -> Result<Option<Vec<
     {
         return Ok(None);
     }
-    let mut layers = Vec::with_capacity(ps.len());
+    let mut layers: Vec<&Linear> = Vec::with_capacity(ps.len());
     for p in ps {
         let Some(l) = p.plain() else { return Ok(None) };
-        let LinearWeight::Quantized(q) = &l.weight else {
-            return Ok(None);
-        };
-        let Some(ty) = kernel_type(q.dtype()) else {
-            return Ok(None);
-        };
-        if l.in_dim
-            != layers
-                .first()
-                .map_or(l.in_dim, |(f, _, _): &(&Linear, _, _)| f.in_dim)
-        {
+        if l.kernel_matrix().is_none() || layers.first().is_some_and(|f| f.in_dim != l.in_dim) {
             return Ok(None);
         }
-        layers.push((l, q, ty));
+        layers.push(l);
     }
     let outs = kernel_products(&layers, x, flywheel_kernels::Path::Auto)?;
     let mut result = Vec::with_capacity(outs.len());
-    for (y, (l, _, _)) in outs.into_iter().zip(&layers) {
+    for (y, l) in outs.into_iter().zip(&layers) {
         result.push(match &l.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
             None => y,
@@ -750,34 +823,22 @@ fn fused_products(ps: &[&Arc<dyn Projection>], x: &Tensor) -> Result<Option<Vec<
 }
 
 /// `x·Wᵀ` (no bias) for each quantized layer through flywheel-kernels, all in one
-/// [`flywheel_kernels::matmul_many`] call (the input quantized once). `x` is CPU f32 `(…, in)`.
+/// [`flywheel_kernels::matmul_many`] call (the input quantized once). `x` is CPU f32 `(…, in)`;
+/// every layer has a [`Linear::kernel_matrix`].
 fn kernel_products(
-    layers: &[(&Linear, &Arc<QTensor>, flywheel_kernels::BlockType)],
+    layers: &[&Linear],
     x: &Tensor,
     path: flywheel_kernels::Path,
 ) -> Result<Vec<Tensor>> {
     let dims = x.dims();
     let m: usize = dims[..dims.len() - 1].iter().product();
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let datas = layers
-        .iter()
-        .map(|(_, q, _)| q.data())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let mut outs: Vec<Vec<f32>> = layers
-        .iter()
-        .map(|(l, _, _)| vec![0f32; m * l.out_dim])
-        .collect();
+    let mut outs: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; m * l.out_dim]).collect();
     let mut products: Vec<flywheel_kernels::Product> = outs
         .iter_mut()
         .zip(layers)
-        .zip(&datas)
-        .map(|((out, (l, _, ty)), data)| flywheel_kernels::Product {
-            w: flywheel_kernels::QMatrix {
-                ty: *ty,
-                data,
-                n: l.out_dim,
-                k: l.in_dim,
-            },
+        .map(|(out, l)| flywheel_kernels::Product {
+            w: l.kernel_matrix().expect("checked by the caller"),
             out: &mut out[..],
         })
         .collect();
@@ -785,7 +846,7 @@ fn kernel_products(
     drop(products);
     outs.into_iter()
         .zip(layers)
-        .map(|(out, (l, _, _))| {
+        .map(|(out, l)| {
             let mut shape = dims.to_vec();
             *shape.last_mut().expect("rank >= 1") = l.out_dim;
             Ok(Tensor::from_vec(out, shape, x.device())?)
@@ -931,11 +992,27 @@ mod tests {
             let w = q.dequantize(&dev)?;
             let m = 5;
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
-            let (y, shape) = prefill_gemm(&q, &x.flatten_all()?.to_vec1()?, &[m, k])?;
+            let xs = x.flatten_all()?.to_vec1()?;
+            let (y, shape) = prefill_gemm(&q, Layout::Ggml, &xs, &[m, k])?;
             assert_eq!(shape, [m, n]);
             let want = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
             let g = Tensor::randn(0f32, 1.0, (m, n), &dev)?;
-            let dx = input_gradient_gemm(&q, &g.flatten_all()?.to_vec1()?, m)?;
+            let gs = g.flatten_all()?.to_vec1()?;
+            let dx = input_gradient_gemm(&q, Layout::Ggml, &gs, m)?;
+            if dt != GgmlDType::Q4K {
+                // The same blocks repacked give the same bits.
+                let r = crate::packed::repack(&q)?;
+                assert_eq!(
+                    prefill_gemm(&r, Layout::Rows4, &xs, &[m, k])?.0,
+                    y,
+                    "{dt:?}"
+                );
+                assert_eq!(
+                    input_gradient_gemm(&r, Layout::Rows4, &gs, m)?,
+                    dx,
+                    "{dt:?}"
+                );
+            }
             let want_dx = g.matmul(&w)?.flatten_all()?.to_vec1::<f32>()?;
             for (got, want) in [(&y, &want), (&dx, &want_dx)] {
                 assert_eq!(got.len(), want.len());
@@ -947,6 +1024,69 @@ mod tests {
                 assert!(worst < 1e-4, "{dt:?} ({n}, {k}): off by {worst}");
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn repacked_layers_agree_with_ggml_layers_in_every_path() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        for dt in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+        ] {
+            let (n, k) = (37, 64);
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+            let q = || -> anyhow::Result<Arc<QTensor>> { Ok(Arc::new(QTensor::quantize(&w, dt)?)) };
+            let b = Tensor::randn(0f32, 1.0, n, &dev)?;
+            // `quantized` repacks what it alone holds, where this CPU prefers it.
+            let prefers = flywheel_kernels::prefers_rows4(kernel_type(dt).expect("covered"))
+                && crate::packed::repack_enabled();
+            let auto = Linear::quantized(q()?, None)?;
+            let want = if prefers { Layout::Rows4 } else { Layout::Ggml };
+            assert_eq!(auto.layout(), want, "{dt:?}");
+            let shared = q()?;
+            let kept = shared.clone();
+            assert_eq!(Linear::quantized(shared, None)?.layout(), Layout::Ggml);
+            drop(kept);
+            let g = Linear::quantized_in(q()?, Some(b.clone()), Layout::Ggml)?;
+            let r = Linear::quantized_in(q()?, Some(b.clone()), Layout::Rows4)?;
+            assert_eq!(r.layout(), Layout::Rows4);
+            let bits = |t: Tensor| -> anyhow::Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
+            assert_eq!(
+                bits(g.dense_weight(DType::F32)?)?,
+                bits(r.dense_weight(DType::F32)?)?
+            );
+            for m in [1usize, 3, 20] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+                for choice in [
+                    KernelChoice::Auto,
+                    KernelChoice::Kernels,
+                    KernelChoice::Scalar,
+                    KernelChoice::Candle,
+                ] {
+                    let (a, c) = (g.forward_with(&x, choice)?, r.forward_with(&x, choice)?);
+                    assert_eq!(bits(a)?, bits(c)?, "{dt:?} m={m} {choice:?}");
+                }
+                // Training: the frozen op's output and the input's gradient.
+                let xv = candle_core::Var::from_tensor(&x)?;
+                let grad = |l: &Linear| -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+                    let y = l.forward(xv.as_tensor())?;
+                    let gs = (&y * &y)?.sum_all()?.backward()?;
+                    let dx = gs.get(xv.as_tensor()).expect("x has a gradient").clone();
+                    Ok((bits(y)?, bits(dx)?))
+                };
+                assert_eq!(grad(&g)?, grad(&r)?, "{dt:?} m={m} training");
+            }
+        }
+        // K-quants have no repacked layout.
+        let q4k = Arc::new(QTensor::quantize(
+            &Tensor::randn(0f32, 1.0, (8, 256), &dev)?,
+            GgmlDType::Q4K,
+        )?);
+        assert!(Linear::quantized_in(q4k.clone(), None, Layout::Rows4).is_err());
+        assert_eq!(Linear::quantized(q4k, None)?.layout(), Layout::Ggml);
         Ok(())
     }
 

@@ -261,7 +261,8 @@ impl GgufWeights {
         })
     }
 
-    fn qtensor(&self, hf_name: &str, shape: &[usize]) -> Result<QTensor> {
+    /// The index entry of `hf_name`, with its shape checked against `shape`.
+    fn info(&self, hf_name: &str, shape: &[usize]) -> Result<(String, &gguf_file::TensorInfo)> {
         let name = self.gguf_name(hf_name)?;
         let info = self
             .content
@@ -272,6 +273,11 @@ impl GgufWeights {
                 file: self.describe(),
             })?;
         check_shape(&name, &self.describe(), info.shape.dims(), shape)?;
+        Ok((name, info))
+    }
+
+    fn qtensor(&self, hf_name: &str, shape: &[usize]) -> Result<QTensor> {
+        let (name, info) = self.info(hf_name, shape)?;
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         let q = read_tensor(&mut file, info, self.content.tensor_data_offset).map_err(|e| {
             Error::BadFile {
@@ -291,6 +297,30 @@ impl GgufWeights {
             let storage = QStorage::from_data(Cow::Borrowed(&data), &self.device, q.dtype())?;
             Ok(QTensor::new(storage, q.shape().clone())?)
         }
+    }
+
+    /// The `(rows, cols)` weight `hf_name` read straight into the layout the decode kernels
+    /// prefer on this CPU ([`crate::packed::preferred_layout_for`]), repacked in place: `None`
+    /// when that is ggml's own layout.
+    fn repacked(&self, hf_name: &str, rows: usize, cols: usize) -> Result<Option<QTensor>> {
+        let (name, info) = self.info(hf_name, &[rows, cols])?;
+        let layout = crate::packed::preferred_layout_for(info.ggml_dtype, &self.device, rows);
+        if layout != flywheel_kernels::Layout::Rows4 {
+            return Ok(None);
+        }
+        let bad = |e: candle_core::Error| Error::BadFile {
+            file: self.describe(),
+            reason: format!("tensor `{name}`: {e}"),
+        };
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let bytes = read_bytes(&mut file, info, self.content.tensor_data_offset).map_err(bad)?;
+        drop(file);
+        let bytes = match self.qk_heads(hf_name) {
+            Some(heads) => permute_row_bytes(&bytes, rows, heads),
+            None => bytes,
+        };
+        let q = crate::packed::from_ggml_bytes(info.ggml_dtype, bytes, rows, cols).map_err(bad)?;
+        Ok(Some(q))
     }
 
     fn qk_heads(&self, hf_name: &str) -> Option<usize> {
@@ -315,7 +345,7 @@ fn read_tensor(
 ) -> candle_core::Result<QTensor> {
     use candle_core::quantized::k_quants::*;
     use candle_core::quantized::QuantizedType;
-    use std::io::{Read, Seek, SeekFrom};
+    use std::io::Read;
 
     fn typed<B: GgmlType + Send + Sync + 'static>(
         file: &mut File,
@@ -343,21 +373,7 @@ fn read_tensor(
     }
 
     let ty = info.ggml_dtype;
-    let elems = info.shape.elem_count();
-    if !elems.is_multiple_of(ty.block_size()) {
-        candle_core::bail!("{elems} elements are not whole blocks of {ty:?}");
-    }
-    let blocks = elems / ty.block_size();
-    let size = blocks * ty.type_size();
-    let start = data_offset.saturating_add(info.offset);
-    let file_size = file.seek(SeekFrom::End(0))?;
-    if start.saturating_add(size as u64) > file_size {
-        candle_core::bail!(
-            "needs {size} bytes at offset {start}, only {} remaining in file",
-            file_size.saturating_sub(start)
-        );
-    }
-    file.seek(SeekFrom::Start(start))?;
+    let blocks = seek_tensor(file, info, data_offset)? / ty.type_size();
     let bb = ty.type_size();
     let storage = match ty {
         GgmlDType::F32 => typed::<f32>(file, blocks, bb)?,
@@ -379,25 +395,65 @@ fn read_tensor(
     QTensor::new(QStorage::Cpu(storage), info.shape.dims().to_vec())
 }
 
+/// Checks that tensor `info`'s blocks lie inside the file and seeks to them; returns their size
+/// in bytes.
+fn seek_tensor(
+    file: &mut File,
+    info: &gguf_file::TensorInfo,
+    data_offset: u64,
+) -> candle_core::Result<usize> {
+    use std::io::{Seek, SeekFrom};
+    let ty = info.ggml_dtype;
+    let elems = info.shape.elem_count();
+    if !elems.is_multiple_of(ty.block_size()) {
+        candle_core::bail!("{elems} elements are not whole blocks of {ty:?}");
+    }
+    let size = elems / ty.block_size() * ty.type_size();
+    let start = data_offset.saturating_add(info.offset);
+    let file_size = file.seek(SeekFrom::End(0))?;
+    if start.saturating_add(size as u64) > file_size {
+        candle_core::bail!(
+            "needs {size} bytes at offset {start}, only {} remaining in file",
+            file_size.saturating_sub(start)
+        );
+    }
+    file.seek(SeekFrom::Start(start))?;
+    Ok(size)
+}
+
+/// Reads tensor `info`'s blocks as raw bytes (one allocation the size of the tensor).
+fn read_bytes(
+    file: &mut File,
+    info: &gguf_file::TensorInfo,
+    data_offset: u64,
+) -> candle_core::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = vec![0u8; seek_tensor(file, info, data_offset)?];
+    file.read_exact(&mut out)?;
+    Ok(out)
+}
+
 /// Reorders the rows (or elements, for a 1-D bias) of a tensor from llama.cpp's interleaved rotary
 /// layout back to Hugging Face's half-split layout: GGUF row `h·d + 2j + i` becomes row `h·d + i·d/2 + j`.
 fn permute_rows(q: &QTensor, n_heads: usize) -> Result<QTensor> {
+    // A bias (rank 1) permutes f32 elements (GGUF biases are F32), a matrix its rows.
+    if q.shape().rank() == 1 && q.dtype() != GgmlDType::F32 {
+        return Err(candle_core::Error::Msg(format!(
+            "rank-1 Q/K tensor of type {:?} cannot be permuted",
+            q.dtype()
+        ))
+        .into());
+    }
     let rows = q.shape().dims()[0];
     let data = q.data()?;
-    let row_bytes = data.len() / if q.shape().rank() == 1 { 1 } else { rows };
-    let (rows, row_bytes) = if q.shape().rank() == 1 {
-        // A bias: permute f32 elements (GGUF biases are F32).
-        if q.dtype() != GgmlDType::F32 {
-            return Err(candle_core::Error::Msg(format!(
-                "rank-1 Q/K tensor of type {:?} cannot be permuted",
-                q.dtype()
-            ))
-            .into());
-        }
-        (rows, 4)
-    } else {
-        (rows, row_bytes)
-    };
+    let out = permute_row_bytes(&data, rows, n_heads);
+    let storage = QStorage::from_data(Cow::Owned(out), &Device::Cpu, q.dtype())?;
+    Ok(QTensor::new(storage, q.shape().clone())?)
+}
+
+/// [`permute_rows`] on raw bytes: `data` holds `rows` rows of equal size.
+fn permute_row_bytes(data: &[u8], rows: usize, n_heads: usize) -> Vec<u8> {
+    let row_bytes = data.len() / rows;
     let head_dim = rows / n_heads;
     let half = head_dim / 2;
     let mut out = vec![0u8; data.len()];
@@ -411,8 +467,7 @@ fn permute_rows(q: &QTensor, n_heads: usize) -> Result<QTensor> {
             }
         }
     }
-    let storage = QStorage::from_data(Cow::Owned(out), &Device::Cpu, q.dtype())?;
-    Ok(QTensor::new(storage, q.shape().clone())?)
+    out
 }
 
 impl Weights for GgufWeights {
@@ -433,12 +488,16 @@ impl Weights for GgufWeights {
         Ok(q.dequantize(&self.device)?.to_dtype(self.dtype)?)
     }
     fn linear(&self, name: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
-        let w = self.qtensor(&format!("{name}.weight"), &[out_dim, in_dim])?;
         let b = if bias {
             Some(self.tensor(&format!("{name}.bias"), &[out_dim])?)
         } else {
             None
         };
+        let hf = format!("{name}.weight");
+        if let Some(q) = self.repacked(&hf, out_dim, in_dim)? {
+            return Linear::quantized_as(Arc::new(q), b, flywheel_kernels::Layout::Rows4);
+        }
+        let w = self.qtensor(&hf, &[out_dim, in_dim])?;
         match w.dtype() {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
                 Linear::dense(w.dequantize(&self.device)?.to_dtype(self.dtype)?, b)

@@ -11,7 +11,7 @@
 
 use super::{Cache, DecoderModel};
 use crate::layers::{with_cpu_f32, HostKv, HostLayer, RmsNorm};
-use crate::linear::{kernel_type, Embedding, Linear, LinearWeight, Projection};
+use crate::linear::{kernel_type, Embedding, Linear, Projection};
 use crate::Result;
 use flywheel_kernels::{BlockType, Path, Product, QMatrix};
 use std::borrow::Cow;
@@ -56,23 +56,12 @@ struct HostLinear<'a> {
 
 /// `l` as a kernel matrix: quantized, of a covered type, its blocks in host memory.
 fn host_linear(l: &Linear) -> Option<HostLinear<'_>> {
-    let LinearWeight::Quantized(q) = &l.weight else {
-        return None;
-    };
-    let ty = kernel_type(q.dtype())?;
-    let Ok(Cow::Borrowed(data)) = q.data() else {
-        return None;
-    };
+    let w = l.kernel_matrix()?;
     if let Some(b) = &l.bias {
         with_cpu_f32(b, |_| ())?;
     }
     Some(HostLinear {
-        w: QMatrix {
-            ty,
-            data,
-            n: l.out_dim,
-            k: l.in_dim,
-        },
+        w,
         bias: l.bias.as_ref(),
     })
 }
@@ -345,6 +334,18 @@ mod tests {
         }
     }
 
+    /// Quantizes every projection to one block type and keeps it in the given layout.
+    struct QuantizeIn(GgmlDType, flywheel_kernels::Layout);
+
+    impl LinearHook for QuantizeIn {
+        fn wrap(&self, _name: &str, base: Linear) -> Result<Arc<dyn Projection>> {
+            let w = QTensor::quantize(&base.dense_weight(DType::F32)?, self.0)?;
+            let l = Linear::quantized_in(Arc::new(w), base.bias.clone(), self.1)?;
+            assert_eq!(l.layout(), self.1);
+            Ok(Arc::new(l))
+        }
+    }
+
     /// The tiny config widened so that K-quants (blocks of 256) fit every projection.
     fn wide(arch: Architecture) -> DecoderConfig {
         DecoderConfig {
@@ -412,6 +413,63 @@ mod tests {
                 }
                 // The context is full: the host step declines, the tensor path gives the error.
                 assert!(!m.decode_into(&[5; 3][..rows], &mut [&mut b], &mut s)?);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn repacked_models_equal_ggml_models_bit_for_bit() -> anyhow::Result<()> {
+        // The same weights kept in ggml's layout and repacked into groups of four rows: the
+        // short-prompt kernels, the prefill GEMM (20 positions), the host decode step, the
+        // tensor decode path and candle's reference path (which unpacks) all give the same bits.
+        use flywheel_kernels::Layout;
+        for (arch, q) in [
+            (Architecture::Llama, GgmlDType::Q4_0),
+            (Architecture::Qwen2, GgmlDType::Q5_1),
+            (Architecture::Llama, GgmlDType::Q8_0),
+        ] {
+            let cfg = tiny(arch);
+            let w = MemoryWeights::random_decoder(&cfg, 11, &Device::Cpu, DType::F32)?;
+            let g = DecoderModel::load(&w, &cfg, &QuantizeIn(q, Layout::Ggml))?;
+            let r = DecoderModel::load(&w, &cfg, &QuantizeIn(q, Layout::Rows4))?;
+            for (rows, len) in [(1usize, 5usize), (3, 4), (1, 20)] {
+                let p = prompt(rows, len)?;
+                let run = |m: &DecoderModel| -> anyhow::Result<Vec<Vec<f32>>> {
+                    let mut out = vec![];
+                    let mut c = m.new_cache(vec![0; rows]);
+                    let mut h = m.new_cache(vec![0; rows]);
+                    out.push(
+                        m.forward(&p, &mut c, Logits::All)?
+                            .flatten_all()?
+                            .to_vec1()?,
+                    );
+                    m.forward(&p, &mut h, Logits::Last)?;
+                    let mut s = DecodeScratch::default();
+                    for step in 0..6u32 {
+                        let ids: Vec<u32> = (0..rows as u32).map(|i| step * 5 + i + 3).collect();
+                        let t = Tensor::from_slice(&ids, (rows, 1), &Device::Cpu)?;
+                        out.push(
+                            m.forward(&t, &mut c, Logits::Last)?
+                                .flatten_all()?
+                                .to_vec1()?,
+                        );
+                        assert!(m.decode_into(&ids, &mut [&mut h], &mut s)?);
+                        out.push(s.logits().to_vec());
+                    }
+                    let mut c = m.new_cache(vec![0; rows]);
+                    out.push(
+                        crate::with_reference_kernels(|| m.forward(&p, &mut c, Logits::Last))?
+                            .flatten_all()?
+                            .to_vec1()?,
+                    );
+                    Ok(out)
+                };
+                let (a, b) = (run(&g)?, run(&r)?);
+                assert!(a[0].iter().any(|v| *v != 0.0));
+                for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                    assert_eq!(x, y, "{q:?} {rows}x{len}: output {i}");
+                }
             }
         }
         Ok(())
