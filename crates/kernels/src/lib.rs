@@ -435,14 +435,17 @@ pub fn has_rows4(ty: BlockType) -> bool {
     !ty.is_k()
 }
 
-/// Whether this CPU's decode kernels read [`Layout::Rows4`] faster than ggml's layout: the
-/// 32-element types where the VNNI row kernels run (one contiguous stream and one load of four
-/// rows' scales per block, instead of four of each). Elsewhere Rows4 is read correctly but
-/// row by row through a gather, so loaders should keep ggml's layout.
+/// Whether this CPU's kernels read [`Layout::Rows4`] faster than ggml's layout: Q4_0, Q4_1 and
+/// Q8_0 where the VNNI row kernels run (one contiguous stream and one load of four rows' scales
+/// per block instead of four of each; and for several activation rows, one pass per row over
+/// L1-sized chunks instead of the AVX2 four-row kernel). Not the Q5 types: expanding their
+/// fifth bits once per activation row made several rows slower than the AVX2 kernel, which
+/// expands them once for four rows (BENCHMARKS.md). Elsewhere Rows4 is read correctly but row
+/// by row through a gather, so loaders should keep ggml's layout.
 pub fn prefers_rows4(ty: BlockType) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        has_rows4(ty) && have_vnni().is_some()
+        matches!(ty, BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q8_0) && have_vnni().is_some()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -533,10 +536,11 @@ fn kern_for(ty: BlockType, layout: Layout, path: Path, m: usize) -> Kern {
             Kern::K(x86::dot_k(ty), None)
         } else {
             let (d, d4) = x86::dots32(ty);
-            // The VNNI row kernels serve any number of activation rows (one pass per row over a
-            // task's weights, which stay in L1/L2 between passes): bit for bit what the AVX2
-            // kernels give, and faster than the AVX2 four-row kernel (BENCHMARKS.md).
-            let vnni = path == Path::Auto;
+            // The VNNI row kernels serve one activation row (decode) in either layout, and
+            // several rows of a repacked weight (one pass per activation row over L1-sized
+            // chunks): bit for bit what the AVX2 kernels give. On ggml's layout the AVX2
+            // four-row kernel is as fast or faster for several rows (BENCHMARKS.md).
+            let vnni = path == Path::Auto && (m == 1 || layout == Layout::Rows4);
             Kern::B32(d, d4, if vnni { x86_rows32(ty) } else { None })
         };
     }
@@ -695,17 +699,21 @@ pub fn matmul_many(products: &mut [Product<'_>], x: &[f32], m: usize, path: Path
             let width = dst.len() / m;
             let packed = w.packed_rows().saturating_sub(c0).min(width);
             let wr = &w.data[c0 * row_bytes..(c0 + width) * row_bytes];
-            // One pass per activation row, each writing its values `m` apart (the columns).
-            for i in 0..m {
-                let blocks = i * b32..(i + 1) * b32;
-                rows(
-                    wr,
-                    packed,
-                    &xq32[blocks.clone()],
-                    &sums[blocks],
-                    &mut dst[i..],
-                    m,
-                );
+            // One pass per activation row over about 16 KiB of weight rows (a multiple of four,
+            // so Rows4 groups stay whole), which stay in L1 for the next pass; each pass writes
+            // its values `m` apart (the columns).
+            let sub = (16 * 1024 / row_bytes.max(1)).max(4) / 4 * 4;
+            let mut c = 0;
+            while c < width {
+                let cw = sub.min(width - c);
+                let ws = &wr[c * row_bytes..(c + cw) * row_bytes];
+                let p = packed.saturating_sub(c).min(cw);
+                for i in 0..m {
+                    let blocks = i * b32..(i + 1) * b32;
+                    let out = &mut dst[c * m + i..(c + cw) * m];
+                    rows(ws, p, &xq32[blocks.clone()], &sums[blocks], out, m);
+                }
+                c += cw;
             }
             return;
         }

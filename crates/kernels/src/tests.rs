@@ -514,3 +514,31 @@ fn rows4_is_refused_for_the_k_quants() {
     let mut out = vec![0f32; 4];
     assert!(std::panic::catch_unwind(move || matmul(w, &x, 1, &mut out, Path::Auto)).is_err());
 }
+
+#[test]
+fn long_rows_with_several_activation_rows_equal_the_avx2_kernel() {
+    // Rows of 8192 values: a task's weight rows are split into L1-sized chunks of four rows,
+    // each chunk passed once per activation row. Both layouts, bit for bit the AVX2 kernel.
+    let mut seed = 23;
+    for ty in ALL_TYPES.into_iter().filter(|&t| has_rows4(t)) {
+        let (n, k, m) = (37, 8192, 3);
+        let wq = random_weights(ty, n, k, &mut seed);
+        let packed = pack_rows4(ty, &wq, n);
+        let ggml = QMatrix::ggml(ty, &wq, n, k);
+        let rows4 = QMatrix {
+            data: &packed,
+            layout: Layout::Rows4,
+            ..ggml
+        };
+        let x = random_x(m, k, &mut seed);
+        let run = |w: QMatrix, path| {
+            let mut out = vec![0f32; m * n];
+            matmul(w, &x, m, &mut out, path);
+            out
+        };
+        let want = run(ggml, Path::Baseline);
+        assert!(want.iter().any(|v| *v != 0.0), "{ty:?}: all zero");
+        assert_eq!(run(ggml, Path::Auto), want, "{ty:?} ggml");
+        assert_eq!(run(rows4, Path::Auto), want, "{ty:?} rows4");
+    }
+}
