@@ -11,9 +11,8 @@
 //! `vpdpbusd`, one pass per activation row; their results are bit-identical to the AVX2
 //! kernels'. Those types can also be repacked at load ([`Layout::Rows4`], [`pack_rows4`]): four
 //! rows' blocks side by side with their scales together, which the VNNI kernels read as one
-//! stream. On
-//! aarch64 the NEON kernels (`sdot` where the CPU has the dot-product extension) equal the scalar
-//! path bit for bit.
+//! stream. On aarch64 the NEON kernels (`sdot` where the CPU has the dot-product extension)
+//! equal the scalar path bit for bit.
 //!
 //! Output columns (weight rows) run in parallel on rayon in contiguous ranges; every output value
 //! is computed by the same code whatever the range, so results do not depend on the thread count.
@@ -38,9 +37,15 @@ mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-/// Const-generic tags of the 32-element types, shared by the SIMD modules.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+/// Const-generic tags of the 32-element types and their block structure, shared by the SIMD
+/// kernels and the [`Layout::Rows4`] repacking.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 pub(crate) mod tag {
+    use crate::BlockType;
+
     /// Q4_0.
     pub(crate) const Q4_0: u8 = 0;
     /// Q4_1.
@@ -52,15 +57,33 @@ pub(crate) mod tag {
     /// Q8_0.
     pub(crate) const Q8_0: u8 = 4;
 
+    /// The tag of a 32-element type (Q8_0's for any other).
+    pub(crate) fn of(ty: BlockType) -> u8 {
+        match ty {
+            BlockType::Q4_0 => Q4_0,
+            BlockType::Q4_1 => Q4_1,
+            BlockType::Q5_0 => Q5_0,
+            BlockType::Q5_1 => Q5_1,
+            _ => Q8_0,
+        }
+    }
+
+    /// The byte widths of a block's fields in ggml order: scale (and minimum), fifth bits,
+    /// quants.
+    pub(crate) const fn fields(t: u8) -> [usize; 3] {
+        match t {
+            Q4_0 => [2, 0, 16],
+            Q4_1 => [4, 0, 16],
+            Q5_0 => [2, 4, 16],
+            Q5_1 => [4, 4, 16],
+            _ => [2, 0, 32],
+        }
+    }
+
     /// Bytes per block of the tagged type.
     pub(crate) const fn block_bytes(t: u8) -> usize {
-        match t {
-            Q4_0 => 18,
-            Q4_1 => 20,
-            Q5_0 => 22,
-            Q5_1 => 24,
-            _ => 34,
-        }
+        let f = fields(t);
+        f[0] + f[1] + f[2]
     }
 
     /// Types with a per-block minimum (unsigned values, Q8_1 activations).
@@ -420,13 +443,10 @@ impl<'a> QMatrix<'a> {
 /// The byte widths of a 32-element block's fields in ggml order: scale (and minimum), fifth
 /// bits, quants. (K-quants have no [`Layout::Rows4`]; they get one field, the whole block.)
 fn fields32(ty: BlockType) -> [usize; 3] {
-    match ty {
-        BlockType::Q4_0 => [2, 0, 16],
-        BlockType::Q4_1 => [4, 0, 16],
-        BlockType::Q5_0 => [2, 4, 16],
-        BlockType::Q5_1 => [4, 4, 16],
-        BlockType::Q8_0 => [2, 0, 32],
-        k => [k.block_bytes(), 0, 0],
+    if ty.is_k() {
+        [ty.block_bytes(), 0, 0]
+    } else {
+        tag::fields(tag::of(ty))
     }
 }
 
@@ -526,9 +546,9 @@ enum Kern {
     K(RowDot<Q8KBlock>, Option<RowDot4<Q8KBlock>>),
 }
 
-/// The kernels for `ty` on this CPU: the SIMD ones unless `path` is [`Path::Scalar`] (or the CPU
-/// lacks them); the optional extensions (VNNI row kernels for one activation row, `sdot`) only
-/// with [`Path::Auto`].
+/// The kernels for `ty` in `layout` with `m` activation rows on this CPU: the SIMD ones unless
+/// `path` is [`Path::Scalar`] (or the CPU lacks them); the optional extensions (the VNNI row
+/// kernels, `sdot`) only with [`Path::Auto`].
 fn kern_for(ty: BlockType, layout: Layout, path: Path, m: usize) -> Kern {
     #[cfg(target_arch = "x86_64")]
     if path != Path::Scalar && have_avx2() {
@@ -706,12 +726,12 @@ pub fn matmul_many(products: &mut [Product<'_>], x: &[f32], m: usize, path: Path
             let mut c = 0;
             while c < width {
                 let cw = sub.min(width - c);
-                let ws = &wr[c * row_bytes..(c + cw) * row_bytes];
+                let chunk = &wr[c * row_bytes..(c + cw) * row_bytes];
                 let p = packed.saturating_sub(c).min(cw);
-                for i in 0..m {
-                    let blocks = i * b32..(i + 1) * b32;
-                    let out = &mut dst[c * m + i..(c + cw) * m];
-                    rows(ws, p, &xq32[blocks.clone()], &sums[blocks], out, m);
+                for a in 0..m {
+                    let blocks = a * b32..(a + 1) * b32;
+                    let out = &mut dst[c * m + a..(c + cw) * m];
+                    rows(chunk, p, &xq32[blocks.clone()], &sums[blocks], out, m);
                 }
                 c += cw;
             }

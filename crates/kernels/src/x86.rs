@@ -7,7 +7,7 @@ use crate::{BlockType, Q8Block, Q8KBlock, RowDot, RowDot4};
 use std::arch::x86_64::*;
 
 use crate::tag::{
-    block_bytes, has_min, Q4_0 as T_Q4_0, Q4_1 as T_Q4_1, Q5_0 as T_Q5_0, Q5_1 as T_Q5_1,
+    block_bytes, fields, has_min, Q4_0 as T_Q4_0, Q4_1 as T_Q4_1, Q5_0 as T_Q5_0, Q5_1 as T_Q5_1,
     Q8_0 as T_Q8_0,
 };
 
@@ -209,11 +209,7 @@ unsafe fn dot32x4<const T: u8>(w: &[u8], x: [&[Q8Block]; 4]) -> [f32; 4] {
     std::array::from_fn(|r| hsum(acc[r]) + summs[r])
 }
 
-/// Many weight rows times one activation row with VNNI (`vpdpbusd`: unsigned bytes times
-/// signed bytes, four products summed into each i32 lane). `w` holds `out.len()` whole rows of
-/// `x.len()` blocks, the first `packed` of them in Rows4 groups; `ls` holds each activation
-/// block's lane sums (see [`crate::lane_sums`]).
-pub(crate) use crate::Rows32;
+use crate::Rows32;
 
 /// Which VNNI encoding the CPU has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -225,8 +221,9 @@ pub(crate) enum Vnni {
     Avx512,
 }
 
-/// The VNNI row kernel for a 32-element type. Only call after detecting AVX2, FMA, F16C and
-/// the given VNNI flavour.
+/// The VNNI row kernel for a 32-element type (`vpdpbusd`: unsigned bytes times signed bytes,
+/// four products summed into each i32 lane; the lane sums of [`crate::lane_sums`] undo the
+/// unsigned offset). Only call after detecting AVX2, FMA, F16C and the given VNNI flavour.
 pub(crate) fn rows32(ty: BlockType, vnni: Vnni) -> Rows32 {
     macro_rules! pick {
         ($f:ident) => {
@@ -262,12 +259,8 @@ fn prefetch(p: *const u8) {
 
 /// Where a 32-element block's fifth bits and quants start, relative to the block (ggml layout).
 const fn qh_qs_at(t: u8) -> (usize, usize) {
-    match t {
-        T_Q4_0 | T_Q8_0 => (2, 2),
-        T_Q4_1 => (4, 4),
-        T_Q5_0 => (2, 6),
-        _ => (4, 8),
-    }
+    let f = fields(t);
+    (f[0], f[0] + f[1])
 }
 
 /// A weight block's 32 values as unsigned bytes, `value + offset` with the offset of
@@ -803,19 +796,8 @@ pub(crate) unsafe fn attention_head_avx2(
 /// Dequantizes blocks of a 32-element type (same values as the scalar code: `q·d + m`, two
 /// roundings). Only call after detecting AVX2, FMA and F16C.
 pub(crate) fn dequantize32(ty: BlockType, data: &[u8], out: &mut [f32]) {
-    let (qh, qs) = qh_qs_at(tag_of(ty));
+    let (qh, qs) = qh_qs_at(crate::tag::of(ty));
     dequantize32_strided(ty, data, [0, qh, qs], ty.block_bytes(), out)
-}
-
-/// The const-generic tag of a 32-element type.
-fn tag_of(ty: BlockType) -> u8 {
-    match ty {
-        BlockType::Q4_0 => T_Q4_0,
-        BlockType::Q4_1 => T_Q4_1,
-        BlockType::Q5_0 => T_Q5_0,
-        BlockType::Q5_1 => T_Q5_1,
-        _ => T_Q8_0,
-    }
 }
 
 /// Dequantizes `out.len() / 32` blocks of a 32-element type whose fields sit at
@@ -834,8 +816,7 @@ pub(crate) fn dequantize32_strided(
         return;
     }
     // Reads: 4 bytes at the scale and at the fifth bits, the quants after those.
-    let t = tag_of(ty);
-    let qs_len = block_bytes(t) - qh_qs_at(t).1;
+    let qs_len = fields(crate::tag::of(ty))[2];
     let last = (blocks - 1) * stride;
     assert!(
         last + offs[2] + qs_len <= data.len()

@@ -107,17 +107,10 @@ impl Linear {
         let LinearWeight::Quantized(q) = &self.weight else {
             return None;
         };
-        let ty = kernel_type(q.dtype())?;
         let Ok(Cow::Borrowed(data)) = q.data() else {
             return None;
         };
-        Some(flywheel_kernels::QMatrix {
-            ty,
-            data,
-            n: self.out_dim,
-            k: self.in_dim,
-            layout: self.layout,
-        })
+        kernel_matrix(q, data, self.layout)
     }
 
     /// Input features.
@@ -327,16 +320,9 @@ fn dequantize_rows(
     r1: usize,
 ) -> candle_core::Result<Tensor> {
     use rayon::prelude::*;
-    let (n, k) = q.shape().dims2()?;
+    let (_, k) = q.shape().dims2()?;
     let data = q.data()?;
-    if let Some(ty) = kernel_type(q.dtype()) {
-        let w = flywheel_kernels::QMatrix {
-            ty,
-            data: &data,
-            n,
-            k,
-            layout,
-        };
+    if let Some(w) = kernel_matrix(q, &data, layout) {
         let mut out = vec![0f32; (r1 - r0) * k];
         out.par_chunks_mut(k).enumerate().for_each(|(i, row)| {
             flywheel_kernels::dequantize_row_blocks(&w, r0 + i, 0, row);
@@ -367,20 +353,13 @@ fn prefill_gemm(
     dims: &[usize],
 ) -> candle_core::Result<(Vec<f32>, Vec<usize>)> {
     use rayon::prelude::*;
-    let ty = kernel_type(q.dtype()).expect("checked by the caller");
     let (n, k) = q.shape().dims2()?;
     let m: usize = dims[..dims.len() - 1].iter().product();
     if x.len() != m * k {
         candle_core::bail!("prefill GEMM: input of {} values for ({m}, {k})", x.len());
     }
     let data = q.data()?;
-    let w = flywheel_kernels::QMatrix {
-        ty,
-        data: &data,
-        n,
-        k,
-        layout,
-    };
+    let w = kernel_matrix(q, &data, layout).expect("checked by the caller");
     let step = tile_rows(k).min(n);
     let mut y = vec![0f32; m * n];
     let yp = crate::bert_packed::SendPtr(y.as_mut_ptr());
@@ -450,20 +429,13 @@ fn input_gradient_gemm(
     m: usize,
 ) -> candle_core::Result<Vec<f32>> {
     use rayon::prelude::*;
-    let ty = kernel_type(q.dtype()).expect("checked by the caller");
     let (n, k) = q.shape().dims2()?;
     if g.len() != m * n {
         candle_core::bail!("input gradient: {} values for ({m}, {n})", g.len());
     }
     let data = q.data()?;
-    let w = flywheel_kernels::QMatrix {
-        ty,
-        data: &data,
-        n,
-        k,
-        layout,
-    };
-    let be = ty.block_elems();
+    let w = kernel_matrix(q, &data, layout).expect("checked by the caller");
+    let be = w.ty.block_elems();
     // Columns per task: whole blocks, at least 64; rows per tile: about 64 Ki values.
     let kc = be * 64usize.div_ceil(be);
     let nr = ((64 * 1024) / kc).max(16);
@@ -735,6 +707,23 @@ pub enum KernelChoice {
     Scalar,
     /// Always candle's kernels (the reference oracle).
     Candle,
+}
+
+/// A 2-D quantized `q` of a type flywheel-kernels covers, its blocks (`data`, from `q.data()`) in
+/// `layout`, as the kernels read it.
+fn kernel_matrix<'a>(
+    q: &QTensor,
+    data: &'a [u8],
+    layout: Layout,
+) -> Option<flywheel_kernels::QMatrix<'a>> {
+    let (n, k) = q.shape().dims2().ok()?;
+    Some(flywheel_kernels::QMatrix {
+        ty: kernel_type(q.dtype())?,
+        data,
+        n,
+        k,
+        layout,
+    })
 }
 
 pub(crate) fn kernel_type(t: GgmlDType) -> Option<flywheel_kernels::BlockType> {

@@ -109,11 +109,14 @@ impl PackedRows4 {
         }
     }
 
-    /// Replaces the blocks with those of `s` (ggml's layout), repacked.
-    fn set_from(&mut self, s: &dyn QuantizedType) {
-        // SAFETY: `as_ptr` and `storage_size_in_bytes` describe `s`'s own initialised blocks.
+    /// Applies `f` to the blocks in ggml's layout (candle's storage of the type), then repacks
+    /// the result into `self`.
+    fn update(&mut self, f: impl FnOnce(&mut dyn QuantizedType)) {
+        let mut g = self.ggml().expect("repacked blocks unpack");
+        f(g.as_mut());
+        // SAFETY: `as_ptr` and `storage_size_in_bytes` describe `g`'s own initialised blocks.
         #[allow(unsafe_code)]
-        let bytes = unsafe { std::slice::from_raw_parts(s.as_ptr(), s.storage_size_in_bytes()) };
+        let bytes = unsafe { std::slice::from_raw_parts(g.as_ptr(), g.storage_size_in_bytes()) };
         self.data = flywheel_kernels::pack_rows4(self.ty, bytes, self.n);
     }
 }
@@ -174,15 +177,11 @@ impl QuantizedType for PackedRows4 {
     }
 
     fn from_float(&mut self, xs: &[f32]) {
-        let mut g = self.ggml().expect("repacked blocks unpack");
-        g.from_float(xs);
-        self.set_from(g.as_ref());
+        self.update(|g| g.from_float(xs))
     }
 
     fn from_float_imatrix(&mut self, xs: &[f32], imatrix_weights: &[f32], n_per_row: usize) {
-        let mut g = self.ggml().expect("repacked blocks unpack");
-        g.from_float_imatrix(xs, imatrix_weights, n_per_row);
-        self.set_from(g.as_ref());
+        self.update(|g| g.from_float_imatrix(xs, imatrix_weights, n_per_row))
     }
 
     fn size(&self) -> usize {
