@@ -1,5 +1,6 @@
-"""Peer for scripts/bench-train.sh: LoRA training with Hugging Face PEFT + transformers (PyTorch,
-CPU, fp32) on the same model, data, rank, targets, batch and sequence handling as flywheel.
+"""Peer for scripts/bench-train.sh (CPU, fp32) and scripts/gpu/check.sh (CUDA, bf16): LoRA
+training with Hugging Face PEFT + transformers (PyTorch) on the same model, data, rank, targets,
+batch and sequence handling as flywheel.
 
 Prints one JSON line: tokens/s (median over steps after the first), peak RSS, losses.
 The loss is next-token cross-entropy on the assistant tokens only (prompt labels = -100), the
@@ -25,6 +26,8 @@ def main():
     ap.add_argument("--alpha", type=float, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     ap.add_argument("--check-adapter", default=None,
                     help="also load this flywheel-trained adapter with PEFT and report it loads")
     a = ap.parse_args()
@@ -34,7 +37,9 @@ def main():
     from peft import LoraConfig, PeftModel, get_peft_model
 
     tok = AutoTokenizer.from_pretrained(a.model)
-    model = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32)
+    dev = torch.device(a.device)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).to(dev)
     out = {"peer": f"peft {__import__('peft').__version__} + transformers {__import__('transformers').__version__} + torch {torch.__version__}"}
     if a.check_adapter:
         pm = PeftModel.from_pretrained(model, a.check_adapter)
@@ -62,15 +67,19 @@ def main():
     for step in range(a.steps):
         batch = [examples[(step * a.batch + i) % len(examples)] for i in range(a.batch)]
         t = max(len(x[0]) for x in batch)
-        ids = torch.tensor([x[0] + [pad] * (t - len(x[0])) for x in batch])
-        labels = torch.tensor([x[1] + [-100] * (t - len(x[1])) for x in batch])
-        att = torch.tensor([[1] * len(x[0]) + [0] * (t - len(x[0])) for x in batch])
+        ids = torch.tensor([x[0] + [pad] * (t - len(x[0])) for x in batch], device=dev)
+        labels = torch.tensor([x[1] + [-100] * (t - len(x[1])) for x in batch], device=dev)
+        att = torch.tensor([[1] * len(x[0]) + [0] * (t - len(x[0])) for x in batch], device=dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
         tokens.append(sum(len(x[0]) for x in batch))
@@ -82,6 +91,8 @@ def main():
         "last_loss": losses[-1],
         "steps": a.steps,
     })
+    if dev.type == "cuda":
+        out["peak_gpu_alloc_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(out))
 
 

@@ -51,10 +51,14 @@ def zero_adapter(path, hidden):
         "peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}))
 
 
-def recipe(path, model, out_dir, a):
+def recipe(path, model, out_dir, a, device="cpu", dtype="f32", lr=2e-3):
+    """Writes a lora-train recipe: a.data, a.system, a.max_seq_len, a.rank, a.batch, a.steps and
+    a.checkpointing give the data, LoRA and batch settings (scripts/gpu/check.py uses it too)."""
     path.write_text(f"""
 [model]
 path = "{model}"
+device = "{device}"
+dtype = "{dtype}"
 [data]
 train = "{a.data}"
 system = "{a.system}"
@@ -64,7 +68,7 @@ r = {a.rank}
 alpha = {a.rank * 2}
 target_modules = "all-linear"
 [optimizer]
-lr = 2e-3
+lr = {lr}
 [schedule]
 kind = "constant"
 [batch]

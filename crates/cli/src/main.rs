@@ -17,7 +17,7 @@ mod rag;
 #[command(
     name = "flywheel",
     version,
-    about = "Local LLM runtime: generate, chat, embed, LoRA training and merging, an OpenAI-compatible server, retrieval (RAG); eval to come"
+    about = "Local LLM runtime: generate, chat, embed, LoRA training and merging, an OpenAI-compatible server, retrieval (RAG) and evaluation"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -109,9 +109,10 @@ enum Cmd {
         /// Treat the model as an embedder and embed the lines of this file instead.
         #[arg(long)]
         embed_file: Option<String>,
-        /// Batch size for --embed-file.
-        #[arg(long, default_value_t = 32)]
-        batch_size: usize,
+        /// Sequences per batch: generated together, each from the same prompt, with tokens/s
+        /// summed over them (default 1); or sentences per batch with --embed-file (default 32).
+        #[arg(long)]
+        batch_size: Option<usize>,
     },
 }
 
@@ -372,8 +373,14 @@ fn run(cli: Cli) -> Result<()> {
             embed_file,
             batch_size,
         } => match embed_file {
-            Some(f) => bench_embed(&model, &f, batch_size, repeats),
-            None => bench_generate(&model, prompt_tokens, gen_tokens, repeats),
+            Some(f) => bench_embed(&model, &f, batch_size.unwrap_or(32), repeats),
+            None => bench_generate(
+                &model,
+                prompt_tokens,
+                gen_tokens,
+                repeats,
+                batch_size.unwrap_or(1),
+            ),
         },
     }
 }
@@ -713,7 +720,9 @@ fn bench_generate(
     prompt_tokens: usize,
     gen_tokens: usize,
     repeats: usize,
+    batch: usize,
 ) -> Result<()> {
+    anyhow::ensure!(batch >= 1, "--batch-size must be at least 1");
     let tm = m.load_text()?;
     let mut text = String::new();
     let mut ids = vec![];
@@ -727,21 +736,33 @@ fn bench_generate(
     req.sampling = SamplingParams::greedy();
     req.ignore_eos = true;
     let (mut pre, mut dec, mut produced) = (vec![], vec![], 0);
+    let requests: Vec<(Vec<u32>, &GenerateRequest)> =
+        (0..batch).map(|_| (ids.clone(), &req)).collect();
     for _ in 0..repeats.max(1) {
-        let out = tm
-            .generate_ids(&[(ids.clone(), &req)], &mut [&mut flywheel_api::NullSink])?
-            .remove(0);
-        pre.push(ids.len() as f64 / out.timings.prefill_s);
-        produced = out.usage.completion_tokens;
-        dec.push(
-            out.usage.completion_tokens.saturating_sub(1).max(1) as f64
-                / out.timings.decode_s.max(1e-9),
-        );
+        let mut sinks: Vec<flywheel_api::NullSink> =
+            (0..batch).map(|_| flywheel_api::NullSink).collect();
+        let mut sinks: Vec<&mut dyn flywheel_api::TokenSink> = sinks
+            .iter_mut()
+            .map(|s| s as &mut dyn flywheel_api::TokenSink)
+            .collect();
+        let outs = tm.generate_ids(&requests, &mut sinks)?;
+        // The sequences share one prefill and one decode loop: the first one's timings are the
+        // batch's.
+        let t = &outs[0].timings;
+        pre.push((batch * ids.len()) as f64 / t.prefill_s);
+        produced = outs[0].usage.completion_tokens;
+        let decoded: usize = outs
+            .iter()
+            .map(|o| o.usage.completion_tokens.saturating_sub(1).max(1))
+            .sum();
+        dec.push(decoded as f64 / t.decode_s.max(1e-9));
     }
     let v = serde_json::json!({
         "engine": "flywheel",
         "model": m.model,
         "threads": rayon_threads(),
+        "device": m.device,
+        "batch": batch,
         "prompt_tokens": ids.len(),
         "generated_tokens": produced,
         "prefill_tok_s": median(pre),

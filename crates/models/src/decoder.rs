@@ -111,6 +111,8 @@ struct HfConfig {
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<HfRopeScaling>,
+    /// transformers 5 writes `rope_theta` and the scaling here instead.
+    rope_parameters: Option<HfRopeScaling>,
     max_position_embeddings: Option<usize>,
     attention_bias: Option<bool>,
     tie_word_embeddings: Option<bool>,
@@ -118,8 +120,10 @@ struct HfConfig {
     eos_token_id: Option<serde_json::Value>,
 }
 
+/// `rope_scaling`, or transformers 5's `rope_parameters` (which also holds `rope_theta`).
 #[derive(Debug, Deserialize)]
 struct HfRopeScaling {
+    rope_theta: Option<f64>,
     rope_type: Option<String>,
     #[serde(rename = "type")]
     kind: Option<String>,
@@ -169,15 +173,20 @@ impl DecoderConfig {
             let field = msg.split('`').nth(1).unwrap_or("(json)").to_string();
             cfg_err(&field, msg)
         })?;
-        let rope_scaling = match &hf.rope_scaling {
+        let (scaling_key, scaling) = match (&hf.rope_scaling, &hf.rope_parameters) {
+            (Some(s), _) => ("rope_scaling", Some(s)),
+            (None, Some(p)) => ("rope_parameters", Some(p)),
+            (None, None) => ("rope_scaling", None),
+        };
+        let rope_scaling = match scaling {
             None => None,
             Some(s) => {
                 let kind = s.rope_type.as_deref().or(s.kind.as_deref()).unwrap_or("");
                 match kind {
                     "llama3" => Some(RopeScaling::Llama3(Llama3RopeScaling {
-                        factor: s
-                            .factor
-                            .ok_or_else(|| cfg_err("rope_scaling.factor", "missing".into()))?,
+                        factor: s.factor.ok_or_else(|| {
+                            cfg_err(&format!("{scaling_key}.factor"), "missing".into())
+                        })?,
                         low_freq_factor: s.low_freq_factor.unwrap_or(1.0),
                         high_freq_factor: s.high_freq_factor.unwrap_or(4.0),
                         original_max_position_embeddings: s
@@ -187,7 +196,7 @@ impl DecoderConfig {
                     "default" | "" => None,
                     other => {
                         return Err(cfg_err(
-                            "rope_scaling.rope_type",
+                            &format!("{scaling_key}.rope_type"),
                             format!("`{other}` is not supported (supported: llama3)"),
                         ))
                     }
@@ -206,7 +215,10 @@ impl DecoderConfig {
                 .head_dim
                 .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
             rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: hf.rope_theta.unwrap_or(10000.0),
+            rope_theta: hf
+                .rope_theta
+                .or(hf.rope_parameters.as_ref().and_then(|p| p.rope_theta))
+                .unwrap_or(10000.0),
             rope_scaling,
             max_position_embeddings: hf.max_position_embeddings.unwrap_or(4096),
             attention_bias: hf.attention_bias.unwrap_or(arch == Architecture::Qwen2),
@@ -887,12 +899,12 @@ mod tests {
 
     fn model(arch: Architecture) -> anyhow::Result<DecoderModel> {
         let cfg = tiny(arch);
-        let w = MemoryWeights::random_decoder(&cfg, 7, &Device::Cpu, DType::F32)?;
+        let w = MemoryWeights::random_decoder(&cfg, 7, &crate::test_device(), DType::F32)?;
         Ok(DecoderModel::load(&w, &cfg, &NoHook)?)
     }
 
     fn ids(v: &[u32]) -> anyhow::Result<Tensor> {
-        Ok(Tensor::new(v, &Device::Cpu)?.unsqueeze(0)?)
+        Ok(Tensor::new(v, &crate::test_device())?.unsqueeze(0)?)
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
@@ -1018,13 +1030,13 @@ mod tests {
             }
             let mut bc = m.new_cache(pads);
             let batch = m.forward(
-                &Tensor::from_vec(flat, (3, longest), &Device::Cpu)?,
+                &Tensor::from_vec(flat, (3, longest), m.device())?,
                 &mut bc,
                 Logits::Last,
             )?;
             let next = [11u32, 12, 13];
             let batch2 = m.forward(
-                &Tensor::from_vec(next.to_vec(), (3, 1), &Device::Cpu)?,
+                &Tensor::from_vec(next.to_vec(), (3, 1), m.device())?,
                 &mut bc,
                 Logits::Last,
             )?;
@@ -1039,6 +1051,32 @@ mod tests {
                 let d = max_diff(&alone2, &batch2.get(i)?)?;
                 assert!(d < 1e-4, "{arch:?} row {i} decode: max diff {d}");
             }
+        }
+        Ok(())
+    }
+
+    /// bf16 weights and activations agree with f32 within bf16's precision, in prefill and in a
+    /// cached decode step.
+    #[test]
+    fn bf16_agrees_with_f32() -> anyhow::Result<()> {
+        for arch in [Architecture::Llama, Architecture::Qwen2] {
+            let cfg = tiny(arch);
+            let run = |dtype: DType| -> anyhow::Result<Tensor> {
+                let w = MemoryWeights::random_decoder(&cfg, 7, &crate::test_device(), dtype)?;
+                let m = DecoderModel::load(&w, &cfg, &NoHook)?;
+                let mut c = m.new_cache(vec![0]);
+                let prefill = m.forward(&ids(&[5, 17, 3, 88, 41, 9, 60])?, &mut c, Logits::All)?;
+                let step = m.forward(&ids(&[7])?, &mut c, Logits::All)?;
+                Ok(Tensor::cat(&[prefill.squeeze(0)?, step.squeeze(0)?], 0)?
+                    .to_dtype(DType::F32)?)
+            };
+            let (f32s, bf16s) = (run(DType::F32)?, run(DType::BF16)?);
+            let norm = |t: &Tensor| -> anyhow::Result<f32> {
+                Ok(t.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?)
+            };
+            let rel = norm(&(&bf16s - &f32s)?)? / norm(&f32s)?;
+            // Zero would mean the bf16 run never left f32.
+            assert!(rel > 0.0 && rel < 5e-2, "{arch:?}: relative error {rel}");
         }
         Ok(())
     }
@@ -1103,5 +1141,29 @@ mod tests {
         let e = DecoderConfig::from_hf_json(&ok.replace("\"hidden_size\":576,", ""), "c.json")
             .unwrap_err();
         assert!(e.to_string().contains("hidden_size"), "{e}");
+    }
+
+    /// transformers 5 moves `rope_theta` and the scaling into `rope_parameters`.
+    #[test]
+    fn hf_config_reads_transformers_5_rope_parameters() {
+        let base = r#"{"model_type":"qwen2","vocab_size":151936,"hidden_size":896,"intermediate_size":4864,
+            "num_hidden_layers":24,"num_attention_heads":14,"num_key_value_heads":2,"rms_norm_eps":1e-6,
+            "max_position_embeddings":32768,"tie_word_embeddings":true,ROPE}"#;
+        let parse = |rope: &str| DecoderConfig::from_hf_json(&base.replace("ROPE", rope), "c.json");
+        let c =
+            parse(r#""rope_parameters":{"rope_theta":1000000.0,"rope_type":"default"}"#).unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling.is_none()), (1e6, true));
+        let c = parse(
+            r#""rope_parameters":{"rope_theta":500000.0,"rope_type":"llama3","factor":32.0,
+                "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
+        )
+        .unwrap();
+        assert_eq!(c.rope_theta, 5e5);
+        assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3(s)) if s.factor == 32.0));
+        // The top-level key, as transformers 4 writes it, still wins.
+        let c = parse(r#""rope_theta":10000.0,"rope_parameters":{"rope_theta":1.0}"#).unwrap();
+        assert_eq!(c.rope_theta, 1e4);
+        let e = parse(r#""rope_parameters":{"rope_type":"yarn","factor":4.0}"#).unwrap_err();
+        assert!(e.to_string().contains("rope_parameters.rope_type"), "{e}");
     }
 }

@@ -47,6 +47,26 @@ pub fn on_pool<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
+/// The device tests run on, from `FLYWHEEL_TEST_DEVICE`: `cpu` (the default), `cuda`, `cuda:N`
+/// or `metal`.
+///
+/// A device this build cannot open panics instead of falling back to the CPU, so a test run
+/// meant for a GPU never passes on the CPU unnoticed.
+#[doc(hidden)]
+pub fn test_device() -> Device {
+    let name = std::env::var("FLYWHEEL_TEST_DEVICE").unwrap_or_default();
+    let opened = match name.as_str() {
+        "" | "cpu" => return Device::Cpu,
+        "cuda" => Device::new_cuda(0),
+        "metal" => Device::new_metal(0),
+        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Device::new_cuda(n),
+            _ => panic!("FLYWHEEL_TEST_DEVICE={s}: expected cpu, cuda, cuda:N or metal"),
+        },
+    };
+    opened.unwrap_or_else(|e| panic!("FLYWHEEL_TEST_DEVICE={name}: cannot open the device: {e}"))
+}
+
 /// Errors of model construction and execution.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

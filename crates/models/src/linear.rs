@@ -189,6 +189,13 @@ impl Linear {
                 })?
                 .to_dtype(x.dtype())?
             }
+            // Training on a GPU: candle's quantized matmul has no backward pass, so the weight
+            // is dequantized for this product (a constant of the graph: only `dx` flows back).
+            (LinearWeight::Quantized(q), _)
+                if !x.device().is_cpu() && x.track_op() && crate::train_ops::training(x) =>
+            {
+                matmul_t(x, &q.dequantize(x.device())?.to_dtype(x.dtype())?)?
+            }
             // The integer kernels. A repacked weight takes them for any input dtype: candle's
             // path would unpack it on every call.
             (LinearWeight::Quantized(_), _)
@@ -227,15 +234,7 @@ impl Linear {
                     weight: FrozenWeight::Dense(w.clone()),
                 })?
             }
-            (LinearWeight::Dense(w), _) => {
-                let dims = x.dims();
-                let rows: usize = dims[..dims.len() - 1].iter().product();
-                let x2 = x.reshape((rows, self.in_dim))?;
-                let y = x2.matmul(&w.t()?)?;
-                let mut out = dims.to_vec();
-                *out.last_mut().expect("rank >= 1") = self.out_dim;
-                y.reshape(out)?
-            }
+            (LinearWeight::Dense(w), _) => matmul_t(x, w)?,
             (LinearWeight::Quantized(_), None) => {
                 unreachable!("quantized Linear always has a QMatMul")
             }
@@ -245,6 +244,18 @@ impl Linear {
             None => y,
         })
     }
+}
+
+/// `x·Wᵀ` for `x` of shape `(…, in)` and a dense `(out, in)` `w`, through candle's matmul.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let inp = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let (out, _) = w.dims2()?;
+    let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+    let mut shape = dims.to_vec();
+    *shape.last_mut().expect("rank >= 1") = out;
+    Ok(y.reshape(shape)?)
 }
 
 thread_local! {
@@ -275,13 +286,23 @@ pub(crate) fn is_pinned() -> bool {
 /// matmul, attention over concatenated tensors) instead of flywheel's: the reference path that
 /// tests compare flywheel's kernels against.
 pub fn with_reference_kernels<R>(f: impl FnOnce() -> R) -> R {
-    struct Reset(bool);
+    with_thread_flag(&REFERENCE, f)
+}
+
+/// Runs `f` with the thread-local `flag` set, restoring its previous value afterwards (also
+/// when `f` panics).
+pub fn with_thread_flag<R>(
+    flag: &'static std::thread::LocalKey<std::cell::Cell<bool>>,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Reset(&'static std::thread::LocalKey<std::cell::Cell<bool>>, bool);
     impl Drop for Reset {
         fn drop(&mut self) {
-            REFERENCE.with(|r| r.set(self.0));
+            let prev = self.1;
+            self.0.with(|c| c.set(prev));
         }
     }
-    let _reset = Reset(REFERENCE.with(|r| r.replace(true)));
+    let _reset = Reset(flag, flag.with(|c| c.replace(true)));
     f()
 }
 

@@ -6,6 +6,7 @@
 //! cleared at run time without reloading the base model.
 
 use candle_core::{DType, Tensor, Var};
+use flywheel_models::linear::matmul_t;
 use flywheel_models::{Linear, LinearHook, Projection};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -199,6 +200,35 @@ pub struct LoraLinear {
     name: Arc<str>,
     salt: u64,
     seed: Arc<DropoutSeed>,
+    /// This projection's factors stacked for the fused kernel, for the last set of adapters
+    /// routed through it (serving batches keep their adapters for many steps).
+    stacked: Mutex<Option<Arc<Stacked>>>,
+}
+
+/// One projection's factors of several adapters, stacked for [`flywheel_fused::lora_bgmv`]:
+/// `A`s as `(G, r, in)` and `Bᵀ`s as `(G, r, out)`, lower ranks padded with zero rows.
+#[derive(Debug)]
+struct Stacked {
+    /// The adapters, in stack order (held, so that their identity stays theirs).
+    key: Vec<Arc<RoutedAdapter>>,
+    down: Tensor,
+    up: Tensor,
+    scales: Tensor,
+}
+
+/// Routed batches of at most this many positions take the fused kernel on a GPU; longer
+/// prefills take the grouped matmuls, which use the matrix units.
+const FUSED_MAX_POSITIONS: usize = 512;
+
+thread_local! {
+    static FORCE_FUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with routed LoRA updates computed by the fused op on any device, the CPU included
+/// (tests compare it with the CPU path; on a GPU it is the default for short batches).
+#[doc(hidden)]
+pub fn with_fused_routing<R>(f: impl FnOnce() -> R) -> R {
+    flywheel_models::linear::with_thread_flag(&FORCE_FUSED, f)
 }
 
 impl LoraLinear {
@@ -210,20 +240,9 @@ impl LoraLinear {
             name: name.into(),
             salt: fnv1a(name.as_bytes()),
             seed,
+            stacked: Mutex::new(None),
         }
     }
-}
-
-/// Applies `x·Wᵀ` for `x` of shape `(…, in)` and a dense `(out, in)` `w`.
-fn matmul_t(x: &Tensor, w: &Tensor) -> flywheel_models::Result<Tensor> {
-    let dims = x.dims();
-    let inp = dims[dims.len() - 1];
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let (out, _) = w.dims2()?;
-    let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
-    let mut shape = dims.to_vec();
-    *shape.last_mut().expect("rank >= 1") = out;
-    Ok(y.reshape(shape)?)
 }
 
 /// `scale · B·A·x` for inference factors, in `x`'s dtype.
@@ -262,6 +281,12 @@ impl LoraLinear {
         routing: &Routing,
     ) -> flywheel_models::Result<Tensor> {
         let rows = x.dim(0)?;
+        let positions = x.elem_count() / self.base.in_dim().max(1);
+        if FORCE_FUSED.with(|c| c.get())
+            || (x.device().is_cuda() && positions <= FUSED_MAX_POSITIONS)
+        {
+            return self.forward_fused(x, y, routing);
+        }
         if x.device().is_cpu() && x.dtype() == DType::F32 && y.dtype() == DType::F32 {
             let inp = self.base.in_dim();
             let out = self.base.out_dim();
@@ -316,6 +341,96 @@ impl LoraLinear {
             y = y.index_add(&ids, &up, 0)?;
         }
         Ok(y)
+    }
+}
+
+impl LoraLinear {
+    /// [`Self::forward_routed`] as one fused op for all adapters of the batch.
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        y: Tensor,
+        routing: &Routing,
+    ) -> flywheel_models::Result<Tensor> {
+        let present: Vec<(&Arc<RoutedAdapter>, &LoraPair, &Vec<u32>)> = routing
+            .groups
+            .iter()
+            .filter_map(|(a, rows)| a.pairs.get(&*self.name).map(|p| (a, p, rows)))
+            .collect();
+        if present.is_empty() {
+            return Ok(y);
+        }
+        let stacked = self.stacked_for(&present)?;
+        let inp = self.base.in_dim();
+        let rows = x.dim(0)?;
+        let positions = x.elem_count() / inp;
+        let per_row = positions / rows.max(1);
+        let mut idx = vec![flywheel_fused::NO_ADAPTER; positions];
+        for (g, (_, _, rows)) in present.iter().enumerate() {
+            for &row in rows.iter() {
+                let at = row as usize * per_row;
+                idx[at..at + per_row].fill(g as u32);
+            }
+        }
+        let idx = Tensor::from_vec(idx, positions, x.device())?;
+        let z = x
+            .reshape((positions, inp))?
+            .to_dtype(stacked.down.dtype())?;
+        let delta =
+            flywheel_fused::lora_bgmv(&z, &stacked.down, &stacked.up, &stacked.scales, &idx)?
+                .to_dtype(y.dtype())?
+                .reshape(y.shape())?;
+        Ok((y + delta)?)
+    }
+
+    /// The stacked factors for `present`'s adapters, reused while the batch keeps them.
+    fn stacked_for(
+        &self,
+        present: &[(&Arc<RoutedAdapter>, &LoraPair, &Vec<u32>)],
+    ) -> flywheel_models::Result<Arc<Stacked>> {
+        let mut cache = self.stacked.lock().expect("stack cache poisoned");
+        if let Some(s) = cache.as_ref() {
+            if s.key.len() == present.len()
+                && s.key
+                    .iter()
+                    .zip(present)
+                    .all(|(k, (a, _, _))| Arc::ptr_eq(k, a))
+            {
+                return Ok(s.clone());
+            }
+        }
+        let rank = present
+            .iter()
+            .map(|(_, p, _)| p.a.dim(0))
+            .collect::<candle_core::Result<Vec<_>>>()?
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        let dtype = present[0].1.a.dtype();
+        let pad = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let t = t.to_dtype(dtype)?;
+            let r = t.dim(0)?;
+            if r == rank {
+                Ok(t)
+            } else {
+                t.pad_with_zeros(0, 0, rank - r)
+            }
+        };
+        let (mut downs, mut ups, mut scales) = (vec![], vec![], vec![]);
+        for (_, p, _) in present {
+            downs.push(pad(&p.a)?);
+            ups.push(pad(&p.b.t()?)?);
+            scales.push(p.scale as f32);
+        }
+        let device = present[0].1.a.device();
+        let s = Arc::new(Stacked {
+            key: present.iter().map(|(a, _, _)| Arc::clone(a)).collect(),
+            down: Tensor::stack(&downs, 0)?.contiguous()?,
+            up: Tensor::stack(&ups, 0)?.contiguous()?,
+            scales: Tensor::from_vec(scales, present.len(), device)?,
+        });
+        *cache = Some(s.clone());
+        Ok(s)
     }
 }
 

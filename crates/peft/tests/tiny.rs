@@ -12,6 +12,11 @@ use flywheel_runtime::testing::{tiny_config, tiny_weights, write_gguf, write_hf_
 use flywheel_runtime::{LoadOptions, ModelFormat, TextModel};
 use std::path::{Path, PathBuf};
 
+/// The device of the tests that also run on a GPU (`FLYWHEEL_TEST_DEVICE`, CPU by default).
+fn dev() -> Device {
+    flywheel_models::test_device()
+}
+
 fn lora_cfg(r: usize) -> LoraConfig {
     LoraConfig {
         r,
@@ -43,7 +48,7 @@ fn load(path: &Path, hook: &LoraHook) -> anyhow::Result<TextModel> {
     Ok(TextModel::load_with_hook(
         &ModelFormat::resolve(path.to_str().unwrap())?,
         &LoadOptions {
-            device: Device::Cpu,
+            device: dev(),
             dtype: Some(DType::F32),
         },
         hook,
@@ -67,7 +72,7 @@ fn example(model: &TextModel, prompt: &str, answer: &str) -> anyhow::Result<Exam
 /// Fills every B with small random values so gradients reach A too.
 fn randomise_b(adapter: &flywheel_peft::TrainableAdapter, seed: u64) -> anyhow::Result<()> {
     for (i, (_, (_, b))) in adapter.params.iter().enumerate() {
-        let t = Tensor::randn(0f32, 0.05, b.dims(), &Device::Cpu)?;
+        let t = Tensor::randn(0f32, 0.05, b.dims(), &dev())?;
         let _ = seed + i as u64;
         b.set(&t)?;
     }
@@ -83,14 +88,14 @@ fn gradient_check(quant: Option<GgmlDType>) -> anyhow::Result<()> {
     let path = tiny_model(dir.path(), quant)?;
     let hook = LoraHook::for_config(&lora_cfg(2));
     let model = load(&path, &hook)?;
-    let adapter = hook.init_trainable(&lora_cfg(2), 1, DType::F32, &Device::Cpu)?;
+    let adapter = hook.init_trainable(&lora_cfg(2), 1, DType::F32, &dev())?;
     randomise_b(&adapter, 3)?;
     let ex = [
         example(&model, "hello", "he he")?,
         example(&model, "abc", "cab")?,
     ];
     let refs: Vec<&Example> = ex.iter().collect();
-    let loss = batch_nll(&model, &refs, &Device::Cpu)?;
+    let loss = batch_nll(&model, &refs, &dev())?;
     let grads = loss.backward()?;
     let mut checked = 0;
     for (name, (a, b)) in &adapter.params {
@@ -110,11 +115,11 @@ fn gradient_check(quant: Option<GgmlDType>) -> anyhow::Result<()> {
             let at = |delta: f32| -> anyhow::Result<f64> {
                 let mut p = orig.clone();
                 p[idx] += delta;
-                v.set(&Tensor::from_vec(p, v.dims(), &Device::Cpu)?)?;
-                scalar(&batch_nll(&model, &refs, &Device::Cpu)?)
+                v.set(&Tensor::from_vec(p, v.dims(), &dev())?)?;
+                scalar(&batch_nll(&model, &refs, &dev())?)
             };
             let fd = (at(eps)? - at(-eps)?) / (2.0 * eps as f64);
-            v.set(&Tensor::from_vec(orig, v.dims(), &Device::Cpu)?)?;
+            v.set(&Tensor::from_vec(orig, v.dims(), &dev())?)?;
             let g = gmax as f64;
             assert!(
                 (fd - g).abs() <= 0.03 * g.abs() + 2e-3,
@@ -139,7 +144,7 @@ fn lora_gradients_match_finite_differences_quantized_base() -> anyhow::Result<()
 }
 
 fn all_logits(model: &TextModel, ids: &[u32]) -> anyhow::Result<Tensor> {
-    let t = Tensor::from_slice(ids, (1, ids.len()), &Device::Cpu)?;
+    let t = Tensor::from_slice(ids, (1, ids.len()), &dev())?;
     let mut cache = model.model().new_cache(vec![0]);
     Ok(model.model().forward(&t, &mut cache, Logits::All)?)
 }
@@ -153,13 +158,19 @@ fn zero_b_leaves_logits_unchanged() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     for quant in [None, Some(GgmlDType::Q4_1)] {
         let path = tiny_model(dir.path(), quant)?;
-        let plain = TextModel::load(path.to_str().unwrap(), &LoadOptions::default())?;
+        let plain = TextModel::load(
+            path.to_str().unwrap(),
+            &LoadOptions {
+                device: dev(),
+                dtype: Some(DType::F32),
+            },
+        )?;
         let hook = LoraHook::for_config(&lora_cfg(4));
         let model = load(&path, &hook)?;
         let ids = model.encode_prompt("hello there")?;
         let base = all_logits(&plain, &ids)?;
         // Installed (inference) adapter with B = 0: bit-identical.
-        let adapter = hook.init_trainable(&lora_cfg(4), 5, DType::F32, &Device::Cpu)?;
+        let adapter = hook.init_trainable(&lora_cfg(4), 5, DType::F32, &dev())?;
         let frozen = adapter.snapshot("test")?;
         hook.install(&frozen)?;
         assert_eq!(max_abs_diff(&base, &all_logits(&model, &ids)?)?, 0.0);
@@ -173,6 +184,64 @@ fn zero_b_leaves_logits_unchanged() -> anyhow::Result<()> {
         hook.clear();
         assert_eq!(max_abs_diff(&base, &all_logits(&model, &ids)?)?, 0.0);
     }
+    Ok(())
+}
+
+/// A batch whose rows use different adapters (ranks 4 and 2, and none), computed by the fused
+/// mixed-adapter op, equals each row run alone with its adapter installed.
+#[test]
+fn fused_mixed_adapter_batch_equals_each_row_alone() -> anyhow::Result<()> {
+    use flywheel_peft::lora::{with_fused_routing, with_routing, Routing};
+    let dir = tempfile::tempdir()?;
+    let path = tiny_model(dir.path(), None)?;
+    let hook = LoraHook::for_config(&lora_cfg(4));
+    let model = load(&path, &hook)?;
+    let mut adapters = vec![];
+    for (r, seed) in [(4, 5), (2, 6)] {
+        let a = hook.init_trainable(&lora_cfg(r), seed, DType::F32, &dev())?;
+        randomise_b(&a, seed)?;
+        adapters.push(a.snapshot("test")?);
+    }
+    hook.clear();
+    let prompts = ["hello there", "abc abc", "the cab"];
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| model.encode_prompt(p))
+        .collect::<Result<_, _>>()?;
+    let n = ids.iter().map(Vec::len).min().unwrap();
+    let flat: Vec<u32> = ids.iter().flat_map(|v| v[..n].to_vec()).collect();
+    let routed: Vec<_> = adapters
+        .iter()
+        .map(|a| hook.prepare(a, DType::F32).map(std::sync::Arc::new))
+        .collect::<Result<_, _>>()?;
+    let routing = Routing {
+        groups: vec![(routed[0].clone(), vec![0]), (routed[1].clone(), vec![2])],
+    };
+    let batch = with_routing(routing, || {
+        with_fused_routing(|| -> anyhow::Result<Tensor> {
+            let t = Tensor::from_vec(flat.clone(), (3, n), &dev())?;
+            let mut cache = model.model().new_cache(vec![0, 0, 0]);
+            Ok(model.model().forward(&t, &mut cache, Logits::All)?)
+        })
+    })?;
+    for (row, adapter) in [(0, Some(&adapters[0])), (1, None), (2, Some(&adapters[1]))] {
+        hook.clear();
+        let base = all_logits(&model, &ids[row][..n])?.squeeze(0)?;
+        if let Some(a) = adapter {
+            hook.install(a)?;
+        }
+        let alone = all_logits(&model, &ids[row][..n])?.squeeze(0)?;
+        let got = batch.get(row)?;
+        let d = max_abs_diff(&got, &alone)?;
+        assert!(d < 1e-4, "row {row}: max diff {d}");
+        // The adapted rows really differ from the base model.
+        assert_eq!(
+            max_abs_diff(&base, &alone)? > 1e-3,
+            adapter.is_some(),
+            "row {row}"
+        );
+    }
+    hook.clear();
     Ok(())
 }
 
