@@ -29,11 +29,11 @@ bash scripts/fetch-models.sh >/dev/null
 bash scripts/prepare-sql-data.sh >/dev/null
 cargo build --release --locked -p flywheel >/dev/null
 
-# Trains a recipe unless its run is finished (summary.json is written last); resumes from the
-# newest checkpoint when there is one.
+# Trains a recipe unless its run is finished (the adapter is written only after the last step;
+# an interrupted run writes summary.json too); resumes from the newest checkpoint when there is one.
 train() {
     local recipe=$1 dir=$2
-    if [ -f "$dir/summary.json" ]; then
+    if [ -f "$dir/adapter/adapter_model.safetensors" ]; then
         echo "flagship: $recipe already trained ($dir/adapter)" >&2
     elif compgen -G "$dir/checkpoints/step-*" >/dev/null; then
         echo "flagship: resuming $recipe" >&2
