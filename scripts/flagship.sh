@@ -8,7 +8,7 @@
 #   3. recipes/sql-rag.toml  -> runs/sql-rag/adapter   (LoRA trained with retrieved examples)
 #   4. eval run              -> runs/sql-ladder/{report.md,report.html,ladder.png,results.jsonl}
 #
-# On 2 CPU cores each adapter takes about 3 hours (Qwen2.5-Coder-0.5B at ~39 tok/s with gradient
+# On 2 CPU cores each adapter takes about 3 hours (Qwen2.5-Coder-0.5B at ~38 tok/s with gradient
 # checkpointing, 2 epochs of 211K tokens) and the eval several more; on a GPU, set
 # device = "cuda" and dtype = "bf16" in the recipes and device = "cuda" in the spec.
 # Usage: scripts/flagship.sh [--threads N]
