@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flywheel_api::{ChatMessage, GenerateRequest, NullSink};
+use flywheel_api::{ChatMessage, GenerateRequest, NullSink, SamplingParams};
 use flywheel_peft::{with_routing, Adapter, LoraHook, Routing};
 use flywheel_rag::answer::{build_context, source_label};
 use flywheel_rag::eval::{is_gold, EvalQuestion};
@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use crate::data::{read_dataset, read_examples, Example, Shot};
 use crate::judge::Judge;
 use crate::metrics;
-use crate::spec::{EvalSpec, ModelSpec, Rung, Select, Task};
+use crate::spec::{EvalSpec, Feedback, ModelSpec, Rung, Select, Task};
 use crate::{io_err, Error, Result};
 
 /// The results file in a run folder.
@@ -49,6 +49,14 @@ pub struct Attempt {
     /// What the executor said back (none: the attempt was accepted, or it was the last).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feedback: Option<String>,
+    /// Generations drawn for this attempt: a retry whose SQL repeats an earlier attempt's is
+    /// drawn again, up to `self_correct.draws` times.
+    #[serde(default = "one")]
+    pub draws: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// A passage that was put in the prompt.
@@ -289,6 +297,33 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// The sampling of draw `draw` of self-correction retry `retry` (1, 2, ...) of question
+/// `index`: the retry temperature (unless it is 0 or the rung samples already), with a seed
+/// fixed by the rung, the question, the retry and the draw.
+fn retry_sampling(
+    rung: &Rung,
+    sc: &crate::spec::SelfCorrect,
+    index: usize,
+    retry: usize,
+    draw: usize,
+) -> SamplingParams {
+    let mut s = if sc.temperature > 0.0 && rung.sampling.temperature == 0.0 {
+        SamplingParams {
+            temperature: sc.temperature,
+            ..SamplingParams::default()
+        }
+    } else {
+        rung.sampling.clone()
+    };
+    s.seed = rung
+        .sampling
+        .seed
+        .wrapping_add(index as u64)
+        .wrapping_add((retry as u64) << 32)
+        .wrapping_add((draw as u64) << 48);
+    s
+}
+
 /// Lower case, single spaces, no trailing semicolon: SQL compared as text.
 pub fn normalize_sql(s: &str) -> String {
     s.split_whitespace()
@@ -478,6 +513,18 @@ impl Ctx<'_> {
     }
 
     fn generate(&self, messages: &[ChatMessage], rung: &Rung, index: usize) -> Result<Generated> {
+        let mut sampling = rung.sampling.clone();
+        sampling.seed = rung.sampling.seed.wrapping_add(index as u64);
+        self.generate_with(messages, rung, sampling)
+    }
+
+    /// [`Self::generate`] with the given sampling settings (seed included).
+    fn generate_with(
+        &self,
+        messages: &[ChatMessage],
+        rung: &Rung,
+        sampling: SamplingParams,
+    ) -> Result<Generated> {
         let prompt = self.render(messages)?;
         let n = self.model.encode_prompt(&prompt)?.len();
         let window = self.model.model().config().max_position_embeddings;
@@ -488,8 +535,7 @@ impl Ctx<'_> {
             }));
         }
         let mut req = GenerateRequest::new(prompt.clone(), rung.max_tokens.min(window - n - 1));
-        req.sampling = rung.sampling.clone();
-        req.sampling.seed = rung.sampling.seed.wrapping_add(index as u64);
+        req.sampling = sampling;
         req.stop = rung.stop.clone();
         let out = self.model.generate(&req, &mut NullSink)?;
         Ok(Generated {
@@ -676,7 +722,7 @@ impl Ctx<'_> {
         let user = render_user(rung, ex, self.shots, &shots, &context)?;
         let mut messages = vec![
             ChatMessage::new("system", &rung.system),
-            ChatMessage::new("user", user),
+            ChatMessage::new("user", &user),
         ];
         let g = self.generate(&messages, rung, index)?;
         rec.prompt = g.prompt.clone();
@@ -692,15 +738,23 @@ impl Ctx<'_> {
             let mut sql = metrics::extract_sql(&output);
             if let Some(sc) = &rung.self_correct {
                 let mut prompt = g.prompt;
+                let mut draws = 1;
                 for _ in 0..sc.max_retries {
                     let feedback = if sql.is_empty() {
                         Some("Your reply contained no SQL query.".to_string())
                     } else {
                         match metrics::execute(&conn, &sql, SQL_TIMEOUT, 1) {
-                            Err(e) => Some(format!(
-                                "The query failed with this SQLite error: {}",
-                                e.message
-                            )),
+                            Err(e) => {
+                                let mut fb = format!(
+                                    "The query failed with this SQLite error: {}",
+                                    e.message
+                                );
+                                if let Some(hint) = metrics::schema_hint(&conn, &e.message) {
+                                    fb.push('\n');
+                                    fb.push_str(&hint);
+                                }
+                                Some(fb)
+                            }
                             Ok((rows, _)) if rows.is_empty() => {
                                 Some("The query ran but returned no rows.".to_string())
                             }
@@ -712,19 +766,54 @@ impl Ctx<'_> {
                         output: output.clone(),
                         sql: sql.clone(),
                         feedback: feedback.clone(),
+                        draws,
                     });
                     let Some(fb) = feedback else { break };
-                    messages.push(ChatMessage::new("assistant", output.trim()));
-                    messages.push(ChatMessage::new(
-                        "user",
-                        format!("{fb}\nWrite a corrected SQLite query for the question. Reply with the SQL only."),
-                    ));
-                    let g = self.generate(&messages, rung, index)?;
-                    rec.prompt_tokens += g.prompt_tokens;
-                    rec.completion_tokens += g.completion_tokens;
-                    prompt = g.prompt;
-                    output = g.text;
-                    sql = metrics::extract_sql(&output);
+                    match sc.feedback {
+                        Feedback::Turns => {
+                            messages.push(ChatMessage::new("assistant", output.trim()));
+                            messages.push(ChatMessage::new(
+                                "user",
+                                format!("{fb}\nWrite a corrected SQLite query for the question. Reply with the SQL only."),
+                            ));
+                        }
+                        Feedback::Restate => {
+                            let notes: Vec<String> = rec
+                                .attempts
+                                .iter()
+                                .filter_map(|a| a.feedback.as_deref())
+                                .map(|f| format!("- {}", f.replace('\n', "\n  ")))
+                                .collect();
+                            messages = vec![
+                                ChatMessage::new("system", &rung.system),
+                                ChatMessage::new(
+                                    "user",
+                                    format!(
+                                        "{user}\n\nEarlier answers to this question were wrong:\n{}\nWrite a different SQLite query that avoids these errors. Reply with the SQL only.",
+                                        notes.join("\n")
+                                    ),
+                                ),
+                            ];
+                        }
+                    }
+                    let retry = rec.attempts.len();
+                    for draw in 0..sc.draws {
+                        draws = draw + 1;
+                        let g = self.generate_with(
+                            &messages,
+                            rung,
+                            retry_sampling(rung, sc, index, retry, draw),
+                        )?;
+                        rec.prompt_tokens += g.prompt_tokens;
+                        rec.completion_tokens += g.completion_tokens;
+                        prompt = g.prompt;
+                        output = g.text;
+                        sql = metrics::extract_sql(&output);
+                        let seen = |a: &Attempt| normalize_sql(&a.sql) == normalize_sql(&sql);
+                        if !rec.attempts.iter().any(seen) {
+                            break;
+                        }
+                    }
                 }
                 if rec.attempts.last().is_some_and(|a| a.feedback.is_some()) {
                     rec.attempts.push(Attempt {
@@ -732,6 +821,7 @@ impl Ctx<'_> {
                         output: output.clone(),
                         sql: sql.clone(),
                         feedback: None,
+                        draws,
                     });
                 }
             }
@@ -1110,4 +1200,52 @@ fn run_missing(
     }
     outcome.complete = true;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Feedback, SelfCorrect};
+
+    fn rung(temperature: f32) -> Rung {
+        Rung {
+            name: "r".into(),
+            system: String::new(),
+            template: String::new(),
+            few_shot: None,
+            adapter: None,
+            retrieval: None,
+            self_correct: None,
+            max_tokens: 8,
+            sampling: SamplingParams {
+                temperature,
+                seed: 42,
+                ..SamplingParams::default()
+            },
+            stop: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn retries_sample_with_seeds_fixed_by_question_retry_and_draw() {
+        let sc = |temperature| SelfCorrect {
+            max_retries: 2,
+            temperature,
+            draws: 4,
+            feedback: Feedback::Restate,
+        };
+        let greedy = rung(0.0);
+        let s = retry_sampling(&greedy, &sc(0.7), 3, 1, 0);
+        assert_eq!(s.temperature, 0.7);
+        assert_eq!(retry_sampling(&greedy, &sc(0.7), 3, 1, 0), s);
+        let seeds: std::collections::HashSet<u64> = [(3, 1, 0), (3, 1, 1), (3, 2, 0), (4, 1, 0)]
+            .iter()
+            .map(|&(q, r, d)| retry_sampling(&greedy, &sc(0.7), q, r, d).seed)
+            .collect();
+        assert_eq!(seeds.len(), 4);
+        // Temperature 0 keeps the rung's greedy decoding; a sampling rung keeps its own settings.
+        assert_eq!(retry_sampling(&greedy, &sc(0.0), 3, 1, 0).temperature, 0.0);
+        let hot = rung(1.2);
+        assert_eq!(retry_sampling(&hot, &sc(0.7), 3, 1, 0).temperature, 1.2);
+    }
 }

@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use flywheel_eval::runner::{Quiet, RESULTS_FILE};
+use flywheel_eval::runner::{normalize_sql, Quiet, RESULTS_FILE};
 use flywheel_eval::{run, EvalSpec, Observer, ResultRecord, RunOptions};
 use flywheel_models::Architecture;
 use flywheel_peft::{LoraConfig, LoraHook};
@@ -216,7 +216,7 @@ adapter = "{adapter}"
 name = "lora + examples + self-correction"
 adapter = "{adapter}"
 few_shot = {{ k = 2, select = "question" }}
-self_correct = {{ max_retries = 2 }}
+self_correct = {{ max_retries = 2, draws = 3 }}
 [[rungs]]
 name = "base again"
 "#,
@@ -311,13 +311,37 @@ fn sql_ladder_runs_every_rung_writes_reports_and_resumes_identically() {
     assert!(base.iter().zip(&again).all(|(a, b)| a.output == b.output));
     // Self-correction: every attempt but the last got feedback; a failing answer was retried
     // until the limit.
+    let mut retried = 0;
     for r in by("lora + examples + self-correction") {
         assert!(!r.attempts.is_empty());
         let (last, rest) = r.attempts.split_last().unwrap();
         assert!(last.feedback.is_none());
         assert!(rest.iter().all(|a| a.feedback.is_some()));
         assert!(r.attempts.len() <= 3, "{}", r.attempts.len());
+        // A retry that repeats an earlier attempt's SQL was drawn again, up to `draws` times.
+        assert_eq!(r.attempts[0].draws, 1);
+        for (i, a) in r.attempts.iter().enumerate().skip(1) {
+            assert!((1..=3).contains(&a.draws), "{a:?}");
+            let repeats = r.attempts[..i]
+                .iter()
+                .any(|b| normalize_sql(&b.sql) == normalize_sql(&a.sql));
+            assert!(!repeats || a.draws == 3, "{a:?}");
+            // The retry restates the task with every earlier error (the default feedback).
+            assert!(a
+                .prompt
+                .contains("Earlier answers to this question were wrong"));
+            for b in &r.attempts[..i] {
+                let first_line = b.feedback.as_deref().unwrap().lines().next().unwrap();
+                assert!(
+                    a.prompt.contains(first_line),
+                    "{first_line} not in {}",
+                    a.prompt
+                );
+            }
+        }
+        retried += r.attempts.len() - 1;
     }
+    assert!(retried > 0, "no answer was retried");
 
     // Determinism: a second run of the same spec writes the same results file.
     let first = std::fs::read(out.dir.join(RESULTS_FILE)).unwrap();
