@@ -68,6 +68,11 @@ struct Bars {
     right: usize,
     scored: usize,
     stop: Arc<AtomicBool>,
+    /// Plain progress lines when stderr is not a terminal.
+    ticker: crate::progress::Ticker,
+    /// The rung in progress, for the plain lines.
+    prefix: String,
+    started: std::time::Instant,
 }
 
 impl Observer for Bars {
@@ -96,12 +101,27 @@ impl Observer for Bars {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
         );
-        self.bar
-            .set_prefix(format!("rung {}/{rungs} `{}`", index + 1, rung.name));
+        self.prefix = format!("rung {}/{rungs} `{}`", index + 1, rung.name);
+        self.bar.set_prefix(self.prefix.clone());
         self.bar.set_position(done as u64);
         (self.right, self.scored) = (0, 0);
+        self.started = std::time::Instant::now();
         if done == questions {
             self.bar.finish_with_message("done earlier");
+        }
+        if self.bar.is_hidden() {
+            eprintln!(
+                "{}: {questions} questions{}",
+                self.prefix,
+                if done > 0 {
+                    format!(", {done} answered earlier")
+                } else {
+                    String::new()
+                }
+            );
+            self.ticker = crate::progress::Ticker::new(crate::progress::PLAIN_EVERY);
+            // The rung's first line comes after PLAIN_EVERY, not at its first question.
+            let _ = self.ticker.due(&self.bar, true);
         }
     }
 
@@ -113,7 +133,19 @@ impl Observer for Bars {
         self.bar.inc(1);
         self.bar
             .set_message(format!("right {}/{} this session", self.right, self.scored));
-        if self.bar.position() >= self.bar.length().unwrap_or(0) {
+        let last = self.bar.position() >= self.bar.length().unwrap_or(0);
+        if self.ticker.due(&self.bar, last) {
+            let answered = self.bar.position();
+            eprintln!(
+                "{}: {answered}/{} answered, right {}/{} this session, {} elapsed",
+                self.prefix,
+                self.bar.length().unwrap_or(0),
+                self.right,
+                self.scored,
+                indicatif::HumanDuration(self.started.elapsed())
+            );
+        }
+        if last {
             self.bar.finish();
         }
         if self.stop.load(Ordering::SeqCst) {
@@ -202,6 +234,9 @@ fn run_spec(a: RunArgs) -> Result<()> {
         right: 0,
         scored: 0,
         stop,
+        ticker: crate::progress::Ticker::new(crate::progress::PLAIN_EVERY),
+        prefix: String::new(),
+        started: std::time::Instant::now(),
     };
     let out = flywheel_eval::run(&spec, &RunOptions { fresh: a.fresh }, &mut obs)?;
     obs.bar.finish_and_clear();

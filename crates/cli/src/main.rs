@@ -11,6 +11,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::ops::ControlFlow;
 
 mod eval;
+mod progress;
 mod rag;
 
 #[derive(Parser)]
@@ -832,6 +833,8 @@ fn lora_train(recipe_path: &str, resume: bool, dry_run: bool) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     let bar = ProgressBar::hidden();
+    let mut ticker = progress::Ticker::new(progress::PLAIN_EVERY);
+    let started = std::time::Instant::now();
     let mut observer = |e: &TrainEvent| match e {
         TrainEvent::Started {
             total_steps,
@@ -863,17 +866,27 @@ fn lora_train(recipe_path: &str, resume: bool, dry_run: bool) -> Result<()> {
             );
         }
         TrainEvent::Step(m) => {
-            bar.set_position(m.step as u64);
-            bar.set_message(format!(
+            let msg = format!(
                 "loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s",
                 m.loss, m.lr, m.grad_norm, m.tokens_per_s
-            ));
+            );
+            bar.set_position(m.step as u64);
+            let last = bar.length().is_some_and(|n| m.step as u64 >= n);
+            if ticker.due(&bar, last) {
+                eprintln!(
+                    "step {}/{} {msg} ({} elapsed)",
+                    m.step,
+                    bar.length().unwrap_or(0),
+                    indicatif::HumanDuration(started.elapsed())
+                );
+            }
+            bar.set_message(msg);
         }
         TrainEvent::Eval { step, loss } => {
-            bar.println(format!("step {step}: eval loss {loss:.4}"));
+            progress::say(&bar, format!("step {step}: eval loss {loss:.4}"));
         }
         TrainEvent::Checkpoint { step, path } => {
-            bar.println(format!("step {step}: checkpoint {}", path.display()));
+            progress::say(&bar, format!("step {step}: checkpoint {}", path.display()));
         }
     };
     let s = trainer.run(&mut observer, None)?;
