@@ -698,7 +698,8 @@ pub fn schema_columns(conn: &rusqlite::Connection) -> Result<Vec<(String, Vec<St
 /// that have it, then every table with its columns. `None` for any other error, or when the
 /// schema cannot be read.
 pub fn schema_hint(conn: &rusqlite::Connection, message: &str) -> Option<String> {
-    let lower = message.to_lowercase();
+    // ASCII lowering keeps byte offsets, so `at` indexes `message` too.
+    let lower = message.to_ascii_lowercase();
     let (kind, at) = [
         "no such table:",
         "no such column:",
@@ -1629,6 +1630,20 @@ countries(CountryId, CountryName, Continent); car_makers(Id, Maker, Country).";
             let _ = has_top_level_order_by(&s);
             let _ = token_f1(&s, "a b");
             let _ = rouge_l(&s, "a b");
+        }
+
+        #[test]
+        fn schema_hint_never_panics(
+            prefix in "\\PC{0,8}",
+            kind in 0usize..3,
+            name in "\\PC{0,24}",
+        ) {
+            let conn = rusqlite::Connection::open_in_memory().expect("in-memory db");
+            conn.execute_batch("CREATE TABLE \"İt_ems\" (\"naMe\" TEXT, ID INTEGER);")
+                .expect("create table");
+            let p = ["no such table: ", "No such column: ", "ambiguous column name: "][kind];
+            let hint = schema_hint(&conn, &format!("{prefix}{p}{name}"));
+            prop_assert!(hint.is_some_and(|h| h.contains("İt_ems(naMe, ID)")));
         }
 
         #[test]
