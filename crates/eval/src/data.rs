@@ -35,6 +35,8 @@ pub struct Shot {
     pub question: String,
     /// Its answer.
     pub answer: String,
+    /// Its group (`[examples] group`), if the store names one.
+    pub group: Option<String>,
 }
 
 fn lines(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>> {
@@ -163,6 +165,10 @@ pub fn read_examples(spec: &ExamplesSpec) -> Result<Vec<Shot>> {
         out.push(Shot {
             question: field(&m, &spec.question, path, line, true)?.unwrap_or_default(),
             answer: field(&m, &spec.answer, path, line, true)?.unwrap_or_default(),
+            group: match &spec.group {
+                Some(g) => field(&m, g, path, line, true)?,
+                None => None,
+            },
         });
     }
     if out.is_empty() {

@@ -364,14 +364,32 @@ fn render_user(
     })
 }
 
+/// The group of `ex` (its value of the `[examples] group` field), if the store names one.
+fn group_of(spec: &EvalSpec, ex: &Example) -> Option<String> {
+    let g = spec.examples.as_ref()?.group.as_ref()?;
+    ex.record.get(g).map(|v| match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    })
+}
+
 /// The `k` examples of `pool` most similar to `query` (most similar last, nearest the
-/// question), leaving out any whose question is `skip` (the question itself).
-fn nearest(shots: &[Shot], query: &[f32], pool: &[Vec<f32>], k: usize, skip: &str) -> Vec<usize> {
+/// question), leaving out any whose question is `skip` (the question itself) and any of the
+/// question's own `group`.
+fn nearest(
+    shots: &[Shot],
+    query: &[f32],
+    pool: &[Vec<f32>],
+    k: usize,
+    skip: &str,
+    group: Option<&str>,
+) -> Vec<usize> {
     let skip = metrics::normalize_answer(skip);
     let mut scored: Vec<(usize, f32)> = pool
         .iter()
         .enumerate()
         .filter(|(i, _)| metrics::normalize_answer(&shots[*i].question) != skip)
+        .filter(|(i, _)| group.is_none() || shots[*i].group.as_deref() != group)
         .map(|(i, v)| (i, dot(query, v)))
         .collect();
     scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -448,7 +466,8 @@ pub fn make_training_data(
                 let pool = embed(shots.iter().map(|s| s.question.as_str()).collect())?;
                 let qs = embed(examples.iter().map(|x| x.question.as_str()).collect())?;
                 for (p, (ex, q)) in picks.iter_mut().zip(examples.iter().zip(&qs)) {
-                    *p = nearest(&shots, q, &pool, fs.k, &ex.question);
+                    let g = group_of(spec, ex);
+                    *p = nearest(&shots, q, &pool, fs.k, &ex.question, g.as_deref());
                 }
             }
         }
@@ -686,7 +705,15 @@ impl Ctx<'_> {
                 Select::Fixed => self.fixed.iter().copied().take(fs.k).collect(),
                 Select::Question => {
                     let q = self.embed(&ex.question)?;
-                    nearest(self.shots, &q, &self.shot_q, fs.k, &ex.question)
+                    let g = group_of(self.spec, ex);
+                    nearest(
+                        self.shots,
+                        &q,
+                        &self.shot_q,
+                        fs.k,
+                        &ex.question,
+                        g.as_deref(),
+                    )
                 }
                 Select::Hyde => {
                     let user = render_user(rung, ex, self.shots, &[], &context)?;
@@ -711,7 +738,15 @@ impl Ctx<'_> {
                         &draft
                     })?;
                     rec.draft = Some(draft);
-                    nearest(self.shots, &v, &self.shot_a, fs.k, &ex.question)
+                    let g = group_of(self.spec, ex);
+                    nearest(
+                        self.shots,
+                        &v,
+                        &self.shot_a,
+                        fs.k,
+                        &ex.question,
+                        g.as_deref(),
+                    )
                 }
             };
             rec.examples = shots
@@ -1224,6 +1259,38 @@ mod tests {
             },
             stop: Vec::new(),
         }
+    }
+
+    #[test]
+    fn retrieval_leaves_out_the_question_itself_and_its_group() {
+        let shot = |q: &str, g: &str| Shot {
+            question: q.into(),
+            answer: String::new(),
+            group: Some(g.into()),
+        };
+        let shots = vec![
+            shot("how many cars?", "car_1"),
+            shot("count the cars", "car_1"),
+            shot("how many singers?", "concert"),
+            shot("how many pets?", "pets"),
+        ];
+        let pool = vec![
+            vec![1.0, 0.0],
+            vec![0.9, 0.1],
+            vec![0.8, 0.2],
+            vec![0.1, 0.9],
+        ];
+        let q = [1.0, 0.0];
+        // Most similar last; the question's own text is never an example.
+        assert_eq!(
+            nearest(&shots, &q, &pool, 2, "How many cars?", None),
+            vec![2, 1]
+        );
+        // With its group named, the other car_1 question goes too.
+        assert_eq!(
+            nearest(&shots, &q, &pool, 2, "How many cars?", Some("car_1")),
+            vec![3, 2]
+        );
     }
 
     #[test]

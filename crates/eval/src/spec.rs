@@ -133,6 +133,13 @@ pub struct ExamplesSpec {
     /// Field holding the example's answer (what HyDE retrieval embeds).
     #[serde(default = "default_answer")]
     pub answer: String,
+    /// Field naming an example's group (for SQL, its database). Retrieval leaves out the
+    /// examples of the question's own group (the dataset field of the same name), in the eval
+    /// and in `make-data`, so training prompts look like prompts on held-out databases:
+    /// without it, Spider's paraphrased questions put the exact answer among the retrieved
+    /// examples of 80% of the training prompts.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 fn default_answer() -> String {
