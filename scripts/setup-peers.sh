@@ -11,7 +11,8 @@
 #   llama-cpp-python[server] extras (uvicorn, fastapi, sse-starlette,
 #                             starlette-context, pydantic-settings) for
 #                             `python -m llama_cpp.server` (scripts/bench-serve.sh)
-#   numpy, psutil, httpx (load generator for scripts/bench-serve.sh)
+#   numpy, psutil, httpx (load generator for scripts/bench-serve.sh), gguf
+#                             (writes the random K-quant benchmark model)
 #
 # Venv: <repo>/.venv-peers (git-ignored). Idempotent: packages already present
 # at the wanted version are not reinstalled.
@@ -49,7 +50,7 @@ except m.PackageNotFoundError: pass" "$1")"
 }
 
 # --- small pure deps --------------------------------------------------------
-for pkg in numpy psutil httpx; do
+for pkg in numpy psutil httpx gguf; do
     if have "$pkg"; then
         log "$pkg already installed"
     else
@@ -129,7 +130,7 @@ log "installed versions:"
 "$PY" - <<'EOF'
 import importlib.metadata as m
 for p in ("llama_cpp_python", "sentence-transformers", "torch", "transformers", "peft", "numpy", "psutil",
-          "httpx", "uvicorn", "fastapi", "sse-starlette", "starlette-context", "pydantic-settings"):
+          "gguf", "httpx", "uvicorn", "fastapi", "sse-starlette", "starlette-context", "pydantic-settings"):
     try:
         print(f"  {p:22s} {m.version(p)}")
     except m.PackageNotFoundError:

@@ -12,13 +12,11 @@ import sys
 import llama_cpp
 
 
-def main() -> int:
-    src, dst = sys.argv[1], sys.argv[2]
-    if os.path.exists(dst):
-        return 0
+def quantize(src: str, dst: str, ftype: int, allow_requantize: bool) -> int:
+    """Quantizes `src` to `dst` with llama.cpp (through `dst.part`, renamed when done)."""
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-    params.allow_requantize = True
+    params.ftype = ftype
+    params.allow_requantize = allow_requantize
     params.nthread = 2
     tmp = dst + ".part"
     rc = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(params))
@@ -27,6 +25,13 @@ def main() -> int:
         return 1
     os.replace(tmp, dst)
     return 0
+
+
+def main() -> int:
+    src, dst = sys.argv[1], sys.argv[2]
+    if os.path.exists(dst):
+        return 0
+    return quantize(src, dst, llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, allow_requantize=True)
 
 
 if __name__ == "__main__":

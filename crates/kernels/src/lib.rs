@@ -14,6 +14,10 @@
 //! stream. On aarch64 the NEON kernels (`sdot` where the CPU has the dot-product extension)
 //! equal the scalar path bit for bit.
 //!
+//! For prefill with K-quant weights, [`gemm_k`] is an integer GEMM for CPUs with AVX-512 VNNI:
+//! sixteen weight rows in the lanes of a register, eight activation rows per pass, each output
+//! the scalar path's bits.
+//!
 //! Output columns (weight rows) run in parallel on rayon in contiguous ranges; every output value
 //! is computed by the same code whatever the range, so results do not depend on the thread count.
 //!
@@ -33,6 +37,8 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "aarch64")]
 mod arm;
+#[cfg(target_arch = "x86_64")]
+mod gemm_k;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -809,6 +815,37 @@ pub fn matmul_many(products: &mut [Product<'_>], x: &[f32], m: usize, path: Path
         }
     }
     SCRATCH.with(|s| *s.borrow_mut() = sc);
+}
+
+/// Whether [`gemm_k`] runs for weights of `ty` on this CPU: a K-quant (Q4_K, Q5_K, Q6_K) on
+/// x86-64 with AVX-512 VNNI.
+pub fn has_gemm_k(ty: BlockType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        ty.is_k() && gemm_k::supported()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        false
+    }
+}
+
+/// The prefill product for K-quant weights: `out[i, j] = Σ_t x[i, t] · W[j, t]` for `x` of shape
+/// `(m, k)`, `out` `(m, n)` row-major, as an integer GEMM on sixteen weight rows at a time. Each
+/// value equals [`matmul`] on [`Path::Scalar`] bit for bit (the same Q8_K activations and the
+/// same arithmetic), whatever the thread count. Panics unless [`has_gemm_k`] holds for `w`'s
+/// type, `w` is in ggml's layout and the slices fit the shapes.
+pub fn gemm_k(w: QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        gemm_k::gemm_k(w, x, m, out)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, x, m, out);
+        panic!("gemm_k needs x86-64 with AVX-512 VNNI (see has_gemm_k)")
+    }
 }
 
 /// One weight row against every activation row: `col[i] = dot(wr, x row i)`, four rows per

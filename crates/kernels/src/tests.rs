@@ -542,3 +542,79 @@ fn long_rows_with_several_activation_rows_equal_the_avx2_kernel() {
         assert_eq!(run(rows4, Path::Auto), want, "{ty:?} rows4");
     }
 }
+
+#[test]
+fn k_quant_gemm_equals_the_scalar_path_bit_for_bit() {
+    let k_types: Vec<BlockType> = ALL_TYPES.into_iter().filter(|t| t.is_k()).collect();
+    assert_eq!(k_types.len(), 3);
+    if !k_types.iter().all(|&t| has_gemm_k(t)) {
+        assert!(k_types.iter().all(|&t| !has_gemm_k(t)));
+        eprintln!("skipped: this CPU has no AVX-512 VNNI, so gemm_k never runs here");
+        return;
+    }
+    assert!(
+        !has_gemm_k(BlockType::Q4_0),
+        "gemm_k is for the K-quants only"
+    );
+    let mut seed = 7;
+    for ty in k_types {
+        // n: two full panels and a tail of 5; m: every row-group size (8, 4, 2, 1) and a tail.
+        for (m, n) in [(1, 3), (15, 37), (23, 16)] {
+            let k = 3 * QK_K;
+            let wq = random_weights(ty, n, k, &mut seed);
+            let x = random_x(m, k, &mut seed);
+            let wm = QMatrix::ggml(ty, &wq, n, k);
+            let mut want = vec![0f32; m * n];
+            matmul(wm, &x, m, &mut want, Path::Scalar);
+            let mut got = vec![f32::NAN; m * n];
+            gemm_k(wm, &x, m, &mut got);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    w.to_bits(),
+                    "{ty:?} ({m}, {n}) at {i}: {g} vs {w}"
+                );
+            }
+            // The same bits on one thread.
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap();
+            let mut one = vec![0f32; m * n];
+            pool.install(|| gemm_k(wm, &x, m, &mut one));
+            assert_eq!(one, got, "{ty:?}: thread count changed the result");
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx512_q8_k_quantization_equals_the_scalar_one() {
+    if !has_gemm_k(BlockType::Q4K) {
+        eprintln!("skipped: this CPU has no AVX-512 VNNI");
+        return;
+    }
+    let mut seed = 3;
+    let mut x = random_x(4, 4 * QK_K, &mut seed);
+    // Ties of magnitude with both signs (the first sets the sign), a zero block, halves that
+    // round to even, and a value that rounds past 127 before the clamp.
+    x[300] = -250.0;
+    x[2 * QK_K..3 * QK_K].fill(0.0);
+    x[3 * QK_K] = 2.0;
+    x[3 * QK_K + 1] = -2.0;
+    x[3 * QK_K + 2] = 2.0 * 0.5 / 127.0;
+    x[3 * QK_K + 3] = 2.0 * 1.5 / 127.0;
+    let mut a = vec![Q8KBlock::default(); x.len() / QK_K];
+    let mut b = a.clone();
+    quantize_row_k(&x, &mut a);
+    // SAFETY: has_gemm_k checked AVX-512.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm_k::quantize_row_k(&x, &mut b)
+    };
+    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(a.qs, b.qs, "block {i}");
+        assert_eq!(a.bsums, b.bsums, "block {i}");
+        assert_eq!(a.d.to_bits(), b.d.to_bits(), "block {i}");
+    }
+}

@@ -171,6 +171,29 @@ impl Linear {
     /// [`Linear::forward`] with an explicit kernel choice (tests compare the paths).
     pub fn forward_with(&self, x: &Tensor, choice: KernelChoice) -> Result<Tensor> {
         let y = match (&self.weight, &self.qmatmul) {
+            // Prefill with K-quant weights on a CPU with AVX-512 VNNI: the integer GEMM, which
+            // beats dequantizing to f32 there (BENCHMARKS.md); bit for bit the scalar kernels.
+            (LinearWeight::Quantized(q), _)
+                if choice == KernelChoice::Auto
+                    && x.device().is_cpu()
+                    && x.dtype() == DType::F32
+                    && !crate::train_ops::training(x)
+                    && positions_of(x) >= GEMM_MIN_ROWS
+                    && self.layout == Layout::Ggml
+                    && kernel_type(q.dtype()).is_some_and(flywheel_kernels::has_gemm_k)
+                    && gemm_k_enabled()
+                    && self.kernel_matrix().is_some() =>
+            {
+                let w = self.kernel_matrix().expect("checked by the guard");
+                let dims = x.dims();
+                let m: usize = dims[..dims.len() - 1].iter().product();
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; m * w.n];
+                flywheel_kernels::gemm_k(w, &xs, m, &mut out);
+                let mut shape = dims.to_vec();
+                *shape.last_mut().expect("rank >= 1") = w.n;
+                Tensor::from_vec(out, shape, x.device())?
+            }
             // Training (the input carries a gradient), and prefill (many positions per
             // sequence): weights are dequantized a slab of rows at a time and multiplied with
             // the f32 GEMM, so the model never exists dense in memory. In prefill the slab's
@@ -317,6 +340,18 @@ pub fn reference_kernels() -> bool {
 /// (BENCHMARKS.md). The choice looks at positions, not batch rows, so a sequence computes the
 /// same way alone or in a batch of equal length.
 pub const GEMM_MIN_ROWS: usize = 16;
+
+/// Whether `FLYWHEEL_GEMM_K` allows the K-quant integer GEMM for prefill (unset, or anything
+/// but `0`, `off`, `false`); off, K-quant prefill dequantizes to f32 like the other types.
+pub fn gemm_k_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        !matches!(
+            std::env::var("FLYWHEEL_GEMM_K").ok().as_deref(),
+            Some("0" | "off" | "false")
+        )
+    })
+}
 
 /// Positions per sequence: the second-to-last dimension (the rows of a 2-D input).
 fn positions_of(x: &Tensor) -> usize {
@@ -965,8 +1000,18 @@ mod tests {
                 d_ca <= 5e-3 * scale,
                 "{dt:?}: ours vs candle {d_ca} (scale {scale})"
             );
-            // 37 positions take the prefill GEMM: exactly x·dequant(W)ᵀ up to summation order.
+            // 37 positions take a prefill GEMM. K-quants on a CPU with AVX-512 VNNI (unless
+            // FLYWHEEL_GEMM_K=0): the integer GEMM, the scalar kernels' bits.
             let gemm = l.forward_with(&x, KernelChoice::Auto)?;
+            if flywheel_kernels::has_gemm_k(kernel_type(dt).expect("covered")) && gemm_k_enabled() {
+                assert_eq!(
+                    gemm.flatten_all()?.to_vec1::<f32>()?,
+                    scalar.flatten_all()?.to_vec1::<f32>()?,
+                    "{dt:?}: the integer GEMM is not the scalar kernels' result"
+                );
+                continue;
+            }
+            // Everything else: exactly x·dequant(W)ᵀ up to summation order.
             let wq = QTensor::quantize(&w, dt)?.dequantize(&dev)?;
             let reference = Linear::dense(wq, None)?.forward(&x)?;
             let d_ge = (&gemm - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;

@@ -121,30 +121,58 @@ fn greedy(max: usize) -> GenerateRequest {
     r
 }
 
-fn greedy_cases(file: &str) -> Vec<(Vec<u32>, Vec<u32>, String)> {
+/// One fixture prompt: its ids, llama.cpp's greedy continuation, llama.cpp's top-1 minus top-2
+/// logit at each continuation token, and the rendered prompt.
+struct GreedyCase {
+    prompt: Vec<u32>,
+    want: Vec<u32>,
+    margins: Vec<f64>,
+    text: String,
+}
+
+fn greedy_cases(file: &str) -> Vec<GreedyCase> {
     let fx = fixture("greedy-llamacpp.json");
-    let cases: Vec<(Vec<u32>, Vec<u32>, String)> = fx["cases"]
+    let cases: Vec<GreedyCase> = fx["cases"]
         .as_array()
         .expect("cases")
         .iter()
         .filter(|c| c["model_file"].as_str() == Some(file))
-        .map(|c| {
-            (
-                ids_of(&c["prompt_ids"]),
-                ids_of(&c["generated_ids"]),
-                c["prompt_text"].as_str().unwrap().to_string(),
-            )
+        .map(|c| GreedyCase {
+            prompt: ids_of(&c["prompt_ids"]),
+            want: ids_of(&c["generated_ids"]),
+            margins: c["top2_margins"]
+                .as_array()
+                .expect("top2_margins")
+                .iter()
+                .map(|m| m.as_f64().expect("a margin"))
+                .collect(),
+            text: c["prompt_text"].as_str().unwrap().to_string(),
         })
         .collect();
     assert_eq!(cases.len(), 5, "{file}: expected 5 prompts in the fixture");
+    for c in &cases {
+        assert_eq!(c.margins.len(), c.want.len(), "{file}: a margin per token");
+    }
     cases
 }
 
-/// Free-running greedy generation: how many prompts give llama.cpp's first 32 tokens exactly.
-fn free_running_agreement(file: &str, tm: &TextModel) -> (usize, Vec<String>) {
-    let mut agree = 0;
-    let mut report = vec![];
-    for (prompt, want, text) in greedy_cases(file) {
+/// Where llama.cpp's own top two logits are closer than this, the token is a near-tie: each
+/// engine's quantization noise (0.12–0.18 logits, standard deviation, measured on SmolLM2) can
+/// pick either one.
+const NEAR_TIE: f64 = 0.3;
+
+/// Free-running greedy generation against llama.cpp's: how many prompts give its first 32 tokens
+/// exactly, and for the others where they part and how close llama.cpp's own choice was there.
+/// A divergence at a token llama.cpp was sure of (margin >= [`NEAR_TIE`]) is returned apart.
+fn free_running_agreement(file: &str, tm: &TextModel) -> (usize, Vec<String>, Vec<String>) {
+    let (mut agree, mut near_ties, mut sure) = (0, vec![], vec![]);
+    for GreedyCase {
+        prompt,
+        want,
+        margins,
+        text,
+    } in greedy_cases(file)
+    {
         // Our tokenizer gives llama.cpp's prompt ids from the rendered text.
         assert_eq!(tm.tokenizer().encode(&text, false).unwrap(), prompt);
         let req = greedy(want.len());
@@ -155,39 +183,54 @@ fn free_running_agreement(file: &str, tm: &TextModel) -> (usize, Vec<String>) {
         let n = want.len().min(32);
         if out.tokens.len() >= n && out.tokens[..n] == want[..n] {
             agree += 1;
+            continue;
+        }
+        let first = out
+            .tokens
+            .iter()
+            .zip(&want)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let margin = margins.get(first).copied().unwrap_or(f64::INFINITY);
+        let line = format!(
+            "{:?}: first difference at token {first}, where llama.cpp's top two logits are {margin:.3} apart",
+            text.lines().nth(3).unwrap_or("")
+        );
+        if margin < NEAR_TIE {
+            near_ties.push(line);
         } else {
-            let first = out
-                .tokens
-                .iter()
-                .zip(&want)
-                .take_while(|(a, b)| a == b)
-                .count();
-            report.push(format!(
-                "{:?}: first difference at token {first}",
-                text.lines().nth(3).unwrap_or("")
-            ));
+            sure.push(line);
         }
     }
-    (agree, report)
+    (agree, near_ties, sure)
 }
 
+/// Qwen2.5-Coder: free-running, flywheel parts from llama.cpp only where llama.cpp itself was
+/// at a near-tie (no engine reproduces another's token there: the matmuls round differently),
+/// and it gives llama.cpp's first 32 tokens on most prompts.
 #[test]
 fn qwen_greedy_tokens_match_llama_cpp_on_most_prompts() {
     if skip() {
         return;
     }
-    let (agree, report) = free_running_agreement(QWEN, qwen());
+    let (agree, near_ties, sure) = free_running_agreement(QWEN, qwen());
     assert!(
-        agree >= 4,
-        "identical first 32 tokens on {agree}/5 prompts\n{}",
-        report.join("\n")
+        sure.is_empty(),
+        "parted from llama.cpp where it was sure:\n{}",
+        sure.join("\n")
     );
+    assert!(
+        agree >= 3,
+        "identical first 32 tokens on {agree}/5 prompts\n{}",
+        near_ties.join("\n")
+    );
+    eprintln!("{QWEN}: identical on {agree}/5\n{}", near_ties.join("\n"));
 }
 
 /// SmolLM2-135M at Q4_1 sits at near-ties (top-2 logits within 0.1) where each engine's
 /// quantization noise (about one logit from the exact f32 result, the same size for llama.cpp
-/// and for flywheel) decides the token, so free-running agreement is reported, not asserted.
-/// It is a test of bit-exactness there, not of correctness: with activations quantized to Q8
+/// and for flywheel) decides the token, so the count of identical free-running prompts is
+/// reported, not asserted; asserted is that each one parts only at a near-tie. It is a test of bit-exactness there, not of correctness: with activations quantized to Q8
 /// per matmul, a one-ulp change upstream moves these logits by 0.12–0.18 (standard deviation,
 /// measured), as much as flywheel and llama.cpp differ, and llama.cpp itself gives the fixture's
 /// first 32 tokens on only 2/5 prompts with its flash attention and 0/5 with an f32 KV cache
@@ -202,7 +245,13 @@ fn llama_cpp_continuations_are_our_greedy_choices() {
     }
     for (file, tm) in [(SMOLLM, smollm()), (QWEN, qwen())] {
         let (mut top1, mut total) = (0, 0);
-        for (prompt, gen, text) in greedy_cases(file) {
+        for GreedyCase {
+            prompt,
+            want: gen,
+            text,
+            ..
+        } in greedy_cases(file)
+        {
             let all: Vec<u32> = prompt.iter().chain(&gen).cloned().collect();
             let mut cache = tm.model().new_cache(vec![0]);
             let ids = candle_core::Tensor::new(all.as_slice(), &candle_core::Device::Cpu)
@@ -232,10 +281,16 @@ fn llama_cpp_continuations_are_our_greedy_choices() {
         );
         eprintln!("{file}: teacher-forced top-1 agreement {top1}/{total}");
     }
-    let (agree, report) = free_running_agreement(SMOLLM, smollm());
+    // Free-running SmolLM2 parts from llama.cpp early (see above), but only at near-ties.
+    let (agree, near_ties, sure) = free_running_agreement(SMOLLM, smollm());
+    assert!(
+        sure.is_empty(),
+        "{SMOLLM}: parted from llama.cpp where it was sure:\n{}",
+        sure.join("\n")
+    );
     eprintln!(
         "{SMOLLM}: free-running identical first 32 tokens on {agree}/5 prompts\n{}",
-        report.join("\n")
+        near_ties.join("\n")
     );
 }
 
@@ -377,7 +432,7 @@ fn greedy_tokens_match_the_candle_reference_path() {
     }
     for (file, tm, n) in [(SMOLLM, smollm(), 24usize), (QWEN, qwen(), 16)] {
         let mut identical = 0;
-        for (prompt, _, text) in greedy_cases(file) {
+        for GreedyCase { prompt, text, .. } in greedy_cases(file) {
             let req = greedy(n);
             let run = || {
                 tm.generate_ids(
