@@ -813,6 +813,22 @@ pub trait Projection: Send + Sync + std::fmt::Debug {
     fn plain_now(&self) -> Option<&Linear> {
         self.plain()
     }
+    /// Whether, in the current state, the host decode step may compute this projection for
+    /// `rows` one-token rows as its base layer's product followed by [`Projection::add_host`].
+    /// By default only when the projection adds nothing to its base.
+    fn host_ready_now(&self, rows: usize) -> bool {
+        let _ = rows;
+        self.plain_now().is_some()
+    }
+    /// Adds to `out` (`rows` rows of the base's outputs, bias included) what the projection adds
+    /// to its base for the one-token rows `x` (`rows` rows of the input), with the arithmetic its
+    /// `forward` uses for them, so the host step equals the tensor path bit for bit. `false`
+    /// when it cannot (its state changed since [`Projection::host_ready_now`]). By default it
+    /// adds nothing.
+    fn add_host(&self, x: &[f32], rows: usize, out: &mut [f32]) -> bool {
+        let _ = (x, rows, out);
+        true
+    }
 }
 
 impl Projection for Linear {

@@ -163,6 +163,9 @@ pub struct LoraPair {
     pub scale: f64,
     /// Input dropout, applied only while training.
     pub dropout: f32,
+    /// The same factors as host f32 for the per-position CPU arithmetic ([`add_update`]);
+    /// present for fixed (inference) factors, absent for trainable ones.
+    pub host: Option<Arc<HostPair>>,
 }
 
 /// Where an adapter for one projection lives; `None` means the base layer alone.
@@ -252,22 +255,42 @@ fn low_rank(x: &Tensor, p: &LoraPair) -> flywheel_models::Result<Tensor> {
     Ok(up.to_dtype(x.dtype())?)
 }
 
-/// `acc + Σ a[i]·b[i]` with eight fixed lanes: the same sum, in the same order, whatever
-/// batch a row arrives in.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
+/// `out += scale · B·A·x` for one position, on host f32: `low_j = scale · (A_j · x)`, then
+/// `out += low_j · Bᵀ_j` for `j` ascending (flywheel-kernels' dot and axpy). `out` holds the
+/// base layer's output. A fixed order of operations, so the same bits whatever batch the
+/// position arrives in and whichever path (tensor or host decode step) computes it.
+pub fn add_update(h: &HostPair, x: &[f32], out: &mut [f32]) {
+    let (inp, n) = (x.len(), out.len());
+    for j in 0..h.r {
+        let lj = h.scale * flywheel_kernels::dot_f32(x, &h.a[j * inp..(j + 1) * inp]);
+        flywheel_kernels::axpy_f32(lj, &h.b_t[j * n..(j + 1) * n], out);
     }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
+}
+
+/// `y + update` where `owner[i]` is the factors (if any) for position `i` of `x` (CPU f32),
+/// each position computed alone with [`add_update`], positions in parallel.
+fn add_positions(
+    x: &Tensor,
+    y: Tensor,
+    inp: usize,
+    owner: &[Option<&HostPair>],
+) -> flywheel_models::Result<Tensor> {
+    if owner.iter().all(Option::is_none) {
+        return Ok(y);
     }
-    s
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut ys = y.flatten_all()?.to_vec1::<f32>()?;
+    let out = ys.len() / owner.len().max(1);
+    use rayon::prelude::*;
+    ys.par_chunks_mut(out)
+        .zip(xs.par_chunks(inp))
+        .zip(owner.par_iter())
+        .for_each(|((yv, xv), h)| {
+            if let Some(h) = h {
+                add_update(h, xv, yv);
+            }
+        });
+    Ok(Tensor::from_vec(ys, y.shape(), y.device())?)
 }
 
 impl LoraLinear {
@@ -289,7 +312,6 @@ impl LoraLinear {
         }
         if x.device().is_cpu() && x.dtype() == DType::F32 && y.dtype() == DType::F32 {
             let inp = self.base.in_dim();
-            let out = self.base.out_dim();
             let per_row = x.elem_count() / rows.max(1) / inp;
             // Which adapter (if any) each token position uses.
             let mut owner: Vec<Option<&HostPair>> = vec![None; rows * per_row];
@@ -301,31 +323,7 @@ impl LoraLinear {
                     }
                 }
             }
-            if owner.iter().all(Option::is_none) {
-                return Ok(y);
-            }
-            let xs = x.flatten_all()?.to_vec1::<f32>()?;
-            let mut delta = vec![0f32; rows * per_row * out];
-            // Positions are independent (each computed alone), so they run in parallel without
-            // changing any result.
-            use rayon::prelude::*;
-            delta
-                .par_chunks_mut(out)
-                .zip(xs.par_chunks(inp))
-                .zip(owner.par_iter())
-                .for_each(|((d, xv), h)| {
-                    let Some(h) = h else { return };
-                    // low = scale · A·x, then d = Σ_j low_j · Bᵀ[j] (contiguous rows of Bᵀ,
-                    // in a fixed order).
-                    for j in 0..h.r {
-                        let lj = h.scale * dot(xv, &h.a[j * inp..(j + 1) * inp]);
-                        for (dv, bv) in d.iter_mut().zip(&h.b_t[j * out..(j + 1) * out]) {
-                            *dv += lj * bv;
-                        }
-                    }
-                });
-            let delta = Tensor::from_vec(delta, y.shape(), y.device())?;
-            return Ok((y + delta)?);
+            return add_positions(x, y, inp, &owner);
         }
         let mut y = y;
         for (adapter, idx) in &routing.groups {
@@ -445,6 +443,21 @@ impl Projection for LoraLinear {
             return self.base.forward(x);
         };
         let training = p.a.track_op();
+        if let Some(h) = p.host.as_deref().filter(|_| !training) {
+            // Fixed factors, a few positions on the CPU (decode): each position alone, as the
+            // host decode step computes it ([`Projection::add_host`]).
+            let inp = self.base.in_dim();
+            let positions = x.elem_count() / inp.max(1);
+            if x.device().is_cpu()
+                && x.dtype() == DType::F32
+                && positions < flywheel_models::linear::GEMM_MIN_ROWS
+            {
+                let y = self.base.forward(x)?;
+                if y.dtype() == DType::F32 {
+                    return add_positions(x, y, inp, &vec![Some(h); positions]);
+                }
+            }
+        }
         let grad = flywheel_models::train_ops::grad_enabled();
         // Inside a checkpointed block's forward pass the factors are used detached (no graph);
         // the block's recomputation in the backward pass uses them as variables.
@@ -501,6 +514,62 @@ impl Projection for LoraLinear {
         };
         (!adds).then_some(&self.base)
     }
+
+    fn host_ready_now(&self, rows: usize) -> bool {
+        if let Some(routed) = ROUTING.with(|r| r.borrow().clone()) {
+            // The routed CPU path computes every position alone, whatever the batch.
+            return !FORCE_FUSED.with(|c| c.get())
+                && routed.groups.iter().all(|(a, idx)| {
+                    idx.is_empty()
+                        || a.host.contains_key(&*self.name)
+                        || !a.pairs.contains_key(&*self.name)
+                });
+        }
+        match &*self.slot.read().expect("adapter slot poisoned") {
+            None => true,
+            // The tensor path takes the same per-position arithmetic below GEMM_MIN_ROWS.
+            Some(p) => {
+                p.host.is_some() && !p.a.track_op() && rows < flywheel_models::linear::GEMM_MIN_ROWS
+            }
+        }
+    }
+
+    fn add_host(&self, x: &[f32], rows: usize, out: &mut [f32]) -> bool {
+        let (inp, n) = (self.base.in_dim(), self.base.out_dim());
+        if x.len() != rows * inp || out.len() != rows * n {
+            return false;
+        }
+        let at = |i: usize| (&x[i * inp..(i + 1) * inp], i * n..(i + 1) * n);
+        if let Some(routed) = ROUTING.with(|r| r.borrow().clone()) {
+            for i in 0..rows {
+                // As in `forward_routed`: the last group listing the row that adapts this module.
+                let h = routed
+                    .groups
+                    .iter()
+                    .rev()
+                    .filter(|(_, idx)| idx.contains(&(i as u32)))
+                    .find_map(|(a, _)| a.host.get(&*self.name));
+                if let Some(h) = h {
+                    let (xv, o) = at(i);
+                    add_update(h, xv, &mut out[o]);
+                }
+            }
+            return true;
+        }
+        match &*self.slot.read().expect("adapter slot poisoned") {
+            None => true,
+            Some(p) => match p.host.as_deref() {
+                Some(h) if !p.a.track_op() => {
+                    for i in 0..rows {
+                        let (xv, o) = at(i);
+                        add_update(h, xv, &mut out[o]);
+                    }
+                    true
+                }
+                _ => false,
+            },
+        }
+    }
 }
 
 /// Inverted-dropout mask: 0 with probability `p`, else `1/(1-p)`, from a SplitMix stream.
@@ -546,8 +615,8 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
 pub struct RoutedAdapter {
     /// The factors of each adapted module.
     pub pairs: BTreeMap<String, LoraPair>,
-    /// The same factors as host f32 (row-major `A (r, in)`, `B (out, r)`), for the CPU path.
-    pub host: BTreeMap<String, HostPair>,
+    /// The same factors as host f32 (shared with `pairs`), for the CPU path.
+    pub host: BTreeMap<String, Arc<HostPair>>,
     /// Trainable parameters (A and B elements).
     pub parameters: usize,
     /// The largest rank among the modules.
@@ -675,6 +744,7 @@ impl LoraHook {
                 b: b.as_tensor().clone(),
                 scale: cfg.scale(),
                 dropout: cfg.dropout,
+                host: None,
             });
             params.insert(name.clone(), (a, b));
         }
@@ -722,20 +792,18 @@ impl LoraHook {
             }
             parameters += a.elem_count() + b.elem_count();
             rank = rank.max(r);
-            host.insert(
-                name.clone(),
-                HostPair {
-                    a: a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
-                    b_t: b
-                        .to_dtype(DType::F32)?
-                        .t()?
-                        .contiguous()?
-                        .flatten_all()?
-                        .to_vec1::<f32>()?,
-                    r,
-                    scale: adapter.scale_for(r) as f32,
-                },
-            );
+            let h = Arc::new(HostPair {
+                a: a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                b_t: b
+                    .to_dtype(DType::F32)?
+                    .t()?
+                    .contiguous()?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+                r,
+                scale: adapter.scale_for(r) as f32,
+            });
+            host.insert(name.clone(), h.clone());
             pairs.insert(
                 name.clone(),
                 LoraPair {
@@ -743,6 +811,7 @@ impl LoraHook {
                     b: b.to_dtype(dtype)?,
                     scale: adapter.scale_for(r),
                     dropout: 0.0,
+                    host: Some(h),
                 },
             );
         }
@@ -882,6 +951,110 @@ mod tests {
             e.contains("lora.target_modules") && e.contains("qproj"),
             "{e}"
         );
+    }
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| (splitmix(&mut s) >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+            .collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// A fixed adapter's forward over a few CPU positions is its base plus [`add_update`] per
+    /// position, bit for bit what [`Projection::add_host`] adds in the host decode step, routed
+    /// or installed; trainable factors and batches of GEMM size decline the host step.
+    #[test]
+    fn fixed_factors_forward_with_the_host_arithmetic() -> anyhow::Result<()> {
+        let (out, inp, r, m) = (48, 40, 5, 3);
+        let dev = candle_core::Device::Cpu;
+        let w = Tensor::from_vec(values(out * inp, 1), (out, inp), &dev)?;
+        let bias = Tensor::from_vec(values(out, 2), out, &dev)?;
+        let base = Linear::dense(w, Some(bias))?;
+        let a = Tensor::from_vec(values(r * inp, 3), (r, inp), &dev)?;
+        let b = Tensor::from_vec(values(out * r, 4), (out, r), &dev)?;
+        let host = Arc::new(HostPair {
+            a: a.flatten_all()?.to_vec1()?,
+            b_t: b.t()?.contiguous()?.flatten_all()?.to_vec1()?,
+            r,
+            scale: 1.4,
+        });
+        let pair = LoraPair {
+            a: a.clone(),
+            b: b.clone(),
+            scale: 1.4f32 as f64,
+            dropout: 0.0,
+            host: Some(host.clone()),
+        };
+        let slot: Slot = Arc::new(RwLock::new(Some(pair.clone())));
+        let name = "model.layers.0.self_attn.q_proj";
+        let l = LoraLinear::new(base.clone(), slot.clone(), name, Arc::default());
+        let xs = values(m * inp, 5);
+        let x = Tensor::from_vec(xs.clone(), (1, m, inp), &dev)?;
+        let y0 = base.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let got = l.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(l.host_ready_now(m));
+        let mut host_out = y0.clone();
+        assert!(l.add_host(&xs, m, &mut host_out));
+        assert_eq!(bits(&got), bits(&host_out));
+        // The test can fail: candle's matmuls give other bits, and the update is not nothing.
+        let candle = (base.forward(&x)? + (matmul_t(&matmul_t(&x, &a)?, &b)? * pair.scale)?)?;
+        let candle = candle.flatten_all()?.to_vec1::<f32>()?;
+        assert_ne!(bits(&candle), bits(&got));
+        let moved = got
+            .iter()
+            .zip(&y0)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(moved > 0.1, "{moved}");
+        // Batches of GEMM size take candle's matmuls, so the host step declines them.
+        assert!(!l.host_ready_now(flywheel_models::linear::GEMM_MIN_ROWS));
+
+        // Routed to the middle row only: the other rows get the base alone, in both paths.
+        let routed = Arc::new(RoutedAdapter {
+            pairs: BTreeMap::from([(name.to_string(), pair.clone())]),
+            host: BTreeMap::from([(name.to_string(), host)]),
+            parameters: 0,
+            rank: r,
+        });
+        let rows = Tensor::from_vec(xs.clone(), (m, 1, inp), &dev)?;
+        let routing = Routing {
+            groups: vec![(routed, vec![1])],
+        };
+        let (via_tensor, via_host) = with_routing(routing, || -> anyhow::Result<_> {
+            assert!(
+                l.host_ready_now(64),
+                "the routed path has no GEMM threshold"
+            );
+            let t = l.forward(&rows)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut h = y0.clone();
+            assert!(l.add_host(&xs, m, &mut h));
+            Ok((t, h))
+        })?;
+        assert_eq!(bits(&via_tensor), bits(&via_host));
+        assert_eq!(bits(&via_tensor[..out]), bits(&y0[..out]));
+        assert_eq!(bits(&via_tensor[out..2 * out]), bits(&got[out..2 * out]));
+        assert_eq!(bits(&via_tensor[2 * out..]), bits(&y0[2 * out..]));
+
+        // Trainable factors: the host step declines.
+        let var = Var::from_tensor(&a)?;
+        *slot.write().unwrap() = Some(LoraPair {
+            a: var.as_tensor().clone(),
+            ..pair
+        });
+        assert!(!l.host_ready_now(1));
+        assert!(!l.add_host(&xs, m, &mut y0.clone()));
+        // Nothing installed: the base alone, which the host step computes without help.
+        *slot.write().unwrap() = None;
+        assert!(l.host_ready_now(1));
+        let mut plain = y0.clone();
+        assert!(l.add_host(&xs, m, &mut plain));
+        assert_eq!(bits(&plain), bits(&y0));
+        Ok(())
     }
 
     #[test]

@@ -255,8 +255,20 @@ fn host_step(m: &TextModel, ids: &[u32]) -> anyhow::Result<Option<Vec<f32>>> {
     Ok(ran.then(|| s.logits().to_vec()))
 }
 
+/// The tensor path's logits for the same step as [`host_step`] (the token after the prompt).
+fn tensor_step(m: &TextModel, ids: &[u32]) -> anyhow::Result<Vec<f32>> {
+    let mut cache = m.model().new_cache(vec![0]);
+    let t = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+    m.model().forward(&t, &mut cache, Logits::Last)?;
+    let next = Tensor::new(&[5u32], &Device::Cpu)?.unsqueeze(0)?;
+    let l = m.model().forward(&next, &mut cache, Logits::Last)?;
+    Ok(l.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// The host decode step adds fixed LoRA updates (installed or routed per row) with the tensor
+/// path's arithmetic, bit for bit, and declines trainable ones.
 #[test]
-fn the_host_decode_step_runs_while_no_adapter_is_in_use() -> anyhow::Result<()> {
+fn the_host_decode_step_adds_fixed_adapters_bit_for_bit() -> anyhow::Result<()> {
     use flywheel_peft::lora::{with_routing, Routing};
     let dir = tempfile::tempdir()?;
     let path = tiny_model(dir.path(), Some(GgmlDType::Q4_0))?;
@@ -264,25 +276,44 @@ fn the_host_decode_step_runs_while_no_adapter_is_in_use() -> anyhow::Result<()> 
     let hook = LoraHook::for_config(&lora_cfg(4));
     let model = load(&path, &hook)?;
     let ids = model.encode_prompt("hello there")?;
-    let want = host_step(&plain, &ids)?.expect("a plain GGUF model takes the host step");
+    let base = host_step(&plain, &ids)?.expect("a plain GGUF model takes the host step");
     // Wrapped, nothing installed: the step runs and computes the base model.
-    assert_eq!(host_step(&model, &ids)?.as_deref(), Some(&want[..]));
-    // An installed adapter adds to every projection: the step declines.
-    let adapter = hook.init_trainable(&lora_cfg(4), 5, DType::F32, &Device::Cpu)?;
+    assert_eq!(host_step(&model, &ids)?.as_deref(), Some(&base[..]));
+    // Trainable factors (a run in progress): the step declines. (The unit test
+    // `fixed_factors_forward_with_the_host_arithmetic` checks the arithmetic to the last bit;
+    // here the Q8_0 quantization of each quantized layer's input would hide a last-bit change.)
+    let cfg = LoraConfig {
+        alpha: 7.0,
+        ..lora_cfg(5)
+    };
+    let adapter = hook.init_trainable(&cfg, 5, DType::F32, &Device::Cpu)?;
     randomise_b(&adapter, 9)?;
+    assert_eq!(host_step(&model, &ids)?, None);
+    // Installed fixed factors: the step runs, equals the tensor path, and differs from the base.
     let frozen = adapter.snapshot("test")?;
     hook.install(&frozen)?;
-    assert_eq!(host_step(&model, &ids)?, None);
+    let adapted = tensor_step(&model, &ids)?;
+    assert_eq!(host_step(&model, &ids)?.as_deref(), Some(&adapted[..]));
+    let moved = adapted
+        .iter()
+        .zip(&base)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(moved > 1e-3, "the adapter changes the logits ({moved})");
     hook.clear();
-    assert_eq!(host_step(&model, &ids)?.as_deref(), Some(&want[..]));
-    // Per-row routing: a row with the adapter declines; an empty routing runs.
+    assert_eq!(host_step(&model, &ids)?.as_deref(), Some(&base[..]));
+    // Routed per row: the same bits as the routed tensor path; an empty routing is the base.
     let routed = std::sync::Arc::new(hook.prepare(&frozen, DType::F32)?);
-    let one = Routing {
-        groups: vec![(routed, vec![0])],
+    let one = || Routing {
+        groups: vec![(routed.clone(), vec![0])],
     };
-    assert_eq!(with_routing(one, || host_step(&model, &ids))?, None);
+    let via_tensors = with_routing(one(), || tensor_step(&model, &ids))?;
+    let via_host = with_routing(one(), || host_step(&model, &ids))?;
+    assert_eq!(via_host.as_deref(), Some(&via_tensors[..]));
+    // Installed and routed use one arithmetic, so serving and the eval agree.
+    assert_eq!(via_tensors, adapted);
     let none = with_routing(Routing::default(), || host_step(&model, &ids))?;
-    assert_eq!(none.as_deref(), Some(&want[..]));
+    assert_eq!(none.as_deref(), Some(&base[..]));
     Ok(())
 }
 

@@ -515,14 +515,17 @@ impl Worker {
     fn decode(&self, batch: &mut [Seq], eos: &[u32]) -> Result<(), String> {
         let model = self.model.model();
         let ids: Vec<u32> = batch.iter().map(|s| s.next).collect();
-        if batch.iter().all(|s| s.adapter.is_none()) {
-            // The host step, where the model allows it (quantized layers, no adapter in use).
+        let route = routing(batch.iter().map(|s| s.adapter.as_ref()));
+        {
+            // The host step, where the model allows it (quantized layers on the CPU); each
+            // row's adapter adds its update on host buffers, as the tensor path would.
             let mut scratch = self.scratch.borrow_mut();
             let stepped = {
                 let mut caches: Vec<&mut Cache> = batch.iter_mut().map(|s| &mut s.cache).collect();
                 let sc = &mut *scratch;
+                let route = route.clone();
                 flywheel_models::on_pool(model.device(), || {
-                    model.decode_into(&ids, &mut caches, sc)
+                    with_routing(route, || model.decode_into(&ids, &mut caches, sc))
                 })
                 .map_err(|e| e.to_string())?
             };
@@ -538,7 +541,6 @@ impl Worker {
                 return Ok(());
             }
         }
-        let route = routing(batch.iter().map(|s| s.adapter.as_ref()));
         let logits = {
             let mut caches: Vec<&mut Cache> = batch.iter_mut().map(|s| &mut s.cache).collect();
             flywheel_models::on_pool(model.device(), || {

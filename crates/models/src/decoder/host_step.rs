@@ -1,13 +1,14 @@
-//! The one-token decode step on host buffers, for CPU f32 models whose projections are plain
+//! The one-token decode step on host buffers, for CPU f32 models whose base projections are
 //! quantized layers that flywheel-kernels covers (every GGUF model of the supported types).
 //!
 //! It runs the same arithmetic as the tensor path (`DecoderModel::forward` for one token, or
 //! `decode_step`), bit for bit: the embedding row, RMSNorm as candle computes it, the fused
 //! q/k/v and gate/up products, RoPE, attention over the host KV cache in place, SwiGLU, the
-//! residuals and the output head. Every intermediate goes into a [`DecodeScratch`] that keeps
-//! its buffers between steps, the kernels keep theirs per thread, and the KV cache grows only
-//! when it is full, so in steady state (same batch size, cache room reserved with
-//! [`Cache::reserve`]) a step allocates nothing on the heap.
+//! residuals and the output head. What a wrapper adds to its base (a LoRA update) comes from
+//! [`Projection::add_host`], with the arithmetic of its `forward`. Every intermediate goes
+//! into a [`DecodeScratch`] that keeps its buffers between steps, the kernels keep theirs per
+//! thread, and the KV cache grows only when it is full, so in steady state (same batch size,
+//! cache room reserved with [`Cache::reserve`]) a step allocates nothing on the heap.
 
 use super::{Cache, DecoderModel};
 use crate::layers::{with_cpu_f32, HostKv, HostLayer, RmsNorm};
@@ -66,10 +67,29 @@ fn host_linear(l: &Linear) -> Option<HostLinear<'_>> {
     })
 }
 
-/// The layer a projection computes right now (its base, when a wrapper adds nothing in the
-/// current state), as a kernel matrix.
-fn plain(p: &Arc<dyn Projection>) -> Option<HostLinear<'_>> {
-    host_linear(p.plain_now()?)
+/// `out_i = p_i(x)` for every listed projection, `m` one-token rows: the base layers' products
+/// (one quantization of `x`), then whatever each wrapper adds ([`Projection::add_host`]).
+fn project<const N: usize>(
+    mut ps: [(&Arc<dyn Projection>, &mut Vec<f32>); N],
+    x: &[f32],
+    m: usize,
+) -> Result<()> {
+    let missing = || candle_core::Error::Msg("host decode: a weight changed form".into());
+    if !ps.iter().all(|(p, _)| host_linear(p.base()).is_some()) {
+        return Err(missing().into());
+    }
+    products(
+        ps.each_mut()
+            .map(|(p, out)| (host_linear(p.base()).expect("checked above"), &mut **out)),
+        x,
+        m,
+    );
+    for (p, out) in ps {
+        if !p.add_host(x, m, out) {
+            return Err(missing().into());
+        }
+    }
+    Ok(())
 }
 
 /// `out_i = x_i · Wᵀ + b` for every listed layer (one quantization of `x`), `m` rows.
@@ -176,9 +196,10 @@ impl DecoderModel {
     /// are either one per cache (`caches.len() == ids.len()`, single-row caches, as
     /// [`DecoderModel::decode_step`] takes them) or the rows of one cache. The logits land in
     /// `scratch` ([`DecodeScratch::logits`]). Returns `false`, having changed nothing, when the
-    /// model or the caches do not qualify (GPU, half precision, dense projections, an adapter
-    /// in use, training mode, padded rows, a cache held as tensors, the context full); the caller then
-    /// takes the tensor path.
+    /// model or the caches do not qualify (GPU, half precision, dense projections, a wrapper
+    /// that cannot add its update on host buffers ([`Projection::host_ready_now`]: a LoRA adapter
+    /// being trained), training mode, padded rows, a cache held as tensors, the context full);
+    /// the caller then takes the tensor path.
     pub fn decode_into(
         &self,
         ids: &[u32],
@@ -196,7 +217,7 @@ impl DecoderModel {
             || self.training.load(std::sync::atomic::Ordering::Relaxed)
             || crate::linear::reference_kernels()
             || caches.iter().any(|c| c.pads.iter().any(|&p| p > 0))
-            || !self.projections().all(|p| p.plain_now().is_some())
+            || !self.projections().all(|p| p.host_ready_now(b))
         {
             return Ok(false);
         }
@@ -265,12 +286,15 @@ impl DecoderModel {
         for (l, block) in self.blocks.iter().enumerate() {
             let a = &block.attn;
             rms_norm(&block.attn_norm, &s.x, h, &mut s.xn).ok_or_else(missing)?;
-            let (q, k, v) = (
-                plain(&a.q_proj).ok_or_else(missing)?,
-                plain(&a.k_proj).ok_or_else(missing)?,
-                plain(&a.v_proj).ok_or_else(missing)?,
-            );
-            products([(q, &mut s.q), (k, &mut s.k), (v, &mut s.v)], &s.xn, b);
+            project(
+                [
+                    (&a.q_proj, &mut s.q),
+                    (&a.k_proj, &mut s.k),
+                    (&a.v_proj, &mut s.v),
+                ],
+                &s.xn,
+                b,
+            )?;
             s.attn.resize(b * nh * d, 0.0);
             a.attend_host(
                 &self.rope,
@@ -284,21 +308,19 @@ impl DecoderModel {
                 },
                 &mut s.attn,
             )?;
-            let o = plain(&a.o_proj).ok_or_else(missing)?;
-            products([(o, &mut s.o)], &s.attn, b);
+            project([(&a.o_proj, &mut s.o)], &s.attn, b)?;
             for (x, &o) in s.x.iter_mut().zip(&s.o) {
                 *x += o;
             }
             rms_norm(&block.mlp_norm, &s.x, h, &mut s.xn).ok_or_else(missing)?;
-            let (g, u) = (
-                plain(&block.mlp.gate).ok_or_else(missing)?,
-                plain(&block.mlp.up).ok_or_else(missing)?,
-            );
-            products([(g, &mut s.g), (u, &mut s.u)], &s.xn, b);
+            project(
+                [(&block.mlp.gate, &mut s.g), (&block.mlp.up, &mut s.u)],
+                &s.xn,
+                b,
+            )?;
             s.act.resize(s.g.len(), 0.0);
             crate::train_ops::swiglu_into(&mut s.act, &s.g, &s.u, false);
-            let down = plain(&block.mlp.down).ok_or_else(missing)?;
-            products([(down, &mut s.o)], &s.act, b);
+            project([(&block.mlp.down, &mut s.o)], &s.act, b)?;
             for (x, &o) in s.x.iter_mut().zip(&s.o) {
                 *x += o;
             }
@@ -307,9 +329,8 @@ impl DecoderModel {
             c.len += 1;
         }
         rms_norm(&self.norm, &s.x, h, &mut s.xn).ok_or_else(missing)?;
-        let head = plain(&self.lm_head).ok_or_else(missing)?;
-        s.vocab = head.w.n;
-        products([(head, &mut s.logits)], &s.xn, b);
+        s.vocab = self.lm_head.base().out_dim();
+        project([(&self.lm_head, &mut s.logits)], &s.xn, b)?;
         Ok(true)
     }
 }
