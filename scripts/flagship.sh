@@ -42,6 +42,11 @@ train() {
         echo "flagship: training $recipe" >&2
         "$FW" lora-train "$recipe" "${THREADS[@]}"
     fi
+    # Ctrl-C stops training cleanly (exit 0, a checkpoint saved): stop here, not in the eval.
+    if [ ! -f "$dir/adapter/adapter_model.safetensors" ]; then
+        echo "flagship: $recipe stopped before its last step; run this script again to resume" >&2
+        exit 130
+    fi
 }
 
 train recipes/sql.toml runs/sql
