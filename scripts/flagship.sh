@@ -11,15 +11,20 @@
 # On 2 CPU cores each adapter takes about 3 hours (Qwen2.5-Coder-0.5B at ~38 tok/s with gradient
 # checkpointing, 2 epochs of 211K tokens) and the eval several more; on a GPU, set
 # device = "cuda" and dtype = "bf16" in the recipes and device = "cuda" in the spec.
-# Usage: scripts/flagship.sh [--threads N]
+# --short runs the session-sized ladder instead (about 2.5 hours on 2 CPU cores): both adapters
+# for 24 steps (recipes/sql-short.toml, recipes/sql-rag-short.toml) and evals/sql-ladder-short.toml,
+# all eight rungs on a uniform random sample of 68 held-out questions.
+# Usage: scripts/flagship.sh [--short] [--threads N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 THREADS=()
+SUFFIX=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --threads) THREADS=(--threads "$2"); shift 2 ;;
-        -h|--help) sed -n 2,14p "$0"; exit 0 ;;
+        --short) SUFFIX="-short"; shift ;;
+        -h|--help) sed -n 2,17p "$0"; exit 0 ;;
         *) echo "flagship: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -28,6 +33,19 @@ FW=target/release/flywheel
 bash scripts/fetch-models.sh >/dev/null
 bash scripts/prepare-sql-data.sh >/dev/null
 cargo build --release --locked -p flywheel >/dev/null
+# The test split in a fixed shuffle (seed 42), each line tagged with its line in test.jsonl, so
+# that a spec's `limit` takes a uniform random sample (evals/sql-ladder-short.toml).
+if [ ! -f data/sql/test-shuffled.jsonl ]; then
+    python3 - <<'PY'
+import json, os, random
+with open("data/sql/test.jsonl") as f:
+    rows = [dict(json.loads(line), id=f"test-{i}") for i, line in enumerate(f, 1)]
+random.Random(42).shuffle(rows)
+with open("data/sql/test-shuffled.jsonl.tmp", "w") as f:
+    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+os.replace("data/sql/test-shuffled.jsonl.tmp", "data/sql/test-shuffled.jsonl")
+PY
+fi
 
 # Trains a recipe unless its run is finished (the adapter is written only after the last step;
 # an interrupted run writes summary.json too); resumes from the newest checkpoint when there is one.
@@ -49,15 +67,15 @@ train() {
     fi
 }
 
-train recipes/sql.toml runs/sql
+train "recipes/sql$SUFFIX.toml" "runs/sql$SUFFIX"
 for split in train valid; do
     out=data/sql/$split-rag.jsonl
     if [ ! -f "$out" ]; then
         echo "flagship: writing $out" >&2
-        "$FW" eval make-data evals/sql-ladder.toml --rung "few-shot retrieved by question" \
+        "$FW" eval make-data "evals/sql-ladder$SUFFIX.toml" --rung "few-shot retrieved by question" \
             --input "data/sql/$split.jsonl" --out "$out.tmp"
         mv "$out.tmp" "$out"
     fi
 done
-train recipes/sql-rag.toml runs/sql-rag
-"$FW" eval run evals/sql-ladder.toml "${THREADS[@]}"
+train "recipes/sql-rag$SUFFIX.toml" "runs/sql-rag$SUFFIX"
+"$FW" eval run "evals/sql-ladder$SUFFIX.toml" "${THREADS[@]}"
