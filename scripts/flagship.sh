@@ -11,9 +11,9 @@
 # On 2 CPU cores each adapter takes about 3 hours (Qwen2.5-Coder-0.5B at ~38 tok/s with gradient
 # checkpointing, 2 epochs of 211K tokens) and the eval several more; on a GPU, set
 # device = "cuda" and dtype = "bf16" in the recipes and device = "cuda" in the spec.
-# --short runs the session-sized ladder instead (about 2.5 hours on 2 CPU cores): both adapters
+# --short runs the session-sized ladder instead (about 2.75 hours on 2 CPU cores): both adapters
 # for 24 steps (recipes/sql-short.toml, recipes/sql-rag-short.toml) and evals/sql-ladder-short.toml,
-# all eight rungs on a uniform random sample of 68 held-out questions.
+# all eight rungs on a uniform random sample of 136 held-out questions.
 # Usage: scripts/flagship.sh [--short] [--threads N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
