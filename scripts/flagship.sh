@@ -33,19 +33,6 @@ FW=target/release/flywheel
 bash scripts/fetch-models.sh >/dev/null
 bash scripts/prepare-sql-data.sh >/dev/null
 cargo build --release --locked -p flywheel >/dev/null
-# The test split in a fixed shuffle (seed 42), each line tagged with its line in test.jsonl, so
-# that a spec's `limit` takes a uniform random sample (evals/sql-ladder-short.toml).
-if [ ! -f data/sql/test-shuffled.jsonl ]; then
-    python3 - <<'PY'
-import json, os, random
-with open("data/sql/test.jsonl") as f:
-    rows = [dict(json.loads(line), id=f"test-{i}") for i, line in enumerate(f, 1)]
-random.Random(42).shuffle(rows)
-with open("data/sql/test-shuffled.jsonl.tmp", "w") as f:
-    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-os.replace("data/sql/test-shuffled.jsonl.tmp", "data/sql/test-shuffled.jsonl")
-PY
-fi
 
 # Trains a recipe unless its run is finished (the adapter is written only after the last step;
 # an interrupted run writes summary.json too); resumes from the newest checkpoint when there is one.

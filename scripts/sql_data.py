@@ -15,6 +15,7 @@ Outputs (all under data/sql/, replaced atomically as one folder):
     db/<db_id>.sqlite          one SQLite database per Spider dev database
     train.jsonl valid.jsonl test.jsonl
                                {"prompt", "completion", "db_id", "question"} per line
+    test-shuffled.jsonl        test.jsonl in a seed-42 shuffle, with "id": "test-<line>"
     stats.json                 counts per split and per database, execution statistics
     .stamp                     script hash + wheel hash; a matching stamp makes a re-run a no-op
 
@@ -1482,6 +1483,12 @@ def build(out_dir: Path, wheel: Path) -> dict:
 
     for split, ls in lines.items():
         write_atomic(out_dir / f"{split}.jsonl", "".join(line + "\n" for line in ls))
+    # The test split in a fixed shuffle, each line tagged with its line in test.jsonl, so that an
+    # eval spec's `limit` takes a uniform random sample (evals/sql-ladder-short.toml).
+    shuffled = [dict(json.loads(line), id=f"test-{i}") for i, line in enumerate(lines["test"], 1)]
+    random.Random(42).shuffle(shuffled)
+    write_atomic(out_dir / "test-shuffled.jsonl",
+                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in shuffled))
 
     def total(dbs: list[str], key: str) -> int:
         return sum(per_db[d][key] for d in dbs)
@@ -1587,7 +1594,7 @@ def up_to_date(out_dir: Path) -> bool:
         stats = json.loads((out_dir / "stats.json").read_text())
     except (OSError, ValueError):
         return False
-    need = [out_dir / f"{s}.jsonl" for s in ("train", "valid", "test")]
+    need = [out_dir / f"{s}.jsonl" for s in ("train", "valid", "test", "test-shuffled")]
     need += [out_dir / "db" / f"{d}.sqlite" for d in stats.get("per_database", {})]
     return len(need) > 3 and all(p.exists() for p in need)
 
