@@ -84,9 +84,9 @@ export CUDA_COMPUTE_CAP=$ARCH
 export LIBRARY_PATH=$CUDA/lib:$CUDA/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
 export CARGO_TARGET_DIR=$ROOT/target/cuda
 
-FEATURES=flywheel/cuda,flywheel-models/cuda,flywheel-peft/cuda,flywheel-fused/cuda
+FEATURES=flywheel/cuda,flywheel-models/cuda,flywheel-peft/cuda,flywheel-train/cuda,flywheel-fused/cuda
 if [ "$CLIPPY" = 1 ]; then
-    exec cargo clippy --release --locked --all-targets -p flywheel -p flywheel-models -p flywheel-peft \
+    exec cargo clippy --release --locked --all-targets -p flywheel -p flywheel-models -p flywheel-peft -p flywheel-train \
         -p flywheel-fused --features "$FEATURES" -- -D warnings
 fi
 
@@ -96,7 +96,7 @@ OUTDIR=$ROOT/dist/gpu
 rm -rf "$OUTDIR"
 mkdir -p "$OUTDIR/bin"
 PACKAGES=(-p flywheel)
-[ "$TESTS" = 1 ] && PACKAGES+=(-p flywheel-models -p flywheel-peft -p flywheel-fused)
+[ "$TESTS" = 1 ] && PACKAGES+=(-p flywheel-models -p flywheel-train -p flywheel-fused)
 echo "gpu-build: cargo test --no-run --release --features cuda (sm_$ARCH) ${PACKAGES[*]}, target dir $CARGO_TARGET_DIR" >&2
 cargo test --release --locked --no-run --features "$FEATURES" "${PACKAGES[@]}" --message-format=json-render-diagnostics \
     > "$CARGO_TARGET_DIR/gpu-build.json"
@@ -115,7 +115,7 @@ for line in open(sys.argv[1]):
         continue
     pkg = m["package_id"]
     key = (m["target"]["name"], m["target"]["kind"][0], bool(m["profile"]["test"]))
-    if key in want and ("flywheel-peft" in pkg or key[0] != "tiny"):
+    if key in want and ("flywheel-train" in pkg or key[0] != "tiny"):
         found[want[key]] = m["executable"]
 missing = set(want.values()) - set(found)
 if missing:

@@ -4,6 +4,8 @@
 //! code can talk about generation and embeddings without pulling in tensor code.
 #![deny(missing_docs)]
 
+pub mod files;
+
 use serde::{Deserialize, Serialize};
 use std::ops::ControlFlow;
 

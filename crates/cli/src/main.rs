@@ -349,7 +349,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             dtype,
         } => {
-            let s = flywheel_peft::merge::merge(
+            let s = flywheel_train::merge::merge(
                 &model,
                 std::path::Path::new(&adapter),
                 std::path::Path::new(&out),
@@ -797,11 +797,11 @@ fn bench_embed(m: &ModelArgs, file: &str, batch_size: usize, repeats: usize) -> 
 }
 
 fn lora_train(recipe_path: &str, resume: bool, dry_run: bool) -> Result<()> {
-    use flywheel_peft::TrainEvent;
+    use flywheel_train::TrainEvent;
     use indicatif::{ProgressBar, ProgressStyle};
-    let recipe = flywheel_peft::Recipe::load(std::path::Path::new(recipe_path))?;
+    let recipe = flywheel_train::Recipe::load(std::path::Path::new(recipe_path))?;
     eprintln!("loading {} and the data ...", recipe.model.path);
-    let mut trainer = flywheel_peft::Trainer::new(recipe, resume)?;
+    let mut trainer = flywheel_train::Trainer::new(recipe, resume)?;
     if dry_run {
         let s = trainer.data_stats();
         println!(

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::lora::{LoraConfig, TargetModules};
+use crate::config::{LoraConfig, TargetModules};
 use crate::{atomic_write, Error, Result};
 
 /// Key prefix PEFT puts in front of module names.

@@ -1,56 +1,33 @@
-//! flywheel-peft: parameter-efficient fine-tuning on top of the runtime.
+//! flywheel-peft: LoRA adapters, independent of how a model is loaded or trained.
 //!
-//! - [`lora`]: the LoRA layer and the load-time hook that wraps a model's projections.
+//! - [`config`]: which modules an adapter targets, its rank and scale (PEFT's `adapter_config.json`).
+//! - [`lora`]: the LoRA layer, the per-row routing of a batch, and the load-time hook that wraps
+//!   a model's projections.
 //! - [`adapter`]: adapters on disk in the Hugging Face PEFT layout, plus a provenance record.
-//! - [`data`]: training data formats (chat, prompt/completion, alpaca, text) → token ids + loss mask.
-//! - [`recipe`]: the TOML training recipe, with defaults and validation naming the bad key.
-//! - [`train`]: the trainer (AdamW, schedules, accumulation, clipping, eval, checkpoints, resume).
-//! - [`merge`]: folding an adapter into the base weights and writing a Hugging Face folder.
+//! - [`merge`]: folding an adapter into the base weights.
+//!
+//! Training (data, recipes, the trainer) is `flywheel-train`, which builds on this crate.
 #![deny(missing_docs)]
 
 pub mod adapter;
-pub mod data;
+pub mod config;
 pub mod lora;
 pub mod merge;
-pub mod plot;
-pub mod recipe;
-pub mod train;
 
 pub use adapter::{Adapter, AdapterRecord};
-pub use lora::{
-    with_routing, LoraConfig, LoraHook, RoutedAdapter, Routing, TargetModules, TrainableAdapter,
-};
-pub use recipe::Recipe;
-pub use train::{TrainEvent, TrainObserver, TrainSummary, Trainer};
+pub use config::{LoraConfig, TargetModules};
+pub use lora::{with_routing, LoraHook, RoutedAdapter, Routing, TrainableAdapter};
 
 use std::path::Path;
 
-/// Errors of fine-tuning.
+/// Errors of LoRA adapters.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A recipe or adapter setting is missing or out of range.
+    /// An adapter setting is missing or out of range.
     #[error("config `{field}`: {reason}")]
     Config {
         /// The key, as `section.key`.
         field: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The recipe file could not be parsed.
-    #[error("{path}: {reason}")]
-    Recipe {
-        /// The recipe file.
-        path: String,
-        /// The parser's message (names the key and line).
-        reason: String,
-    },
-    /// A line of a data file is malformed.
-    #[error("{path}:{line}: {reason}")]
-    Data {
-        /// The data file.
-        path: String,
-        /// 1-based line number.
-        line: usize,
         /// What is wrong.
         reason: String,
     },
@@ -62,22 +39,6 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
-    /// A checkpoint cannot be resumed.
-    #[error("checkpoint {path}: {reason}")]
-    Checkpoint {
-        /// The checkpoint folder.
-        path: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// Training diverged.
-    #[error("loss became {value} at step {step}; stopping (last checkpoint kept). Lower the learning rate or check the data")]
-    NonFinite {
-        /// The optimizer step.
-        step: usize,
-        /// The offending value.
-        value: f64,
-    },
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
@@ -86,9 +47,6 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
-    /// The runtime failed (loading, tokenizing, templates).
-    #[error(transparent)]
-    Runtime(#[from] flywheel_runtime::Error),
     /// A model error.
     #[error(transparent)]
     Model(#[from] flywheel_models::Error),
@@ -109,23 +67,9 @@ impl Error {
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync, rename.
+/// Writes `bytes` to `path` atomically (see [`flywheel_api::files::atomic_write`]).
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-    if let Some(d) = dir {
-        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
-    }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "out".into());
-    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    flywheel_api::files::atomic_write(path, bytes).map_err(|e| Error::io(path, e))
 }
 
 /// Writes `v` as pretty JSON to `path` atomically.
@@ -134,30 +78,21 @@ pub fn write_json_atomic<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> 
     atomic_write(path, text.as_bytes())
 }
 
-/// Moves the finished folder `tmp` to `dst`, replacing an older `dst`.
-pub(crate) fn replace_dir(tmp: &Path, dst: &Path) -> Result<()> {
-    if dst.exists() {
-        std::fs::remove_dir_all(dst).map_err(|e| Error::io(dst, e))?;
-    }
-    std::fs::rename(tmp, dst).map_err(|e| Error::io(dst, e))
+/// SplitMix64 step: the seed stream of dropout masks and of the trainer's data order.
+pub fn splitmix(s: &mut u64) -> u64 {
+    *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *s;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
-/// Hex sha256 of a file, streamed.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
+/// FNV-1a hash, stable across runs and platforms (seeds and fingerprints derived from names).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    Ok(h.finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>())
+    h
 }

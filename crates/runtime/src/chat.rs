@@ -23,14 +23,10 @@ fn raise_exception(msg: String) -> std::result::Result<String, minijinja::Error>
 /// Today's date (UTC) in a `strftime` format; Llama 3 templates print it as "Today Date".
 /// Supports `%d %m %y %Y %b %B %e %%`; other directives are kept verbatim.
 fn strftime_now(fmt: String) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    format_date(secs / 86_400, &fmt)
+    format_date(flywheel_api::files::unix_secs() / 86_400, &fmt)
 }
 
-/// Formats the civil date `days` after 1970-01-01 (H. Hinnant's days-to-civil algorithm).
+/// Formats the civil date `days` after 1970-01-01.
 fn format_date(days: u64, fmt: &str) -> String {
     const MONTHS: [&str; 12] = [
         "January",
@@ -46,15 +42,7 @@ fn format_date(days: u64, fmt: &str) -> String {
         "November",
         "December",
     ];
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = flywheel_api::files::civil_date(days);
     let name = MONTHS[(month - 1) as usize];
     let mut out = String::new();
     let mut chars = fmt.chars();

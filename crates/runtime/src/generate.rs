@@ -10,7 +10,6 @@ use flywheel_api::{
 };
 use flywheel_models::{
     DecoderConfig, DecoderModel, GgufWeights, LinearHook, Logits, NoHook, SafetensorsWeights,
-    Weights,
 };
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -193,21 +192,6 @@ impl TextModel {
             ..Default::default()
         };
         Ok(Self::finish(model, tokenizer, chat, eos, info))
-    }
-
-    /// Assembles a model from parts (used by loaders and tests).
-    pub fn from_parts(
-        model: DecoderModel,
-        tokenizer: Tokenizer,
-        chat: Option<ChatTemplate>,
-        eos: Vec<u32>,
-    ) -> Self {
-        let info = ModelInfo {
-            format: "memory".into(),
-            parameters: model.config().parameter_count(),
-            ..Default::default()
-        };
-        Self::finish(model, tokenizer, chat, eos, info)
     }
 
     fn finish(
@@ -630,18 +614,6 @@ impl Generator for TextModel {
     ) -> Result<GenerateOutput> {
         TextModel::generate(self, req, sink)
     }
-}
-
-/// Builds a `TextModel` from in-memory weights (tests, benchmarks with random weights).
-pub fn model_from_weights(
-    w: &dyn Weights,
-    cfg: &DecoderConfig,
-    tokenizer: Tokenizer,
-    chat: Option<ChatTemplate>,
-) -> Result<TextModel> {
-    let model = DecoderModel::load(w, cfg, &NoHook)?;
-    let eos = cfg.eos_token_ids.clone();
-    Ok(TextModel::from_parts(model, tokenizer, chat, eos))
 }
 
 #[cfg(test)]

@@ -288,6 +288,28 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     })
 }
 
+/// sha256 of a model's weights: of the file itself (GGUF, or a lone safetensors file), or of its
+/// safetensors files' digests concatenated in order (a single file's digest is returned as is).
+pub fn model_sha(path: &Path) -> Result<String> {
+    let sha = |p: &Path| {
+        flywheel_api::files::sha256_file(p).map_err(|e| Error::Io {
+            path: p.display().to_string(),
+            source: e,
+        })
+    };
+    if path.is_file() {
+        return sha(path);
+    }
+    let mut all = String::new();
+    for f in safetensors_files(path)? {
+        all.push_str(&sha(&f)?);
+    }
+    if all.len() == 64 {
+        return Ok(all);
+    }
+    Ok(flywheel_api::files::sha256_hex(all.as_bytes()))
+}
+
 /// Reads a text file, mapping errors to the file's name.
 pub fn read_text(p: &Path) -> Result<String> {
     std::fs::read_to_string(p).map_err(|e| Error::Io {

@@ -69,7 +69,7 @@ impl Registry {
         {
             let (cell, path) = (base_sha.clone(), model_path.clone());
             std::thread::spawn(move || {
-                cell.get_or_init(|| flywheel_peft::train::model_sha(&path).ok());
+                cell.get_or_init(|| flywheel_runtime::load::model_sha(&path).ok());
             });
         }
         Ok(Self {
@@ -145,7 +145,7 @@ impl Registry {
 
     fn base_sha(&self) -> Option<&str> {
         self.base_sha
-            .get_or_init(|| flywheel_peft::train::model_sha(&self.model_path).ok())
+            .get_or_init(|| flywheel_runtime::load::model_sha(&self.model_path).ok())
             .as_deref()
     }
 

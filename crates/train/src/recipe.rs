@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 use crate::data::Overlong;
-use crate::lora::LoraConfig;
 use crate::{Error, Result};
+use flywheel_peft::LoraConfig;
 
 /// A whole recipe.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

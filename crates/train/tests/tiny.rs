@@ -4,12 +4,13 @@
 
 use candle_core::{DType, Device, Tensor};
 use flywheel_models::{Architecture, GgmlDType, Logits};
-use flywheel_peft::data::{load_file, DataOptions, Example, Overlong};
 use flywheel_peft::lora::{LoraConfig, LoraHook, TargetModules};
-use flywheel_peft::train::batch_nll;
-use flywheel_peft::{Adapter, Recipe, Trainer};
+use flywheel_peft::Adapter;
 use flywheel_runtime::testing::{tiny_config, tiny_weights, write_gguf, write_hf_folder};
 use flywheel_runtime::{LoadOptions, ModelFormat, TextModel};
+use flywheel_train::data::{load_file, DataOptions, Example, Overlong};
+use flywheel_train::train::batch_nll;
+use flywheel_train::{Recipe, Trainer};
 use std::path::{Path, PathBuf};
 
 /// The device of the tests that also run on a GPU (`FLYWHEEL_TEST_DEVICE`, CPU by default).
@@ -394,7 +395,7 @@ fn merged_folder_equals_base_plus_adapter() -> anyhow::Result<()> {
         let ids = model.encode_prompt("hello abc")?;
         let unmerged = all_logits(&model, &ids)?;
         let out = sub.join("merged");
-        let s = flywheel_peft::merge::merge(path.to_str().unwrap(), &adir, &out, DType::F32)?;
+        let s = flywheel_train::merge::merge(path.to_str().unwrap(), &adir, &out, DType::F32)?;
         assert_eq!(s.merged_modules, 14);
         let merged = TextModel::load(out.to_str().unwrap(), &LoadOptions::default())?;
         assert_eq!(
@@ -420,7 +421,7 @@ fn merged_folder_equals_base_plus_adapter() -> anyhow::Result<()> {
             }
             zero.save(&zero_dir, "tiny")?;
             let deq = sub.join("dequantized");
-            flywheel_peft::merge::merge(path.to_str().unwrap(), &zero_dir, &deq, DType::F32)?;
+            flywheel_train::merge::merge(path.to_str().unwrap(), &zero_dir, &deq, DType::F32)?;
             let hook2 = LoraHook::for_config(&cfg);
             let deq_model = load(&deq, &hook2)?;
             hook2.install(&frozen)?;
@@ -439,7 +440,7 @@ fn merged_folder_equals_base_plus_adapter() -> anyhow::Result<()> {
         assert!(effect > 1e-2, "{quant:?}: adapter effect {effect}");
         // Merging into an existing folder is refused.
         assert!(
-            flywheel_peft::merge::merge(path.to_str().unwrap(), &adir, &out, DType::F32).is_err()
+            flywheel_train::merge::merge(path.to_str().unwrap(), &adir, &out, DType::F32).is_err()
         );
     }
     Ok(())
@@ -640,8 +641,8 @@ fn one_step_lowers_the_loss_on_a_fixed_batch() -> anyhow::Result<()> {
         let before = loss_now(&t)?;
         let mut logged = Vec::new();
         let summary = t.run(
-            &mut |e: &flywheel_peft::TrainEvent| {
-                if let flywheel_peft::TrainEvent::Step(m) = e {
+            &mut |e: &flywheel_train::TrainEvent| {
+                if let flywheel_train::TrainEvent::Step(m) = e {
                     logged.push(m.loss);
                 }
             },
@@ -676,10 +677,10 @@ fn resume_gives_the_same_adapter_as_an_uninterrupted_run() -> anyhow::Result<()>
     let dir = tempfile::tempdir()?;
     let model = tiny_model(dir.path(), Some(GgmlDType::Q8_0))?;
     let full = tiny_recipe(dir.path(), &model, "full", 6)?;
-    Trainer::new(full, false)?.run(&mut |_: &flywheel_peft::TrainEvent| {}, None)?;
+    Trainer::new(full, false)?.run(&mut |_: &flywheel_train::TrainEvent| {}, None)?;
     let part = tiny_recipe(dir.path(), &model, "part", 6)?;
-    let s =
-        Trainer::new(part.clone(), false)?.run(&mut |_: &flywheel_peft::TrainEvent| {}, Some(3))?;
+    let s = Trainer::new(part.clone(), false)?
+        .run(&mut |_: &flywheel_train::TrainEvent| {}, Some(3))?;
     assert_eq!(s.steps, 3);
     assert!(
         s.adapter_dir.is_none(),
@@ -693,7 +694,7 @@ fn resume_gives_the_same_adapter_as_an_uninterrupted_run() -> anyhow::Result<()>
     assert!(e.contains("--resume"), "{e}");
     let mut resumed = Trainer::new(part, true)?;
     assert_eq!(resumed.step(), 3);
-    let s = resumed.run(&mut |_: &flywheel_peft::TrainEvent| {}, None)?;
+    let s = resumed.run(&mut |_: &flywheel_train::TrainEvent| {}, None)?;
     assert_eq!(s.steps, 6);
     let a = Adapter::load(&dir.path().join("full/adapter"), &Device::Cpu, DType::F32)?;
     let b = Adapter::load(&dir.path().join("part/adapter"), &Device::Cpu, DType::F32)?;
@@ -757,7 +758,7 @@ fn a_diverging_run_stops_with_a_clear_message_and_keeps_its_checkpoint() -> anyh
     recipe.schedule.warmup_steps = 0;
     recipe.checkpoint.every = 1;
     let e = Trainer::new(recipe, false)?
-        .run(&mut |_: &flywheel_peft::TrainEvent| {}, None)
+        .run(&mut |_: &flywheel_train::TrainEvent| {}, None)
         .expect_err("an lr of 1e30 must diverge")
         .to_string();
     assert!(e.contains("became") && e.contains("at step"), "{e}");
@@ -776,7 +777,7 @@ fn gradient_checkpointing_trains_the_same_adapter() -> anyhow::Result<()> {
         for (i, ckpt) in [false, true].into_iter().enumerate() {
             let mut r = tiny_recipe(&sub, &model, &format!("run{i}"), 3)?;
             r.batch.gradient_checkpointing = ckpt;
-            let s = Trainer::new(r, false)?.run(&mut |_: &flywheel_peft::TrainEvent| {}, None)?;
+            let s = Trainer::new(r, false)?.run(&mut |_: &flywheel_train::TrainEvent| {}, None)?;
             adapters.push(Adapter::load(
                 &s.adapter_dir.unwrap(),
                 &Device::Cpu,

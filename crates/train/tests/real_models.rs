@@ -6,8 +6,9 @@
 //! Fails (not skips) when the model is missing; FLYWHEEL_SKIP_REAL_MODELS=1 skips explicitly.
 
 use flywheel_api::{ChatMessage, GenerateRequest, NullSink, SamplingParams};
-use flywheel_peft::{Adapter, LoraHook, Recipe, Trainer};
+use flywheel_peft::{Adapter, LoraHook};
 use flywheel_runtime::{DType, Device, LoadOptions, ModelFormat, TextModel};
+use flywheel_train::{Recipe, Trainer};
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
@@ -64,7 +65,7 @@ fn quickstart_lora_teaches_smollm2_a_format() -> anyhow::Result<()> {
     recipe.output.dir = run.path().join("quickstart");
     let system = recipe.data.system.clone().unwrap_or_default();
     let summary =
-        Trainer::new(recipe, false)?.run(&mut |_: &flywheel_peft::TrainEvent| {}, None)?;
+        Trainer::new(recipe, false)?.run(&mut |_: &flywheel_train::TrainEvent| {}, None)?;
     let adapter_dir = summary
         .adapter_dir
         .clone()
@@ -130,15 +131,15 @@ fn sql_data_loads_for_the_sql_recipe() -> anyhow::Result<()> {
         "run scripts/fetch-models.sh and scripts/prepare-sql-data.sh first (or set FLYWHEEL_SKIP_REAL_MODELS=1)"
     );
     let model = TextModel::load(model_path.to_str().unwrap(), &LoadOptions::default())?;
-    let opts = flywheel_peft::data::DataOptions {
+    let opts = flywheel_train::data::DataOptions {
         chat: recipe.data.chat,
         system: recipe.data.system.clone(),
         train_on_inputs: false,
         max_seq_len: recipe.data.max_seq_len,
         overlong: recipe.data.overlong,
     };
-    let (examples, stats, format) = flywheel_peft::data::load_file(&valid, &model, &opts)?;
-    assert_eq!(format, flywheel_peft::data::Format::PromptCompletion);
+    let (examples, stats, format) = flywheel_train::data::load_file(&valid, &model, &opts)?;
+    assert_eq!(format, flywheel_train::data::Format::PromptCompletion);
     assert_eq!(stats.records, 96);
     assert_eq!(stats.dropped_overlong, 0, "{stats:?}");
     let first: serde_json::Value =
@@ -182,7 +183,7 @@ fn peft_made_adapter_reproduces_transformers_logits() -> anyhow::Result<()> {
     let zero_dir = tmp.path().join("zero");
     zero.save(&zero_dir, "smollm2")?;
     let dense = tmp.path().join("dense");
-    flywheel_peft::merge::merge(gguf.to_str().unwrap(), &zero_dir, &dense, DType::F32)?;
+    flywheel_train::merge::merge(gguf.to_str().unwrap(), &zero_dir, &dense, DType::F32)?;
 
     let hook = LoraHook::for_config(&peft.config);
     let model = TextModel::load_with_hook(

@@ -15,14 +15,17 @@ use flywheel_runtime::{LoadOptions, ModelFormat, TextModel};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::adapter::{read_safetensors, write_safetensors, AdapterRecord, RECORD_FILE};
+use flywheel_api::files::now_rfc3339;
+use flywheel_peft::adapter::{read_safetensors, write_safetensors, AdapterRecord, RECORD_FILE};
+use flywheel_peft::{fnv1a, splitmix, LoraHook, TrainableAdapter};
+use flywheel_runtime::load::model_sha;
+
 use crate::data::{load_file, DataOptions, DataStats, Example};
-use crate::lora::{fnv1a, splitmix, LoraHook, TrainableAdapter};
 use crate::recipe::{Recipe, ScheduleKind};
 use crate::{atomic_write, replace_dir, sha256_file, write_json_atomic, Error, Result};
 
@@ -683,7 +686,7 @@ impl Trainer {
         if state.fingerprint != self.fingerprint {
             return Err(bad("the recipe's model, data, lora, optimizer, schedule or batch settings (or the data or model files) changed since this checkpoint; resume needs the same run".into()));
         }
-        let saved = crate::Adapter::load(&dir, &self.device, DType::F32)?;
+        let saved = flywheel_peft::Adapter::load(&dir, &self.device, DType::F32)?;
         let moments = read_safetensors(&dir.join("optimizer.safetensors"), &self.device)?;
         for (name, (a, b)) in &self.adapter.params {
             let (sa, sb) = saved
@@ -900,53 +903,6 @@ fn fingerprint(r: &Recipe, data: &BTreeMap<String, String>, base: &str) -> Strin
     format!("{:016x}", fnv1a(key.to_string().as_bytes()))
 }
 
-/// sha256 of a model's weight file, or of its safetensors files in order.
-pub fn model_sha(path: &Path) -> Result<String> {
-    if path.is_file() {
-        return sha256_file(path);
-    }
-    let files = flywheel_runtime::load::safetensors_files(path)?;
-    let mut all = String::new();
-    for f in files {
-        all.push_str(&sha256_file(&f)?);
-    }
-    if all.len() == 64 {
-        return Ok(all);
-    }
-    use sha2::{Digest, Sha256};
-    Ok(Sha256::digest(all.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
-}
-
-/// Current UTC time as RFC 3339 (seconds).
-fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    // Civil-from-days (Howard Hinnant).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -989,12 +945,5 @@ mod tests {
         assert!(packed.iter().all(|e| e.ids.len() <= 10));
         assert_eq!(packed.iter().map(|e| e.ids.len()).sum::<usize>(), 18);
         assert!(packed.len() < 4);
-    }
-
-    #[test]
-    fn rfc3339_is_well_formed() {
-        let s = now_rfc3339();
-        assert_eq!(s.len(), 20, "{s}");
-        assert!(s.starts_with("20") && s.ends_with('Z'));
     }
 }
