@@ -5,6 +5,7 @@
 //!   a model's projections.
 //! - [`adapter`]: adapters on disk in the Hugging Face PEFT layout, plus a provenance record.
 //! - [`merge`]: folding an adapter into the base weights.
+//! - [`registry`]: named adapters loaded at run time, each version immutable once loaded.
 //!
 //! Training (data, recipes, the trainer) is `flywheel-train`, which builds on this crate.
 #![deny(missing_docs)]
@@ -13,10 +14,12 @@ pub mod adapter;
 pub mod config;
 pub mod lora;
 pub mod merge;
+pub mod registry;
 
 pub use adapter::{Adapter, AdapterRecord};
 pub use config::{LoraConfig, TargetModules};
 pub use lora::{with_routing, LoraHook, RoutedAdapter, Routing, TrainableAdapter};
+pub use registry::{LoadedAdapter, Registry, RegistryError};
 
 use std::path::Path;
 

@@ -5,12 +5,15 @@
 //! - [`chat`]: chat templates rendered with minijinja under Hugging Face semantics.
 //! - [`sampler`]: temperature, top-k/top-p/min-p, repeat penalty, seeded.
 //! - [`generate`]: the one generation loop (batched prefill, KV-cache decode, stop strings, sinks).
+//! - [`engine`]: the continuous-batching engine thread (per-row adapters, prefix cache) that
+//!   the server submits to.
 //! - [`embed`]: sentence embeddings with a BERT-family encoder.
 //! - [`threads`]: the CPU thread count (physical cores by default).
 #![deny(missing_docs)]
 
 pub mod chat;
 pub mod embed;
+pub mod engine;
 pub mod generate;
 pub mod load;
 pub mod sampler;
@@ -20,6 +23,7 @@ pub mod tokenizer;
 
 pub use candle_core::{DType, Device};
 pub use embed::EmbeddingModel;
+pub use engine::{Engine, EngineConfig, EngineError};
 pub use generate::TextModel;
 pub use load::{parse_device, parse_dtype, LoadOptions, ModelFormat, ModelInfo};
 pub use tokenizer::Tokenizer;

@@ -9,8 +9,6 @@
 //! - [`rag`]: retrieval from a `flywheel rag` store for chat requests (`--rag`).
 #![deny(missing_docs)]
 
-pub mod adapters;
-pub mod engine;
 pub mod metrics;
 pub mod openai;
 pub mod rag;
@@ -22,10 +20,10 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use flywheel_peft::LoraHook;
+use flywheel_peft::{LoraHook, Registry, RegistryError};
 use flywheel_runtime::{EmbeddingModel, LoadOptions, ModelFormat, TextModel};
 
-pub use engine::{Engine, EngineConfig};
+pub use flywheel_runtime::engine::{Engine, EngineConfig};
 pub use router::{router, AppState};
 
 /// Errors of the server, each with its HTTP status and OpenAI error body.
@@ -96,6 +94,36 @@ impl ServeError {
             ServeError::Busy(_) => ("rate_limit_error", Some("queue_full")),
             ServeError::TooLarge(_) => ("invalid_request_error", Some("body_too_large")),
             ServeError::Internal(_) | ServeError::Startup(_) => ("server_error", None),
+        }
+    }
+}
+
+impl From<RegistryError> for ServeError {
+    fn from(e: RegistryError) -> Self {
+        let message = e.to_string();
+        let bad = |param: &str| ServeError::BadRequest {
+            param: Some(param.into()),
+            message: message.clone(),
+        };
+        match e {
+            RegistryError::AdaptersDir { .. } => ServeError::Startup(message),
+            RegistryError::RuntimeLoadsOff | RegistryError::OutsideDir { .. } => {
+                ServeError::Forbidden(message)
+            }
+            RegistryError::NoSuchFolder { .. } | RegistryError::NotAFolder { .. } => bad("path"),
+            RegistryError::BadName { .. } => bad("name"),
+            RegistryError::Refused { name, reason } => ServeError::AdapterRefused { name, reason },
+        }
+    }
+}
+
+impl From<flywheel_runtime::EngineError> for ServeError {
+    fn from(e: flywheel_runtime::EngineError) -> Self {
+        use flywheel_runtime::EngineError;
+        match e {
+            EngineError::PromptLength { .. }
+            | EngineError::Model(_)
+            | EngineError::Panic { .. } => ServeError::Internal(e.to_string()),
         }
     }
 }
@@ -187,9 +215,11 @@ pub fn build_state(cfg: &ServeConfig) -> Result<Arc<AppState>, ServeError> {
         ModelFormat::Gguf(p) | ModelFormat::HfFolder(p) => p.clone(),
     };
     let name = cfg.name.clone().unwrap_or_else(|| default_name(&cfg.model));
-    let registry = adapters::Registry::new(
+    let base_sha: flywheel_peft::registry::BaseSha =
+        Arc::new(move || flywheel_runtime::load::model_sha(&model_path).ok());
+    let registry = Registry::new(
         hook,
-        model_path,
+        base_sha,
         model.model().device().clone(),
         model.model().dtype(),
         cfg.adapters_dir.clone(),

@@ -20,11 +20,11 @@ use futures_util::{FutureExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::adapters::{LoadedAdapter, Registry};
-use crate::engine::{Busy, Engine, Event, Job};
 use crate::metrics::Metrics;
 use crate::openai::{self, Common, OneOrMany, UsageBody};
 use crate::ServeError;
+use flywheel_peft::{LoadedAdapter, Registry};
+use flywheel_runtime::engine::{Busy, Engine, Event, Job};
 
 /// Everything the handlers share.
 pub struct AppState {
@@ -366,7 +366,7 @@ async fn collect(
                     ttft,
                 })
             }
-            Some(Event::Failed(m)) => return Err(ServeError::Internal(m)),
+            Some(Event::Failed(e)) => return Err(e.into()),
             None => return Err(ServeError::Internal("the engine stopped".into())),
         }
     }
@@ -670,8 +670,9 @@ fn stream(
                 }
                 Event::Failed(m) => {
                     status = 500;
-                    SseEvent::default()
-                        .data(openai::error_body(&m, "server_error", None, None).to_string())
+                    SseEvent::default().data(
+                        openai::error_body(&m.to_string(), "server_error", None, None).to_string(),
+                    )
                 }
             };
             if out.send(c).await.is_err() {

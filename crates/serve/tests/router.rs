@@ -722,7 +722,7 @@ async fn a_cached_prompt_prefix_gives_exactly_the_cold_result() -> anyhow::Resul
     assert_eq!(s, StatusCode::OK);
     let reused = warm.state.engine.reused_prompt_tokens();
     assert!(
-        reused >= flywheel_serve::engine::PREFILL_CHUNK,
+        reused >= flywheel_runtime::engine::PREFILL_CHUNK,
         "only {reused} prompt tokens came from the cache"
     );
     assert_eq!(got["choices"], want["choices"]);

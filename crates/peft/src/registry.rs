@@ -1,5 +1,5 @@
-//! The adapters a server holds: loaded from PEFT folders, checked against the base model,
-//! named, and replaced or removed at run time. Each loaded version is immutable and shared by
+//! The named-adapter registry: adapters loaded from PEFT folders, checked against the base
+//! model, named, and replaced or removed at run time. Each loaded version is immutable and shared by
 //! `Arc`, so the base weights exist once whatever the number of adapters, and a request keeps
 //! the version it started with.
 
@@ -8,11 +8,61 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
-use flywheel_peft::adapter::RECORD_FILE;
-use flywheel_peft::{Adapter, AdapterRecord, LoraHook, RoutedAdapter};
 use serde_json::{json, Value};
 
-use crate::ServeError;
+use crate::adapter::RECORD_FILE;
+use crate::{Adapter, AdapterRecord, LoraHook, RoutedAdapter};
+
+/// Why the registry refused a folder, a name or an adapter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// The folder run-time loads are confined to cannot be opened.
+    #[error("--adapters-dir {dir}: {reason}")]
+    AdaptersDir {
+        /// The folder as given.
+        dir: String,
+        /// The OS error.
+        reason: String,
+    },
+    /// Run-time loading was not enabled (no adapters folder).
+    #[error("loading adapters at run time is off: start the server with --adapters-dir DIR")]
+    RuntimeLoadsOff,
+    /// The requested folder does not exist under the adapters folder.
+    #[error("adapter folder `{requested}` does not exist under the adapters directory")]
+    NoSuchFolder {
+        /// The path as requested.
+        requested: String,
+    },
+    /// The requested path leads outside the adapters folder.
+    #[error("`{requested}` is outside the adapters directory")]
+    OutsideDir {
+        /// The path as requested.
+        requested: String,
+    },
+    /// The requested path is not a folder.
+    #[error("`{requested}` is not a folder")]
+    NotAFolder {
+        /// The path as requested.
+        requested: String,
+    },
+    /// The name cannot name an adapter.
+    #[error("adapter name `{name}` must be 1-64 characters of letters, digits, `-`, `_`, `.`")]
+    BadName {
+        /// The name as given.
+        name: String,
+    },
+    /// The adapter does not fit the model (shapes, files, or its base model's sha256).
+    #[error("adapter `{name}` refused: {reason}")]
+    Refused {
+        /// The name it was to be served under.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Computes the base model's sha256 (or `None` when it cannot be read).
+pub type BaseSha = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// One loaded adapter version.
 #[derive(Debug)]
@@ -27,10 +77,10 @@ pub struct LoadedAdapter {
     pub info: Value,
 }
 
-/// The adapters of one server.
+/// The adapters of one served model.
 pub struct Registry {
     hook: Arc<LoraHook>,
-    model_path: PathBuf,
+    model_sha: BaseSha,
     dtype: candle_core::DType,
     device: candle_core::Device,
     dir: Option<PathBuf>,
@@ -48,18 +98,19 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl Registry {
-    /// A registry over the model loaded from `model_path` through `hook`; `dir` is the only
-    /// folder `POST /v1/adapters` may read from (none: run-time loading is off).
+    /// A registry over the model loaded through `hook`, whose weights' sha256 `model_sha`
+    /// computes; `dir` is the only folder run-time loads may read from (none: they are off).
     pub fn new(
         hook: Arc<LoraHook>,
-        model_path: PathBuf,
+        model_sha: BaseSha,
         device: candle_core::Device,
         dtype: candle_core::DType,
         dir: Option<PathBuf>,
-    ) -> Result<Self, ServeError> {
+    ) -> Result<Self, RegistryError> {
         let dir = match dir {
-            Some(d) => Some(d.canonicalize().map_err(|e| {
-                ServeError::Startup(format!("--adapters-dir {}: {e}", d.display()))
+            Some(d) => Some(d.canonicalize().map_err(|e| RegistryError::AdaptersDir {
+                dir: d.display().to_string(),
+                reason: e.to_string(),
             })?),
             None => None,
         };
@@ -67,14 +118,14 @@ impl Registry {
         // in the background, so the first run-time load does not pay for hashing the model.
         let base_sha = Arc::new(OnceLock::new());
         {
-            let (cell, path) = (base_sha.clone(), model_path.clone());
+            let (cell, sha) = (base_sha.clone(), model_sha.clone());
             std::thread::spawn(move || {
-                cell.get_or_init(|| flywheel_runtime::load::model_sha(&path).ok());
+                cell.get_or_init(|| sha());
             });
         }
         Ok(Self {
             hook,
-            model_path,
+            model_sha,
             dtype,
             device,
             dir,
@@ -110,12 +161,9 @@ impl Registry {
 
     /// Resolves a run-time load request's path: relative to the adapters folder, and never
     /// outside it (symbolic links and `..` included).
-    pub fn confine(&self, requested: &str) -> Result<PathBuf, ServeError> {
+    pub fn confine(&self, requested: &str) -> Result<PathBuf, RegistryError> {
         let Some(dir) = &self.dir else {
-            return Err(ServeError::Forbidden(
-                "loading adapters at run time is off: start the server with --adapters-dir DIR"
-                    .into(),
-            ));
+            return Err(RegistryError::RuntimeLoadsOff);
         };
         let p = Path::new(requested);
         let joined = if p.is_absolute() {
@@ -123,46 +171,36 @@ impl Registry {
         } else {
             dir.join(p)
         };
-        let canon = joined.canonicalize().map_err(|_| ServeError::BadRequest {
-            param: Some("path".into()),
-            message: format!(
-                "adapter folder `{requested}` does not exist under the adapters directory"
-            ),
-        })?;
+        let requested = requested.to_string();
+        let canon = joined
+            .canonicalize()
+            .map_err(|_| RegistryError::NoSuchFolder {
+                requested: requested.clone(),
+            })?;
         if !canon.starts_with(dir) {
-            return Err(ServeError::Forbidden(format!(
-                "`{requested}` is outside the adapters directory"
-            )));
+            return Err(RegistryError::OutsideDir { requested });
         }
         if !canon.is_dir() {
-            return Err(ServeError::BadRequest {
-                param: Some("path".into()),
-                message: format!("`{requested}` is not a folder"),
-            });
+            return Err(RegistryError::NotAFolder { requested });
         }
         Ok(canon)
     }
 
     fn base_sha(&self) -> Option<&str> {
-        self.base_sha
-            .get_or_init(|| flywheel_runtime::load::model_sha(&self.model_path).ok())
-            .as_deref()
+        self.base_sha.get_or_init(|| (self.model_sha)()).as_deref()
     }
 
     /// Reads and checks the adapter in `path` (blocking: call off the async threads). The
     /// adapter is refused when its shapes do not fit the model or when its provenance record
     /// names a different base model file (sha256).
-    pub fn read(&self, name: &str, path: &Path) -> Result<LoadedAdapter, ServeError> {
+    pub fn read(&self, name: &str, path: &Path) -> Result<LoadedAdapter, RegistryError> {
         if !valid_name(name) {
-            return Err(ServeError::BadRequest {
-                param: Some("name".into()),
-                message: format!(
-                    "adapter name `{name}` must be 1-64 characters of letters, digits, `-`, `_`, `.`"
-                ),
+            return Err(RegistryError::BadName {
+                name: name.to_string(),
             });
         }
         let t0 = Instant::now();
-        let bad = |reason: String| ServeError::AdapterRefused {
+        let bad = |reason: String| RegistryError::Refused {
             name: name.to_string(),
             reason,
         };

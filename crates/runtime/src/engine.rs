@@ -1,5 +1,5 @@
-//! The compute engine: one thread owns all tensor work behind a channel, and runs continuous
-//! batching. New requests are prefilled and join the running batch at token boundaries;
+//! The continuous-batching engine: one thread owns all tensor work behind a channel, and runs
+//! continuous batching. New requests are prefilled and join the running batch at token boundaries;
 //! finished or abandoned ones leave it. Each row of a decode step applies its own adapter
 //! (rows grouped by adapter); rows without one use the base weights alone.
 
@@ -13,9 +13,40 @@ use candle_core::Tensor;
 use flywheel_api::{FinishReason, GenerateRequest, SamplingParams, Usage};
 use flywheel_models::{Cache, Logits};
 use flywheel_peft::{with_routing, RoutedAdapter, Routing};
-use flywheel_runtime::generate::RowState;
-use flywheel_runtime::TextModel;
 use tokio::sync::mpsc::UnboundedSender;
+
+use crate::generate::RowState;
+use crate::TextModel;
+
+/// Why the engine failed a request (it keeps serving the others).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    /// The prompt is empty or does not fit the context.
+    #[error("the prompt has {tokens} tokens; the context is {context}")]
+    PromptLength {
+        /// Prompt tokens.
+        tokens: usize,
+        /// The model's context.
+        context: usize,
+    },
+    /// A model or tensor operation failed.
+    #[error("{0}")]
+    Model(String),
+    /// Code inside the engine panicked while it ran this request.
+    #[error("internal error while {stage}: {message}")]
+    Panic {
+        /// What the engine was doing: `reading the prompt` or `generating`.
+        stage: &'static str,
+        /// The panic's message.
+        message: String,
+    },
+}
+
+impl EngineError {
+    fn model(e: impl std::fmt::Display) -> Self {
+        EngineError::Model(e.to_string())
+    }
+}
 
 /// What a running request hears from the engine.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,8 +65,8 @@ pub enum Event {
         /// Token counts.
         usage: Usage,
     },
-    /// The request failed inside the engine (the server itself keeps running).
-    Failed(String),
+    /// The request failed inside the engine (the engine itself keeps running).
+    Failed(EngineError),
 }
 
 /// One generation job, as the engine runs it.
@@ -61,11 +92,11 @@ pub struct Job {
 pub struct EngineConfig {
     /// Most sequences decoded together.
     pub max_batch: usize,
-    /// Most requests waiting for a slot; more are refused (HTTP 429).
+    /// Most requests waiting for a slot; more are refused ([`Busy`]).
     pub max_queue: usize,
-    /// Test hook: a prompt containing this token id makes the engine panic while running it
-    /// (proves that one failing request never takes the server down).
-    #[doc(hidden)]
+    /// Test hook (feature `test-hooks` only): a prompt containing this token id makes the
+    /// engine panic while running it (proves that one failing request never takes it down).
+    #[cfg(feature = "test-hooks")]
     pub panic_on_token: Option<u32>,
 }
 
@@ -74,6 +105,7 @@ impl Default for EngineConfig {
         Self {
             max_batch: 32,
             max_queue: 256,
+            #[cfg(feature = "test-hooks")]
             panic_on_token: None,
         }
     }
@@ -209,7 +241,7 @@ impl Seq<'_> {
     }
 
     /// Accepts a sampled token and streams it.
-    fn accept(&mut self, tok: u32, eos: &[u32]) -> flywheel_runtime::Result<()> {
+    fn accept(&mut self, tok: u32, eos: &[u32]) -> crate::Result<()> {
         let events = self.events.clone();
         let mut sink = |text: &str, token: u32| {
             if events
@@ -385,10 +417,10 @@ impl Worker {
                         let _ = events.send(Event::Failed(e));
                     }
                     Err(p) => {
-                        let _ = events.send(Event::Failed(format!(
-                            "internal error while reading the prompt: {}",
-                            panic_text(p)
-                        )));
+                        let _ = events.send(Event::Failed(EngineError::Panic {
+                            stage: "reading the prompt",
+                            message: panic_text(p),
+                        }));
                     }
                 }
             }
@@ -400,10 +432,10 @@ impl Worker {
             let failure = match step {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(e),
-                Err(p) => Some(format!(
-                    "internal error while generating: {}",
-                    panic_text(p)
-                )),
+                Err(p) => Some(EngineError::Panic {
+                    stage: "generating",
+                    message: panic_text(p),
+                }),
             };
             if let Some(msg) = failure {
                 for s in batch.drain(..) {
@@ -429,10 +461,11 @@ impl Worker {
     /// Runs a new request's prompt and samples its first token.
     fn prefill<'a>(
         &self,
-        tok: &'a flywheel_runtime::Tokenizer,
+        tok: &'a crate::Tokenizer,
         eos: &[u32],
         job: Job,
-    ) -> Result<Seq<'a>, String> {
+    ) -> Result<Seq<'a>, EngineError> {
+        #[cfg(feature = "test-hooks")]
         if let Some(bad) = self.cfg.panic_on_token {
             if job.prompt.contains(&bad) {
                 panic!("test hook: prompt contains token {bad}");
@@ -441,10 +474,10 @@ impl Worker {
         let model = self.model.model();
         let ctx = model.config().max_position_embeddings;
         if job.prompt.is_empty() || job.prompt.len() >= ctx {
-            return Err(format!(
-                "the prompt has {} tokens; the context is {ctx}",
-                job.prompt.len()
-            ));
+            return Err(EngineError::PromptLength {
+                tokens: job.prompt.len(),
+                context: ctx,
+            });
         }
         let req = GenerateRequest {
             prompt: String::new(),
@@ -487,7 +520,7 @@ impl Worker {
         };
         // On a pool thread, with the routing set there (see `flywheel_models::on_pool`).
         let logits = flywheel_models::on_pool(model.device(), || with_routing(route, prefill))
-            .map_err(|e| e.to_string())?;
+            .map_err(EngineError::model)?;
         if let Some(c) = snapshot {
             self.prefixes
                 .borrow_mut()
@@ -504,15 +537,15 @@ impl Worker {
             let mut l = logits
                 .squeeze(0)
                 .and_then(|l| l.to_vec1::<f32>())
-                .map_err(|e| e.to_string())?;
+                .map_err(EngineError::model)?;
             let t = seq.row.sample(&mut l);
-            seq.accept(t, eos).map_err(|e| e.to_string())?;
+            seq.accept(t, eos).map_err(EngineError::model)?;
         }
         Ok(seq)
     }
 
     /// One decode step for every sequence in the batch.
-    fn decode(&self, batch: &mut [Seq], eos: &[u32]) -> Result<(), String> {
+    fn decode(&self, batch: &mut [Seq], eos: &[u32]) -> Result<(), EngineError> {
         let model = self.model.model();
         let ids: Vec<u32> = batch.iter().map(|s| s.next).collect();
         let route = routing(batch.iter().map(|s| s.adapter.as_ref()));
@@ -527,7 +560,7 @@ impl Worker {
                 flywheel_models::on_pool(model.device(), || {
                     with_routing(route, || model.decode_into(&ids, &mut caches, sc))
                 })
-                .map_err(|e| e.to_string())?
+                .map_err(EngineError::model)?
             };
             if stepped {
                 let vocab = scratch.vocab();
@@ -536,7 +569,7 @@ impl Worker {
                     .zip(scratch.logits().chunks_exact_mut(vocab))
                 {
                     let t = s.row.sample(l);
-                    s.accept(t, eos).map_err(|e| e.to_string())?;
+                    s.accept(t, eos).map_err(EngineError::model)?;
                 }
                 return Ok(());
             }
@@ -546,12 +579,12 @@ impl Worker {
             flywheel_models::on_pool(model.device(), || {
                 with_routing(route, || model.decode_step(&ids, &mut caches))
             })
-            .map_err(|e| e.to_string())?
+            .map_err(EngineError::model)?
         };
-        let rows = logits.to_vec2::<f32>().map_err(|e| e.to_string())?;
+        let rows = logits.to_vec2::<f32>().map_err(EngineError::model)?;
         for (s, mut l) in batch.iter_mut().zip(rows) {
             let t = s.row.sample(&mut l);
-            s.accept(t, eos).map_err(|e| e.to_string())?;
+            s.accept(t, eos).map_err(EngineError::model)?;
         }
         Ok(())
     }
