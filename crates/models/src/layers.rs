@@ -27,9 +27,9 @@ impl RmsNorm {
     /// Normalises over the last dimension. A fused kernel at inference; differentiable ops when
     /// the input carries a gradient (training).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if crate::train_ops::training(x) && crate::train_ops::applicable(x) {
-            let op = crate::train_ops::RmsNormOp {
-                weight: crate::train_ops::to_host(&self.weight)?,
+        if crate::autograd::ops::training(x) && crate::autograd::ops::applicable(x) {
+            let op = crate::autograd::ops::RmsNormOp {
+                weight: crate::autograd::ops::to_host(&self.weight)?,
                 eps: self.eps as f32,
             };
             return Ok(x.contiguous()?.apply_op1(op)?);
@@ -142,10 +142,10 @@ impl Rope {
             }
         };
         let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
-        if crate::train_ops::training(x) && crate::train_ops::applicable(x) {
-            let op = crate::train_ops::RopeOp {
-                cos: crate::train_ops::to_host(&cos)?,
-                sin: crate::train_ops::to_host(&sin)?,
+        if crate::autograd::ops::training(x) && crate::autograd::ops::applicable(x) {
+            let op = crate::autograd::ops::RopeOp {
+                cos: crate::autograd::ops::to_host(&cos)?,
+                sin: crate::autograd::ops::to_host(&sin)?,
                 per_row: cos.rank() == 3,
             };
             return Ok(x.contiguous()?.apply_op1(op)?);
@@ -256,7 +256,9 @@ impl LayerCache {
     /// Whether keys/values of this dtype and device go to host buffers: CPU, f32, no gradient,
     /// and the cache has not started as tensors.
     fn host_eligible(&self, k: &Tensor) -> bool {
-        self.k.is_none() && crate::train_ops::applicable(k) && !crate::train_ops::training(k)
+        self.k.is_none()
+            && crate::autograd::ops::applicable(k)
+            && !crate::autograd::ops::training(k)
     }
 
     /// The host buffers for `b` rows of `heads × dim`, created on first use; `None` when this
@@ -560,11 +562,11 @@ impl Attention {
         let q = q.reshape((b, self.n_kv_heads, group * t, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
-        if crate::train_ops::training(&scores) && crate::train_ops::applicable(&scores) {
+        if crate::autograd::ops::training(&scores) && crate::autograd::ops::applicable(&scores) {
             // Training: one fused masked softmax (the folded GQA layout is (b, heads, t, seq) in
             // memory), without autograd nodes for the constant mask.
-            let op = crate::train_ops::MaskedSoftmaxOp {
-                mask: mask.map(crate::train_ops::to_host).transpose()?,
+            let op = crate::autograd::ops::MaskedSoftmaxOp {
+                mask: mask.map(crate::autograd::ops::to_host).transpose()?,
             };
             let probs = scores
                 .reshape((b, self.n_heads, t, seq))?
@@ -668,9 +670,9 @@ impl Attention {
             1 => b,
             _ => return Ok(None),
         };
-        if !crate::train_ops::applicable(x)
+        if !crate::autograd::ops::applicable(x)
             || crate::linear::reference_kernels()
-            || crate::train_ops::training(x)
+            || crate::autograd::ops::training(x)
             || positions.len() != b
             || positions.iter().any(|&p| p >= rope.max_positions())
         {
@@ -765,13 +767,13 @@ impl Attention {
         start: usize,
         cache: &mut LayerCache,
     ) -> Result<Option<Tensor>> {
-        use crate::bert_packed::small_gemm;
+        use crate::cpu::small_gemm;
         use rayon::prelude::*;
         let (b, t, _) = x.dims3()?;
-        if !crate::train_ops::applicable(x)
+        if !crate::autograd::ops::applicable(x)
             || crate::linear::reference_kernels()
-            || crate::train_ops::training(x)
-            || qkv.iter().any(crate::train_ops::training)
+            || crate::autograd::ops::training(x)
+            || qkv.iter().any(crate::autograd::ops::training)
             || start + t > rope.max_positions()
         {
             return Ok(None);
@@ -851,7 +853,7 @@ impl Attention {
                     );
                     for (i, row) in scores.chunks_exact_mut(seen).enumerate() {
                         let valid = start + s0 + i + 1;
-                        crate::bert_packed::softmax(&mut row[..valid]);
+                        crate::cpu::softmax(&mut row[..valid]);
                         row[valid..].fill(0.0);
                     }
                     let vp = h.v[kv..].as_ptr();
@@ -912,9 +914,9 @@ impl Mlp {
     /// Applies the block.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gu = crate::linear::forward_many(&[&self.gate, &self.up], x)?;
-        let act = if crate::train_ops::applicable(&gu[0]) && gu[0].dtype() == gu[1].dtype() {
-            let op = crate::train_ops::SwiGluOp {
-                fast_exp: crate::train_ops::training(&gu[0]),
+        let act = if crate::autograd::ops::applicable(&gu[0]) && gu[0].dtype() == gu[1].dtype() {
+            let op = crate::autograd::ops::SwiGluOp {
+                fast_exp: crate::autograd::ops::training(&gu[0]),
             };
             gu[0].contiguous()?.apply_op2(&gu[1].contiguous()?, op)?
         } else {

@@ -6,18 +6,21 @@
 //! - [`layers`]: RMSNorm, rotary embeddings (incl. llama3 scaling), GQA attention with a KV cache, MLP.
 //! - [`decoder`]: the Llama-family / Qwen2 decoder driven by [`DecoderConfig`].
 //! - [`bert`]: BERT-family sentence encoders with pooling.
-//! - [`low_rank`]: a frozen linear plus a trainable low-rank update as one training node.
-//! - [`train_ops`]: fused training kernels (RMSNorm, RoPE, masked softmax) with backward passes.
+//! - [`autograd`]: training through the model: fused ops with backward passes, frozen
+//!   (quantized) weights, the low-rank update as one training node, the training switches.
+//! - `cpu`, `qmatmul`, [`packed`]: CPU helpers shared by the layers, quantized matrices
+//!   (dequantizing, the tiled prefill GEMM), and repacking weights for the decode kernels.
 #![deny(missing_docs)]
 
+pub mod autograd;
 pub mod bert;
 pub mod bert_packed;
+mod cpu;
 pub mod decoder;
 pub mod layers;
 pub mod linear;
-pub mod low_rank;
 pub mod packed;
-pub mod train_ops;
+mod qmatmul;
 pub mod weights;
 
 pub use candle_core::{quantized::GgmlDType, DType, Device, Tensor};

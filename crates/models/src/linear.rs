@@ -14,6 +14,8 @@ use flywheel_kernels::Layout;
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use crate::autograd::frozen::{FrozenTrainOp, FrozenWeight};
+use crate::qmatmul::{kernel_matrix, kernel_type};
 use crate::Result;
 
 /// The stored weight of a [`Linear`].
@@ -177,7 +179,7 @@ impl Linear {
                 if choice == KernelChoice::Auto
                     && x.device().is_cpu()
                     && x.dtype() == DType::F32
-                    && !crate::train_ops::training(x)
+                    && !crate::autograd::ops::training(x)
                     && positions_of(x) >= GEMM_MIN_ROWS
                     && self.layout == Layout::Ggml
                     && kernel_type(q.dtype()).is_some_and(flywheel_kernels::has_gemm_k)
@@ -201,7 +203,7 @@ impl Linear {
             // in training the same op also gives the input's gradient.
             (LinearWeight::Quantized(q), _)
                 if x.device().is_cpu()
-                    && (crate::train_ops::training(x)
+                    && (crate::autograd::ops::training(x)
                         || (choice == KernelChoice::Auto
                             && x.dtype() == DType::F32
                             && positions_of(x) >= GEMM_MIN_ROWS)) =>
@@ -215,7 +217,7 @@ impl Linear {
             // Training on a GPU: candle's quantized matmul has no backward pass, so the weight
             // is dequantized for this product (a constant of the graph: only `dx` flows back).
             (LinearWeight::Quantized(q), _)
-                if !x.device().is_cpu() && x.track_op() && crate::train_ops::training(x) =>
+                if !x.device().is_cpu() && x.track_op() && crate::autograd::ops::training(x) =>
             {
                 matmul_t(x, &q.dequantize(x.device())?.to_dtype(x.dtype())?)?
             }
@@ -250,7 +252,7 @@ impl Linear {
             // Training on a dense base: the weight is frozen, so only `dx` is computed in the
             // backward pass (candle's matmul would also build a full weight gradient).
             (LinearWeight::Dense(w), _)
-                if crate::train_ops::training(x) && !w.track_op() && x.device().is_cpu() =>
+                if crate::autograd::ops::training(x) && !w.track_op() && x.device().is_cpu() =>
             {
                 let xc = x.contiguous()?;
                 xc.apply_op1(FrozenTrainOp {
@@ -362,395 +364,6 @@ fn positions_of(x: &Tensor) -> usize {
     }
 }
 
-/// Rows of a quantized weight dequantized per slab (about 4 MiB of f32 at a time).
-fn slab_rows(k: usize) -> usize {
-    (1usize << 20).div_ceil(k.max(1)).max(1)
-}
-
-/// Rows `r0..r1` of a quantized `(n, k)` matrix in `layout` as a dense f32 `(r1 - r0, k)`
-/// tensor.
-fn dequantize_rows(
-    q: &QTensor,
-    layout: Layout,
-    r0: usize,
-    r1: usize,
-) -> candle_core::Result<Tensor> {
-    use rayon::prelude::*;
-    let (_, k) = q.shape().dims2()?;
-    let data = q.data()?;
-    if let Some(w) = kernel_matrix(q, &data, layout) {
-        let mut out = vec![0f32; (r1 - r0) * k];
-        out.par_chunks_mut(k).enumerate().for_each(|(i, row)| {
-            flywheel_kernels::dequantize_row_blocks(&w, r0 + i, 0, row);
-        });
-        return Tensor::from_vec(out, (r1 - r0, k), &candle_core::Device::Cpu);
-    }
-    let ty = q.dtype();
-    let row_bytes = k / ty.block_size() * ty.type_size();
-    let slab = candle_core::quantized::ggml_file::qtensor_from_ggml(
-        ty,
-        &data[r0 * row_bytes..r1 * row_bytes],
-        vec![r1 - r0, k],
-        &candle_core::Device::Cpu,
-    )?;
-    slab.dequantize(&candle_core::Device::Cpu)
-}
-
-/// `y = x·Wᵀ` in f32 for a quantized `W` of a type flywheel-kernels covers, without the dense
-/// `W` ever existing: tasks of [`tile_rows`] weight rows, each dequantized by its thread into an
-/// L2-sized buffer and multiplied by a one-thread GEMM into its own columns of `y`. (One 4 MiB
-/// slab at a time under a threaded GEMM moved every weight through L3 or memory three times,
-/// which made prefills of 16–64 positions dequantization-bound: 32 positions of Qwen2.5-0.5B
-/// ran at 50 tok/s, now 90.)
-fn prefill_gemm(
-    q: &QTensor,
-    layout: Layout,
-    x: &[f32],
-    dims: &[usize],
-) -> candle_core::Result<(Vec<f32>, Vec<usize>)> {
-    use rayon::prelude::*;
-    let (n, k) = q.shape().dims2()?;
-    let m: usize = dims[..dims.len() - 1].iter().product();
-    if x.len() != m * k {
-        candle_core::bail!("prefill GEMM: input of {} values for ({m}, {k})", x.len());
-    }
-    let data = q.data()?;
-    let w = kernel_matrix(q, &data, layout).expect("checked by the caller");
-    let step = tile_rows(k).min(n);
-    let mut y = vec![0f32; m * n];
-    let yp = crate::bert_packed::SendPtr(y.as_mut_ptr());
-    (0..n.div_ceil(step)).into_par_iter().for_each(|t| {
-        let r0 = t * step;
-        let rows = step.min(n - r0);
-        TILE.with(|b| {
-            let mut slab = b.borrow_mut();
-            slab.resize(rows * k, 0.0);
-            for (i, row) in slab.chunks_exact_mut(k).enumerate() {
-                flywheel_kernels::dequantize_row_blocks(&w, r0 + i, 0, row);
-            }
-            // SAFETY: y is (m, n) row-major and this task alone writes its columns
-            // r0..r0 + rows; x is (m, k); the slab holds `rows` rows of k, read as the
-            // (k, rows) right-hand side; dst aliases neither.
-            #[allow(unsafe_code)]
-            unsafe {
-                gemm::gemm(
-                    m,
-                    rows,
-                    k,
-                    yp.get().add(r0),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    slab.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        });
-    });
-    let mut shape = dims.to_vec();
-    *shape.last_mut().expect("rank >= 1") = n;
-    Ok((y, shape))
-}
-
-/// Weight rows per task of [`prefill_gemm`]: about 256 KiB of f32, so a task's
-/// dequantized rows stay in L2 while the GEMM packs and reads them; a multiple of 16 rows. It
-/// depends on `k` only, so the split (and every result) is the same whatever the thread count.
-fn tile_rows(k: usize) -> usize {
-    ((64 * 1024) / k.max(1) / 16 * 16).max(16)
-}
-
-thread_local! {
-    /// Each pool thread's buffer of dequantized weight rows.
-    static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// `dx = g·W` (`g` is `(m, n)`, `W` a quantized `(n, k)`, `dx` `(m, k)`), the input gradient
-/// of [`prefill_gemm`]: one task per block of `dx` columns (disjoint outputs), each walking down
-/// `W` in L2-sized tiles (dequantized by its thread) and accumulating one-thread GEMMs. The tiles
-/// depend on the shape only, so the result is the same whatever the thread count.
-fn input_gradient_gemm(
-    q: &QTensor,
-    layout: Layout,
-    g: &[f32],
-    m: usize,
-) -> candle_core::Result<Vec<f32>> {
-    use rayon::prelude::*;
-    let (n, k) = q.shape().dims2()?;
-    if g.len() != m * n {
-        candle_core::bail!("input gradient: {} values for ({m}, {n})", g.len());
-    }
-    let data = q.data()?;
-    let w = kernel_matrix(q, &data, layout).expect("checked by the caller");
-    let be = w.ty.block_elems();
-    // Columns per task: whole blocks, at least 64; rows per tile: about 64 Ki values.
-    let kc = be * 64usize.div_ceil(be);
-    let nr = ((64 * 1024) / kc).max(16);
-    let mut dx = vec![0f32; m * k];
-    let dp = crate::bert_packed::SendPtr(dx.as_mut_ptr());
-    (0..k.div_ceil(kc)).into_par_iter().for_each(|t| {
-        let c0 = t * kc;
-        let cols = kc.min(k - c0);
-        let b0 = c0 / be;
-        TILE.with(|b| {
-            let mut tile = b.borrow_mut();
-            let mut r0 = 0;
-            while r0 < n {
-                let rows = nr.min(n - r0);
-                tile.resize(rows * cols, 0.0);
-                for (i, out) in tile.chunks_exact_mut(cols).enumerate() {
-                    flywheel_kernels::dequantize_row_blocks(&w, r0 + i, b0, out);
-                }
-                // SAFETY: dx is (m, k) row-major and this task alone writes its columns
-                // c0..c0 + cols; g is (m, n), read from column r0 for `rows` columns; the tile
-                // is (rows, cols) row-major; dst aliases neither.
-                #[allow(unsafe_code)]
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        cols,
-                        rows,
-                        dp.get().add(c0),
-                        1,
-                        k as isize,
-                        r0 > 0,
-                        g.as_ptr().add(r0),
-                        1,
-                        n as isize,
-                        tile.as_ptr(),
-                        1,
-                        cols as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-                r0 += rows;
-            }
-        });
-    });
-    Ok(dx)
-}
-
-/// A frozen weight seen by [`FrozenTrainOp`] and the low-rank training op.
-#[derive(Debug, Clone)]
-pub(crate) enum FrozenWeight {
-    /// Dequantized a slab of rows at a time; its blocks in the given layout.
-    Quantized(Arc<QTensor>, Layout),
-    /// Used as is.
-    Dense(Tensor),
-}
-
-impl FrozenWeight {
-    /// `g·W` for `g` of shape `(m, n)`, one dequantized slab of rows at a time, in `dtype`.
-    fn slab_input_gradient(&self, g: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
-        let mut dx: Option<Tensor> = None;
-        self.for_each_slab(dtype, |r0, w| {
-            let part = g.narrow(1, r0, w.dim(0)?)?.contiguous()?.matmul(&w)?;
-            dx = Some(match dx.take() {
-                Some(acc) => (acc + part)?,
-                None => part,
-            });
-            Ok(())
-        })?;
-        Ok(dx.expect("n >= 1"))
-    }
-
-    fn dims(&self) -> candle_core::Result<(usize, usize)> {
-        match self {
-            FrozenWeight::Quantized(q, _) => q.shape().dims2(),
-            FrozenWeight::Dense(w) => w.dims2(),
-        }
-    }
-
-    /// Calls `f(r0, rows r0..r1 as a dense tensor)` for row slabs covering the matrix, one slab
-    /// alive at a time.
-    fn for_each_slab(
-        &self,
-        dtype: DType,
-        mut f: impl FnMut(usize, Tensor) -> candle_core::Result<()>,
-    ) -> candle_core::Result<()> {
-        let (n, k) = self.dims()?;
-        match self {
-            FrozenWeight::Dense(w) => f(0, w.to_dtype(dtype)?),
-            FrozenWeight::Quantized(q, layout) => {
-                let step = slab_rows(k);
-                let mut r0 = 0;
-                while r0 < n {
-                    let r1 = (r0 + step).min(n);
-                    f(r0, dequantize_rows(q, *layout, r0, r1)?.to_dtype(dtype)?)?;
-                    r0 = r1;
-                }
-                Ok(())
-            }
-        }
-    }
-}
-
-/// `y = x·Wᵀ` for a frozen `W` (quantized or dense) with a backward pass for `x` only
-/// (`dx = dy·W`). A quantized `W` is dequantized a slab of rows at a time in both passes, so the
-/// model never exists dense in memory; `W` itself gets no gradient.
-#[derive(Debug, Clone)]
-struct FrozenTrainOp {
-    weight: FrozenWeight,
-}
-
-impl FrozenTrainOp {
-    fn forward_cpu<T: candle_core::WithDType>(
-        &self,
-        xs: &[T],
-        dims: &[usize],
-    ) -> candle_core::Result<(Vec<T>, Vec<usize>)> {
-        let (n, k) = self.weight.dims()?;
-        let m: usize = dims[..dims.len() - 1].iter().product();
-        let x = Tensor::from_slice(xs, (m, k), &candle_core::Device::Cpu)?;
-        let mut parts = Vec::new();
-        self.weight.for_each_slab(x.dtype(), |_, w| {
-            parts.push(x.matmul(&w.t()?)?);
-            Ok(())
-        })?;
-        let y = if parts.len() == 1 {
-            parts.into_iter().next().expect("one part")
-        } else {
-            Tensor::cat(&parts, 1)?
-        };
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("rank >= 1") = n;
-        Ok((y.flatten_all()?.to_vec1::<T>()?, shape))
-    }
-}
-
-impl candle_core::CustomOp1 for FrozenTrainOp {
-    fn name(&self) -> &'static str {
-        "flywheel-frozen-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as S;
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            candle_core::bail!("frozen linear training op needs a contiguous input")
-        };
-        let dims = layout.shape().dims();
-        let (data, shape) = match storage {
-            S::F32(v) => {
-                let (y, s) = match &self.weight {
-                    FrozenWeight::Quantized(q, wl) if kernel_type(q.dtype()).is_some() => {
-                        prefill_gemm(q, *wl, &v[a..b], dims)?
-                    }
-                    _ => self.forward_cpu(&v[a..b], dims)?,
-                };
-                (S::F32(y), s)
-            }
-            S::F64(v) => {
-                let (y, s) = self.forward_cpu(&v[a..b], dims)?;
-                (S::F64(y), s)
-            }
-            S::BF16(v) => {
-                let (y, s) = self.forward_cpu(&v[a..b], dims)?;
-                (S::BF16(y), s)
-            }
-            S::F16(v) => {
-                let (y, s) = self.forward_cpu(&v[a..b], dims)?;
-                (S::F16(y), s)
-            }
-            _ => candle_core::bail!("frozen linear training op: unsupported dtype"),
-        };
-        Ok((data, shape.into()))
-    }
-
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let (n, _) = self.weight.dims()?;
-        let dims = grad_res.dims();
-        let m: usize = dims[..dims.len() - 1].iter().product();
-        let g = grad_res.detach().to_dtype(arg.dtype())?.reshape((m, n))?;
-        if let FrozenWeight::Quantized(q, layout) = &self.weight {
-            if arg.dtype() == DType::F32 && kernel_type(q.dtype()).is_some() {
-                let g = g.contiguous()?;
-                let dx = input_gradient_gemm(q, *layout, &crate::train_ops::host_f32(&g)?, m)?;
-                return Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?));
-            }
-        }
-        let dx = self.weight.slab_input_gradient(&g, arg.dtype())?;
-        Ok(Some(dx.reshape(arg.shape())?))
-    }
-}
-
-/// `x·Wᵀ` in f32 for a frozen weight, `x` of shape `dims` (last axis `k`): the tiled GEMM for
-/// quantized types flywheel-kernels covers, one GEMM on a dense f32 weight, else slabs.
-pub(crate) fn frozen_forward_f32(
-    weight: &FrozenWeight,
-    x: &[f32],
-    dims: &[usize],
-) -> candle_core::Result<(Vec<f32>, Vec<usize>)> {
-    let (n, k) = weight.dims()?;
-    match weight {
-        FrozenWeight::Quantized(q, layout) if kernel_type(q.dtype()).is_some() => {
-            prefill_gemm(q, *layout, x, dims)
-        }
-        FrozenWeight::Dense(w) if w.dtype() == DType::F32 && w.device().is_cpu() => {
-            let m = x.len() / k.max(1);
-            let mut y = vec![0f32; m * n];
-            let wv = crate::train_ops::host_f32(w)?;
-            crate::low_rank::mm(&mut y, (m, n, k), (x, 1, k), (&wv, k, 1), 1.0, false);
-            let mut shape = dims.to_vec();
-            *shape.last_mut().expect("rank >= 1") = n;
-            Ok((y, shape))
-        }
-        _ => FrozenTrainOp {
-            weight: weight.clone(),
-        }
-        .forward_cpu(x, dims),
-    }
-}
-
-/// `dy·W` in f32 for a frozen `(n, k)` weight and `dy` of `m` rows.
-pub(crate) fn frozen_input_gradient_f32(
-    weight: &FrozenWeight,
-    g: &[f32],
-    m: usize,
-) -> candle_core::Result<Vec<f32>> {
-    let (n, k) = weight.dims()?;
-    match weight {
-        FrozenWeight::Quantized(q, layout) if kernel_type(q.dtype()).is_some() => {
-            input_gradient_gemm(q, *layout, g, m)
-        }
-        FrozenWeight::Dense(w) if w.dtype() == DType::F32 && w.device().is_cpu() => {
-            let mut dx = vec![0f32; m * k];
-            let wv = crate::train_ops::host_f32(w)?;
-            crate::low_rank::mm(&mut dx, (m, k, n), (g, 1, n), (&wv, 1, k), 1.0, false);
-            Ok(dx)
-        }
-        _ => {
-            let gt = Tensor::from_slice(g, (m, n), &candle_core::Device::Cpu)?;
-            weight
-                .slab_input_gradient(&gt, DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()
-        }
-    }
-}
-
 /// Which kernel a quantized [`Linear`] uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelChoice {
@@ -763,37 +376,6 @@ pub enum KernelChoice {
     Scalar,
     /// Always candle's kernels (the reference oracle).
     Candle,
-}
-
-/// A 2-D quantized `q` of a type flywheel-kernels covers, its blocks (`data`, from `q.data()`) in
-/// `layout`, as the kernels read it.
-fn kernel_matrix<'a>(
-    q: &QTensor,
-    data: &'a [u8],
-    layout: Layout,
-) -> Option<flywheel_kernels::QMatrix<'a>> {
-    let (n, k) = q.shape().dims2().ok()?;
-    Some(flywheel_kernels::QMatrix {
-        ty: kernel_type(q.dtype())?,
-        data,
-        n,
-        k,
-        layout,
-    })
-}
-
-pub(crate) fn kernel_type(t: GgmlDType) -> Option<flywheel_kernels::BlockType> {
-    match t {
-        GgmlDType::Q4_0 => Some(flywheel_kernels::BlockType::Q4_0),
-        GgmlDType::Q4_1 => Some(flywheel_kernels::BlockType::Q4_1),
-        GgmlDType::Q5_0 => Some(flywheel_kernels::BlockType::Q5_0),
-        GgmlDType::Q5_1 => Some(flywheel_kernels::BlockType::Q5_1),
-        GgmlDType::Q8_0 => Some(flywheel_kernels::BlockType::Q8_0),
-        GgmlDType::Q4K => Some(flywheel_kernels::BlockType::Q4K),
-        GgmlDType::Q5K => Some(flywheel_kernels::BlockType::Q5K),
-        GgmlDType::Q6K => Some(flywheel_kernels::BlockType::Q6K),
-        _ => None,
-    }
 }
 
 /// A layer that maps `(…, in)` to `(…, out)`: a plain [`Linear`], or a wrapper around one (LoRA).
@@ -859,7 +441,7 @@ fn fused_products(ps: &[&Arc<dyn Projection>], x: &Tensor) -> Result<Option<Vec<
         || reference_kernels()
         || !x.device().is_cpu()
         || x.dtype() != DType::F32
-        || crate::train_ops::training(x)
+        || crate::autograd::ops::training(x)
         || positions_of(x) >= GEMM_MIN_ROWS
     {
         return Ok(None);
@@ -1046,54 +628,6 @@ mod tests {
                 a.flatten_all()?.to_vec1::<f32>()?,
                 k.flatten_all()?.to_vec1::<f32>()?
             );
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn tiled_gemms_equal_the_dequantized_matmuls() -> anyhow::Result<()> {
-        let dev = Device::Cpu;
-        // A partial column block (k = 96 is 64 + 32), several row tiles (n > 1024), a K type.
-        for (dt, n, k) in [
-            (GgmlDType::Q8_0, 1100, 96),
-            (GgmlDType::Q4_0, 40, 160),
-            (GgmlDType::Q4K, 24, 512),
-        ] {
-            let q = QTensor::quantize(&Tensor::randn(0f32, 1.0, (n, k), &dev)?, dt)?;
-            let w = q.dequantize(&dev)?;
-            let m = 5;
-            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
-            let xs = x.flatten_all()?.to_vec1()?;
-            let (y, shape) = prefill_gemm(&q, Layout::Ggml, &xs, &[m, k])?;
-            assert_eq!(shape, [m, n]);
-            let want = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-            let g = Tensor::randn(0f32, 1.0, (m, n), &dev)?;
-            let gs = g.flatten_all()?.to_vec1()?;
-            let dx = input_gradient_gemm(&q, Layout::Ggml, &gs, m)?;
-            if dt != GgmlDType::Q4K {
-                // The same blocks repacked give the same bits.
-                let r = crate::packed::repack(&q)?;
-                assert_eq!(
-                    prefill_gemm(&r, Layout::Rows4, &xs, &[m, k])?.0,
-                    y,
-                    "{dt:?}"
-                );
-                assert_eq!(
-                    input_gradient_gemm(&r, Layout::Rows4, &gs, m)?,
-                    dx,
-                    "{dt:?}"
-                );
-            }
-            let want_dx = g.matmul(&w)?.flatten_all()?.to_vec1::<f32>()?;
-            for (got, want) in [(&y, &want), (&dx, &want_dx)] {
-                assert_eq!(got.len(), want.len());
-                let worst = got
-                    .iter()
-                    .zip(want.iter())
-                    .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
-                    .fold(0f32, f32::max);
-                assert!(worst < 1e-4, "{dt:?} ({n}, {k}): off by {worst}");
-            }
         }
         Ok(())
     }

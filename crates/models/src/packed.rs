@@ -5,7 +5,7 @@
 //! on the original, while flywheel's kernels read the repacked bytes in place. The original is
 //! dropped, so a repacked model takes no more memory than the file's blocks.
 
-use crate::linear::kernel_type;
+use crate::qmatmul::kernel_type;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor, QuantizedType};
 use candle_core::{CpuStorage, Device};
 use flywheel_kernels::{BlockType, Layout};

@@ -501,10 +501,10 @@ impl Trainer {
             let nll = batch_nll(&self.model, &refs, &self.device)?;
             loss_sum += nll.to_scalar::<f32>()? as f64;
             let scaled = (nll / targets.max(1) as f64)?;
-            let _stale = flywheel_models::train_ops::take_checkpoint_grads();
+            let _stale = flywheel_models::autograd::ops::take_checkpoint_grads();
             let store = scaled.backward()?;
             // Checkpointed blocks hand in the gradients of their recomputation separately.
-            let mut stores = flywheel_models::train_ops::take_checkpoint_grads();
+            let mut stores = flywheel_models::autograd::ops::take_checkpoint_grads();
             stores.push(store);
             for store in &stores {
                 for (g, v) in grads.iter_mut().zip(&vars) {
@@ -817,7 +817,7 @@ pub fn batch_nll(model: &TextModel, batch: &[&Example], device: &Device) -> Resu
     let mut cache = model.model().new_cache(vec![0; b]);
     let logits = model.model().forward_rows(&ids, &mut cache, &rows)?;
     if logits.device().is_cpu() && logits.dtype() == DType::F32 {
-        let op = flywheel_models::train_ops::CrossEntropySumOp { targets };
+        let op = flywheel_models::autograd::ops::CrossEntropySumOp { targets };
         return Ok(logits.contiguous()?.apply_op1(op)?);
     }
     let n = targets.len();

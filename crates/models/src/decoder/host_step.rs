@@ -12,7 +12,8 @@
 
 use super::{Cache, DecoderModel};
 use crate::layers::{with_cpu_f32, HostKv, HostLayer, RmsNorm};
-use crate::linear::{kernel_type, Embedding, Linear, Projection};
+use crate::linear::{Embedding, Linear, Projection};
+use crate::qmatmul::kernel_type;
 use crate::Result;
 use flywheel_kernels::{BlockType, Path, Product, QMatrix};
 use std::borrow::Cow;
@@ -321,7 +322,7 @@ impl DecoderModel {
                 b,
             )?;
             s.act.resize(s.g.len(), 0.0);
-            crate::train_ops::swiglu_into(&mut s.act, &s.g, &s.u, false);
+            crate::autograd::ops::swiglu_into(&mut s.act, &s.g, &s.u, false);
             project([(&block.mlp.down, &mut s.o)], &s.act, b)?;
             for (x, &o) in s.x.iter_mut().zip(&s.o) {
                 *x += o;

@@ -316,7 +316,7 @@ impl Projection for LoraLinear {
                 }
             }
         }
-        let grad = flywheel_models::train_ops::grad_enabled();
+        let grad = flywheel_models::autograd::ops::grad_enabled();
         // Inside a checkpointed block's forward pass the factors are used detached (no graph);
         // the block's recomputation in the backward pass uses them as variables.
         let (a, b) = if grad {
@@ -327,8 +327,8 @@ impl Projection for LoraLinear {
         let mask = (training && p.dropout > 0.0 && self.seed.enabled())
             .then(|| dropout_mask(x.dims(), p.dropout, self.seed.get() ^ self.salt));
         if training && grad {
-            // One graph node for base + update (flywheel_models::low_rank) where it applies.
-            if let Some(y) = flywheel_models::low_rank::low_rank_train_forward(
+            // One graph node for base + update (flywheel_models::autograd::low_rank) where it applies.
+            if let Some(y) = flywheel_models::autograd::low_rank::low_rank_train_forward(
                 &self.base,
                 x,
                 &a,

@@ -265,7 +265,7 @@ impl CustomOp1 for MaskedSoftmaxOp {
                 }
                 None => yr.copy_from_slice(xr),
             }
-            crate::bert_packed::softmax(yr);
+            crate::cpu::softmax(yr);
         });
         let _ = b;
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -463,12 +463,12 @@ impl CustomOp2 for SwiGluOp {
     }
 }
 
-use crate::bert_packed::{exp_fast, multiversion};
+use crate::cpu::{exp_fast, multiversion};
 
 multiversion! {
 /// `out = [max, ln Σ exp(x − max)]` of one row (cross-entropy), eight lanes at a time.
 fn row_lse(x: &[f32], out: &mut [f32; 2]) {
-    let m = crate::bert_packed::max8(x);
+    let m = crate::cpu::max8(x);
     let mut acc = [0f32; 8];
     let mut chunks = x.chunks_exact(8);
     for c in &mut chunks {

@@ -13,70 +13,8 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use std::sync::Arc;
 
-use crate::linear::{frozen_forward_f32, frozen_input_gradient_f32, FrozenWeight};
-
-/// `dst (m×n) = [dst +] scale · L·R` with `L` an `(m×k)` and `R` a `(k×n)` view given by
-/// column and row strides into row-major buffers.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn mm(
-    dst: &mut [f32],
-    (m, n, k): (usize, usize, usize),
-    (lhs, lhs_cs, lhs_rs): (&[f32], usize, usize),
-    (rhs, rhs_cs, rhs_rs): (&[f32], usize, usize),
-    scale: f32,
-    accumulate: bool,
-) {
-    assert!(dst.len() >= m * n, "gemm destination too small");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
-        return;
-    }
-    let last = |rows: usize, cols: usize, cs: usize, rs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(
-        last(m, k, lhs_cs, lhs_rs) < lhs.len(),
-        "gemm lhs out of bounds"
-    );
-    assert!(
-        last(k, n, rhs_cs, rhs_rs) < rhs.len(),
-        "gemm rhs out of bounds"
-    );
-    let par = if m * n * k >= 1 << 20 {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the asserts above keep every index the strides reach inside the slices; dst is
-    // (m, n) row-major and aliases neither input (it is borrowed mutably).
-    #[allow(unsafe_code)]
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-}
+use crate::autograd::frozen::{frozen_forward_f32, frozen_input_gradient_f32, FrozenWeight};
+use crate::cpu::mm;
 
 /// The fused node. Inputs: `x (…, k)`, `A (r, k)`, `B (n, r)`.
 struct LowRankTrainOp {
@@ -110,7 +48,7 @@ impl CustomOp3 for LowRankTrainOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use crate::train_ops::contiguous_f32;
+        use crate::autograd::ops::contiguous_f32;
         let x = contiguous_f32(s1, l1, "low-rank training op: x")?;
         let a = contiguous_f32(s2, l2, "low-rank training op: A")?;
         let b = contiguous_f32(s3, l3, "low-rank training op: B")?;
@@ -142,7 +80,7 @@ impl CustomOp3 for LowRankTrainOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (r, k) = a.dims2()?;
         let (n, _) = b.dims2()?;
-        use crate::train_ops::host_f32;
+        use crate::autograd::ops::host_f32;
         let xs = host_f32(x)?;
         let (av, bv) = (host_f32(a)?, host_f32(b)?);
         let g = host_f32(grad)?;
