@@ -7,6 +7,8 @@
 //! - [`judge`]: local-judge RAG metrics (faithfulness, answer relevancy, context precision and
 //!   recall) with verdicts constrained to yes/no.
 //! - [`runner`]: runs every rung over the dataset, appending to a results file it resumes from.
+//! - [`records`]: what a run folder holds (results and timings records, file names, state,
+//!   hashes), shared by the runner and the reports.
 //! - [`report`]: markdown and HTML reports, the ladder chart, and run comparison.
 #![deny(missing_docs)]
 
@@ -14,12 +16,14 @@ pub mod chart;
 pub mod data;
 pub mod judge;
 pub mod metrics;
+pub mod records;
 pub mod report;
 pub mod runner;
 pub mod spec;
 
+pub use records::ResultRecord;
 pub use report::{compare, write_reports, RungSummary};
-pub use runner::{run, Observer, ResultRecord, RunOptions, RunOutcome};
+pub use runner::{run, Observer, RunOptions, RunOutcome};
 pub use spec::{EvalSpec, Task};
 
 /// Errors of evaluation.

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::chart::{self, Bar};
 use crate::metrics::bootstrap_ci;
-use crate::runner::{read_jsonl_repair, ResultRecord, Timing, RESULTS_FILE, TIMINGS_FILE};
+use crate::records::{read_jsonl_repair, ResultRecord, Timing, RESULTS_FILE, TIMINGS_FILE};
 use crate::spec::{EvalSpec, Task};
 use crate::Result;
 
