@@ -2,12 +2,15 @@
 //! `timings.jsonl`, the run state, the JSONL reader that repairs a torn last line, and the hashes
 //! that decide which results are resumed. The runner writes these and the reports read them.
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
+use crate::metrics::SqlErrorClass;
 use crate::spec::{EvalSpec, Rung};
 use crate::{io_err, Error, Result};
 
@@ -92,7 +95,7 @@ pub struct ResultRecord {
     pub correct: Option<bool>,
     /// Why it is wrong, as a class the report counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error_class: Option<String>,
+    pub error_class: Option<ErrorClass>,
     /// The error message behind the class (SQLite's, the runtime's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -100,6 +103,102 @@ pub struct ResultRecord {
     pub prompt_tokens: usize,
     /// Generated tokens over every generation of this answer.
     pub completion_tokens: usize,
+}
+
+/// Why an answer is wrong, as the report counts it. It is written to `results.jsonl` (and to
+/// `summary.json`) as its [`label`](ErrorClass::label), and ordered by that label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// A SQL answer's class from executing it (no SQL, syntax error, wrong table/column, ...).
+    Sql(SqlErrorClass),
+    /// No answer could be generated (a prompt over the context window, a template error).
+    Generation,
+    /// A wrong QA answer.
+    WrongAnswer,
+    /// A wrong RAG answer from a rung without retrieval.
+    NoRetrieval,
+    /// A wrong RAG answer whose gold passage was not retrieved.
+    NotRetrieved,
+    /// A wrong RAG answer whose gold passage was retrieved but which is not faithful to it.
+    Unfaithful,
+    /// A wrong RAG answer whose gold passage was retrieved.
+    RetrievedWrong,
+}
+
+impl ErrorClass {
+    /// Every class.
+    pub const ALL: [ErrorClass; 13] = [
+        ErrorClass::Sql(SqlErrorClass::NoSql),
+        ErrorClass::Sql(SqlErrorClass::SyntaxError),
+        ErrorClass::Sql(SqlErrorClass::WrongTableOrColumn),
+        ErrorClass::Sql(SqlErrorClass::Timeout),
+        ErrorClass::Sql(SqlErrorClass::OtherError),
+        ErrorClass::Sql(SqlErrorClass::EmptyResult),
+        ErrorClass::Sql(SqlErrorClass::WrongResult),
+        ErrorClass::Generation,
+        ErrorClass::WrongAnswer,
+        ErrorClass::NoRetrieval,
+        ErrorClass::NotRetrieved,
+        ErrorClass::Unfaithful,
+        ErrorClass::RetrievedWrong,
+    ];
+
+    /// The label in results files and reports ("syntax error", "not retrieved", ...).
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorClass::Sql(c) => c.label(),
+            ErrorClass::Generation => "generation error",
+            ErrorClass::WrongAnswer => "wrong answer",
+            ErrorClass::NoRetrieval => "wrong answer (no retrieval)",
+            ErrorClass::NotRetrieved => "not retrieved",
+            ErrorClass::Unfaithful => "retrieved but unfaithful",
+            ErrorClass::RetrievedWrong => "retrieved, answer wrong",
+        }
+    }
+
+    /// The class with this label.
+    pub fn from_label(label: &str) -> Option<ErrorClass> {
+        ErrorClass::ALL.into_iter().find(|c| c.label() == label)
+    }
+}
+
+impl From<SqlErrorClass> for ErrorClass {
+    fn from(c: SqlErrorClass) -> Self {
+        ErrorClass::Sql(c)
+    }
+}
+
+impl fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// By label, the order the report's error counts have always been kept in.
+impl Ord for ErrorClass {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.label().cmp(other.label())
+    }
+}
+
+impl PartialOrd for ErrorClass {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Serialize for ErrorClass {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.label())
+    }
+}
+
+impl<'de> Deserialize<'de> for ErrorClass {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let label = String::deserialize(deserializer)?;
+        ErrorClass::from_label(&label)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown error class `{label}`")))
+    }
 }
 
 /// One line of `timings.jsonl`.
@@ -217,4 +316,49 @@ pub(crate) fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
         text.push('\n');
     }
     crate::atomic_write(path, text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The labels results files have always held, one per class.
+    const LABELS: [&str; 13] = [
+        "no SQL",
+        "syntax error",
+        "wrong table/column",
+        "timeout",
+        "other error",
+        "empty result",
+        "wrong result",
+        "generation error",
+        "wrong answer",
+        "wrong answer (no retrieval)",
+        "not retrieved",
+        "retrieved but unfaithful",
+        "retrieved, answer wrong",
+    ];
+
+    #[test]
+    fn error_classes_keep_their_labels_on_the_wire() {
+        for (c, label) in ErrorClass::ALL.into_iter().zip(LABELS) {
+            assert_eq!(c.label(), label);
+            assert_eq!(c.to_string(), label);
+            let json = serde_json::to_string(&c).expect("serializes");
+            assert_eq!(json, serde_json::to_string(label).expect("serializes"));
+            assert_eq!(serde_json::from_str::<ErrorClass>(&json).ok(), Some(c));
+            assert_eq!(ErrorClass::from_label(label), Some(c));
+        }
+        assert_eq!(
+            ErrorClass::from(SqlErrorClass::WrongTableOrColumn).label(),
+            "wrong table/column"
+        );
+        assert!(serde_json::from_str::<ErrorClass>("\"no such class\"").is_err());
+        // Ordered by label, so error counts keep the order reports have always shown.
+        let mut sorted = ErrorClass::ALL;
+        sorted.sort();
+        let mut labels = LABELS;
+        labels.sort();
+        assert_eq!(sorted.map(ErrorClass::label), labels);
+    }
 }

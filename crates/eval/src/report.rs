@@ -9,8 +9,10 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::chart::{self, Bar};
-use crate::metrics::bootstrap_ci;
-use crate::records::{read_jsonl_repair, ResultRecord, Timing, RESULTS_FILE, TIMINGS_FILE};
+use crate::metrics::{bootstrap_ci, SqlErrorClass};
+use crate::records::{
+    read_jsonl_repair, ErrorClass, ResultRecord, Timing, RESULTS_FILE, TIMINGS_FILE,
+};
 use crate::spec::{EvalSpec, Task};
 use crate::Result;
 
@@ -35,7 +37,7 @@ pub struct RungSummary {
     /// Per metric, how many questions could not be scored.
     pub unscored: BTreeMap<String, usize>,
     /// Wrong answers by class.
-    pub errors: BTreeMap<String, usize>,
+    pub errors: BTreeMap<ErrorClass, usize>,
     /// Mean prompt tokens per question (every generation of the answer).
     pub prompt_tokens: f64,
     /// Mean generated tokens per question.
@@ -94,7 +96,7 @@ pub fn summarize(
                 .collect();
             let mut metrics: BTreeMap<String, Vec<f64>> = BTreeMap::new();
             let mut unscored: BTreeMap<String, usize> = BTreeMap::new();
-            let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+            let mut errors: BTreeMap<ErrorClass, usize> = BTreeMap::new();
             for r in &rs {
                 for (k, v) in &r.scores {
                     metrics.entry(k.clone()).or_default().push(*v);
@@ -102,8 +104,8 @@ pub fn summarize(
                 for k in r.unscored.keys() {
                     *unscored.entry(k.clone()).or_default() += 1;
                 }
-                if let Some(c) = &r.error_class {
-                    *errors.entry(c.clone()).or_default() += 1;
+                if let Some(c) = r.error_class {
+                    *errors.entry(c).or_default() += 1;
                 }
             }
             let mut secs: Vec<f64> = timings
@@ -145,30 +147,32 @@ fn pct(v: f64) -> String {
 }
 
 /// The classes of wrong answers a task reports, in display order.
-fn error_columns(task: Task, rows: &[RungSummary]) -> Vec<String> {
-    let fixed: &[&str] = match task {
+fn error_columns(task: Task, rows: &[RungSummary]) -> Vec<ErrorClass> {
+    use ErrorClass as E;
+    use SqlErrorClass as S;
+    let fixed: &[ErrorClass] = match task {
         Task::Sql => &[
-            "syntax error",
-            "wrong table/column",
-            "wrong result",
-            "empty result",
-            "no SQL",
-            "timeout",
-            "other error",
+            E::Sql(S::SyntaxError),
+            E::Sql(S::WrongTableOrColumn),
+            E::Sql(S::WrongResult),
+            E::Sql(S::EmptyResult),
+            E::Sql(S::NoSql),
+            E::Sql(S::Timeout),
+            E::Sql(S::OtherError),
         ],
         Task::Rag => &[
-            "not retrieved",
-            "retrieved but unfaithful",
-            "retrieved, answer wrong",
-            "wrong answer (no retrieval)",
+            E::NotRetrieved,
+            E::Unfaithful,
+            E::RetrievedWrong,
+            E::NoRetrieval,
         ],
-        Task::Qa => &["wrong answer"],
+        Task::Qa => &[E::WrongAnswer],
     };
-    let mut cols: Vec<String> = fixed.iter().map(|s| s.to_string()).collect();
+    let mut cols: Vec<ErrorClass> = fixed.to_vec();
     for r in rows {
         for k in r.errors.keys() {
             if !cols.contains(k) {
-                cols.push(k.clone());
+                cols.push(*k);
             }
         }
     }
@@ -183,28 +187,40 @@ fn next_step(task: Task, rows: &[RungSummary]) -> String {
     let Some((class, n)) = last.errors.iter().max_by_key(|(_, n)| **n) else {
         return format!("`{}` answered every scored question correctly.", last.name);
     };
-    let advice = match (task, class.as_str()) {
-        (Task::Sql, "syntax error" | "no SQL") => {
-            "the model does not yet produce the output format reliably: model optimisation (a LoRA on the task's format) or self-correction helps most"
-        }
-        (Task::Sql, "wrong table/column") => {
-            "the model misreads the schema: schema-grounded examples (context) and execution feedback (self-correction) target this"
-        }
-        (Task::Sql, "empty result" | "wrong result") => {
-            "the queries run but answer another question: the model lacks the task's reasoning; more relevant examples (context) or fine-tuning on similar questions (model) are the next steps"
-        }
-        (Task::Rag, "not retrieved") => {
-            "the answer is not in the retrieved context: context optimisation (retrieval: chunking, hybrid search, HyDE, rerank) comes first"
-        }
-        (Task::Rag, "retrieved but unfaithful") => {
-            "the context holds the answer but the model does not use it faithfully: model optimisation (fine-tune on grounded answers) or a stronger generator"
-        }
-        _ => "look at the per-question results to see which way to go",
-    };
+    let advice = advice(task, *class);
     format!(
         "In the last rung (`{}`), the most common error is **{class}** ({n} of {} questions): {advice}.",
         last.name, last.questions
     )
+}
+
+/// What to try next when `class` is the commonest error of a `task`.
+fn advice(task: Task, class: ErrorClass) -> &'static str {
+    use ErrorClass as E;
+    use SqlErrorClass as S;
+    match (task, class) {
+        (Task::Sql, E::Sql(S::SyntaxError | S::NoSql)) => {
+            "the model does not yet produce the output format reliably: model optimisation (a LoRA on the task's format) or self-correction helps most"
+        }
+        (Task::Sql, E::Sql(S::WrongTableOrColumn)) => {
+            "the model misreads the schema: schema-grounded examples (context) and execution feedback (self-correction) target this"
+        }
+        (Task::Sql, E::Sql(S::EmptyResult | S::WrongResult)) => {
+            "the queries run but answer another question: the model lacks the task's reasoning; more relevant examples (context) or fine-tuning on similar questions (model) are the next steps"
+        }
+        (Task::Rag, E::NotRetrieved) => {
+            "the answer is not in the retrieved context: context optimisation (retrieval: chunking, hybrid search, HyDE, rerank) comes first"
+        }
+        (Task::Rag, E::Unfaithful) => {
+            "the context holds the answer but the model does not use it faithfully: model optimisation (fine-tune on grounded answers) or a stronger generator"
+        }
+        (Task::Sql, E::Sql(S::Timeout | S::OtherError))
+        | (Task::Qa | Task::Rag, E::Sql(_))
+        | (Task::Sql | Task::Qa, E::NotRetrieved | E::Unfaithful)
+        | (_, E::Generation | E::WrongAnswer | E::NoRetrieval | E::RetrievedWrong) => {
+            "look at the per-question results to see which way to go"
+        }
+    }
 }
 
 fn markdown(spec: &EvalSpec, rows: &[RungSummary]) -> String {
@@ -545,4 +561,57 @@ pub fn compare(a: &Path, b: &Path) -> Result<String> {
         shared.len()
     ));
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(errors: &[(ErrorClass, usize)]) -> RungSummary {
+        RungSummary {
+            name: "last".into(),
+            questions: 10,
+            scored: 10,
+            primary: 0.5,
+            ci: (0.4, 0.6),
+            metrics: BTreeMap::new(),
+            unscored: BTreeMap::new(),
+            errors: errors.iter().copied().collect(),
+            prompt_tokens: 0.0,
+            completion_tokens: 0.0,
+            seconds_mean: 0.0,
+            seconds_p50: 0.0,
+        }
+    }
+
+    #[test]
+    fn next_step_reads_the_commonest_error_class() {
+        let sql = |c| ErrorClass::Sql(c);
+        let rows = [summary(&[
+            (sql(SqlErrorClass::SyntaxError), 2),
+            (sql(SqlErrorClass::WrongTableOrColumn), 3),
+        ])];
+        let text = next_step(Task::Sql, &rows);
+        assert!(
+            text.starts_with("In the last rung (`last`), the most common error is **wrong table/column** (3 of 10 questions): the model misreads the schema"),
+            "{text}"
+        );
+        // A tie goes to the class whose label sorts last, as it did when labels were the keys.
+        let rows = [summary(&[
+            (ErrorClass::NotRetrieved, 2),
+            (ErrorClass::Unfaithful, 2),
+        ])];
+        assert!(next_step(Task::Rag, &rows).contains("**retrieved but unfaithful**"));
+        assert_eq!(
+            advice(Task::Sql, sql(SqlErrorClass::Timeout)),
+            "look at the per-question results to see which way to go"
+        );
+        assert_eq!(
+            next_step(Task::Qa, &[summary(&[])]),
+            "`last` answered every scored question correctly."
+        );
+        // Classes a task does not list get their own column after the task's own.
+        let cols = error_columns(Task::Qa, &[summary(&[(ErrorClass::Generation, 1)])]);
+        assert_eq!(cols, vec![ErrorClass::WrongAnswer, ErrorClass::Generation]);
+    }
 }

@@ -25,7 +25,8 @@ use flywheel_runtime::{EmbeddingModel, LoadOptions, ModelFormat, TextModel};
 use rand::SeedableRng;
 
 use crate::data::{read_dataset, read_examples, Example};
-use crate::records::{write_jsonl, State};
+use crate::metrics::SqlErrorClass;
+use crate::records::{write_jsonl, ErrorClass, State};
 use crate::spec::{EvalSpec, ModelSpec, Rung, Select, Task};
 use crate::{io_err, Error, Result};
 use prompt::unit;
@@ -324,8 +325,8 @@ fn run_missing(
             }
             if rec.correct == Some(false) && rec.error_class.is_none() {
                 rec.error_class = Some(match spec.task {
-                    Task::Sql => "wrong result".into(),
-                    Task::Qa => "wrong answer".into(),
+                    Task::Sql => ErrorClass::Sql(SqlErrorClass::WrongResult),
+                    Task::Qa => ErrorClass::WrongAnswer,
                     Task::Rag => classify_rag(&rec, rung.retrieval.is_some()),
                 });
             }

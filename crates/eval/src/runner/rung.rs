@@ -18,7 +18,7 @@ use super::SQL_TIMEOUT;
 use crate::data::{Example, Shot};
 use crate::judge::Judge;
 use crate::metrics::{self, normalize_sql};
-use crate::records::{ContextRef, ResultRecord};
+use crate::records::{ContextRef, ErrorClass, ResultRecord};
 use crate::spec::{EvalSpec, Rung, Select, Task};
 use crate::{Error, Result};
 
@@ -236,7 +236,7 @@ impl Ctx<'_> {
                 // One question that cannot be answered (a prompt over the window) is a wrong
                 // answer with its reason, not the end of the run.
                 rec.correct = Some(false);
-                rec.error_class = Some("generation error".into());
+                rec.error_class = Some(ErrorClass::Generation);
                 rec.error = Some(e.to_string());
             }
             Err(e) => return Err(e),
@@ -347,7 +347,7 @@ impl Ctx<'_> {
                 Ok(o) => {
                     rec.scores
                         .insert("execution_accuracy".into(), f64::from(u8::from(o.correct)));
-                    rec.error_class = o.error_class.map(|c| c.label().to_string());
+                    rec.error_class = o.error_class.map(ErrorClass::Sql);
                     rec.error = o.error;
                 }
                 Err(e) => {
@@ -438,9 +438,9 @@ impl Ctx<'_> {
 
 /// The error class of a wrong RAG answer: not retrieved, retrieved but unfaithful, or
 /// retrieved and still wrong (or no retrieval at all).
-pub(super) fn classify_rag(rec: &ResultRecord, had_retrieval: bool) -> String {
+pub(super) fn classify_rag(rec: &ResultRecord, had_retrieval: bool) -> ErrorClass {
     if !had_retrieval {
-        return "wrong answer (no retrieval)".into();
+        return ErrorClass::NoRetrieval;
     }
     let gold_seen = rec
         .context
@@ -453,10 +453,10 @@ pub(super) fn classify_rag(rec: &ResultRecord, had_retrieval: bool) -> String {
         !gold_seen.iter().any(|&g| g)
     };
     if not_retrieved {
-        "not retrieved".into()
+        ErrorClass::NotRetrieved
     } else if rec.scores.get("faithfulness").is_some_and(|&f| f < 0.5) {
-        "retrieved but unfaithful".into()
+        ErrorClass::Unfaithful
     } else {
-        "retrieved, answer wrong".into()
+        ErrorClass::RetrievedWrong
     }
 }
