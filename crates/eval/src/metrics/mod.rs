@@ -41,6 +41,7 @@ mod tests {
             let _ = has_top_level_order_by(&s);
             let _ = json_valid(&s);
             let _ = normalize_answer(&s);
+            let _ = normalize_sql(&s);
         }
 
         #[test]
@@ -51,6 +52,7 @@ mod tests {
             let _ = has_top_level_order_by(&s);
             let _ = token_f1(&s, "a b");
             let _ = rouge_l(&s, "a b");
+            let _ = normalize_sql(&s);
         }
     }
 }

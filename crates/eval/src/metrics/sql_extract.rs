@@ -193,14 +193,32 @@ pub fn has_top_level_order_by(sql: &str) -> bool {
     }
     false
 }
-/// Lower case, single spaces, no trailing semicolon: SQL compared as text.
+
+/// SQL compared as text: lower case outside string literals, single spaces, no trailing
+/// semicolon.
+///
+/// Text inside '…' and "…" keeps its case, so `'Paris'` and `'paris'` differ (SQLite compares
+/// strings case-sensitively, and reads a double-quoted name that is no column as a string, as
+/// the gold queries do for values); keywords and names, bare or in backticks or brackets, are
+/// lowercased. A quote inside a comment opens no literal.
 pub fn normalize_sql(s: &str) -> String {
-    s.split_whitespace()
+    let mut folded = String::with_capacity(s.len());
+    let mut at = 0;
+    for t in lex(s) {
+        if matches!(s.as_bytes()[t.start], b'\'' | b'"') {
+            folded.push_str(&s[at..t.start].to_lowercase());
+            folded.push_str(&s[t.start..t.end]);
+            at = t.end;
+        }
+    }
+    folded.push_str(&s[at..].to_lowercase());
+    folded
+        .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ")
         .trim_end_matches(';')
         .trim()
-        .to_lowercase()
+        .to_string()
 }
 
 #[cfg(test)]
@@ -248,6 +266,40 @@ mod tests {
             extract_sql("SELECT 'unterminated;"),
             "SELECT 'unterminated;"
         );
+    }
+
+    #[test]
+    fn normalize_sql_keeps_the_case_of_string_literals() {
+        assert_ne!(
+            normalize_sql("SELECT id FROM t WHERE city = 'Paris'"),
+            normalize_sql("SELECT id FROM t WHERE city = 'paris'")
+        );
+        assert_ne!(
+            normalize_sql("SELECT id FROM t WHERE city = \"Paris\""),
+            normalize_sql("SELECT id FROM t WHERE city = \"paris\"")
+        );
+        // Keywords and names still fold, whitespace collapses, trailing ';' go.
+        assert_eq!(
+            normalize_sql("SELECT Name\n  FROM Cities WHERE City = 'Paris' ;;"),
+            normalize_sql("select name from cities where city = 'Paris'")
+        );
+        assert_eq!(
+            normalize_sql("SELECT Name\n  FROM Cities WHERE City = 'Paris' ;;"),
+            "select name from cities where city = 'Paris'"
+        );
+        assert_eq!(
+            normalize_sql(
+                "SELECT [Full Name], `Age` FROM T WHERE A = \"It\"\"s\" OR B = 'O''Neil'"
+            ),
+            "select [full name], `age` from t where a = \"It\"\"s\" or b = 'O''Neil'"
+        );
+        // A quote in a comment opens no literal; an unterminated literal runs to the end.
+        assert_eq!(
+            normalize_sql("SELECT A -- it's\nFROM T"),
+            "select a -- it's from t"
+        );
+        assert_eq!(normalize_sql("SELECT 'Open END"), "select 'Open END");
+        assert_eq!(normalize_sql(""), "");
     }
 
     #[test]
