@@ -1,7 +1,10 @@
-//! flywheel-api: the plain request/response types and traits that every flywheel crate shares.
+//! flywheel-api: the plain request/response types every flywheel crate shares, the
+//! [`TokenSink`] that generated text streams into, the [`Retriever`] seam for retrieval
+//! backends, and the small file helpers ([`files`]).
 //!
-//! Nothing here depends on candle or an async runtime, so retrieval, evaluation and serving
-//! code can talk about generation and embeddings without pulling in tensor code.
+//! Nothing here depends on candle or an async runtime. (Generation and embeddings are used
+//! through the runtime's concrete `TextModel` and `EmbeddingModel`: retrieval and evaluation
+//! need their tokenizers and token probabilities, which a narrow trait would hide.)
 #![deny(missing_docs)]
 
 pub mod files;
@@ -206,30 +209,6 @@ impl ChatMessage {
             content: content.into(),
         }
     }
-}
-
-/// Something that turns prompts into text. Implemented by the runtime; used by RAG, eval and serving.
-pub trait Generator {
-    /// The error type of this generator.
-    type Error: std::error::Error + Send + Sync + 'static;
-    /// Renders chat messages with the model's chat template, ending with the assistant's turn.
-    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, Self::Error>;
-    /// Generates a completion for `req`, streaming text into `sink`.
-    fn generate(
-        &mut self,
-        req: &GenerateRequest,
-        sink: &mut dyn TokenSink,
-    ) -> Result<GenerateOutput, Self::Error>;
-}
-
-/// Something that maps sentences to unit-length vectors.
-pub trait Embedder {
-    /// The error type of this embedder.
-    type Error: std::error::Error + Send + Sync + 'static;
-    /// The length of every vector.
-    fn dim(&self) -> usize;
-    /// Embeds each text; the vectors are L2-normalised.
-    fn embed(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, Self::Error>;
 }
 
 /// One passage a retriever returned, with where it came from.

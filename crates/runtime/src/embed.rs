@@ -3,7 +3,6 @@
 //! padded batches, the declared pooling, L2-normalised vectors.
 
 use candle_core::Tensor;
-use flywheel_api::Embedder;
 use flywheel_models::bert::{Pooling, SentenceEncoder};
 use std::path::Path;
 
@@ -285,15 +284,5 @@ impl EmbeddingModel {
             }
         }
         Ok(out)
-    }
-}
-
-impl Embedder for EmbeddingModel {
-    type Error = Error;
-    fn dim(&self) -> usize {
-        self.encoder.dim()
-    }
-    fn embed(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
-        self.embed_all(texts, 32)
     }
 }

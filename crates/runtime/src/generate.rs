@@ -5,8 +5,7 @@
 
 use candle_core::Tensor;
 use flywheel_api::{
-    ChatMessage, FinishReason, GenerateOutput, GenerateRequest, Generator, Timings, TokenSink,
-    Usage,
+    ChatMessage, FinishReason, GenerateOutput, GenerateRequest, Timings, TokenSink, Usage,
 };
 use flywheel_models::{
     DecoderConfig, DecoderModel, GgufWeights, LinearHook, Logits, NoHook, SafetensorsWeights,
@@ -599,20 +598,6 @@ impl StopScanner {
             self.emitted = self.text.len();
         }
         out
-    }
-}
-
-impl Generator for TextModel {
-    type Error = Error;
-    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
-        TextModel::render_chat(self, messages)
-    }
-    fn generate(
-        &mut self,
-        req: &GenerateRequest,
-        sink: &mut dyn TokenSink,
-    ) -> Result<GenerateOutput> {
-        TextModel::generate(self, req, sink)
     }
 }
 
