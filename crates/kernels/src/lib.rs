@@ -37,11 +37,20 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "aarch64")]
 mod arm;
+mod f32ops;
 #[cfg(target_arch = "x86_64")]
 mod gemm_k;
+mod quant;
+mod rows4;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(test)]
+use f32ops::attention_head_scalar;
+pub use f32ops::{attention_head, attention_head_within, axpy_f32, dot_f32};
+pub(crate) use quant::{quantize_row, quantize_row_k, Q8Block, Q8KBlock};
+use rows4::fields32;
+pub use rows4::{has_rows4, pack_rows4, pack_rows4_in_place, prefers_rows4, unpack_rows4};
 
 /// Const-generic tags of the 32-element types and their block structure, shared by the SIMD
 /// kernels and the [`Layout::Rows4`] repacking.
@@ -168,101 +177,6 @@ impl BlockType {
     /// Whether the activation blocks carry the `d·Σq` term (types with a minimum).
     fn with_sum(self) -> bool {
         matches!(self, BlockType::Q4_1 | BlockType::Q5_1)
-    }
-}
-
-/// An activation block of 32: signed bytes, scale `d`, and (for Q8_1) `s = d·Σq`.
-#[derive(Clone, Copy)]
-#[repr(C)]
-pub(crate) struct Q8Block {
-    pub(crate) d: f32,
-    pub(crate) s: f32,
-    pub(crate) qs: [i8; QK],
-}
-
-impl Default for Q8Block {
-    fn default() -> Self {
-        Self {
-            d: 0.0,
-            s: 0.0,
-            qs: [0; QK],
-        }
-    }
-}
-
-/// An activation block of 256 for the K-quants (llama.cpp's `block_q8_K`).
-#[derive(Clone, Copy)]
-#[repr(C, align(32))]
-pub(crate) struct Q8KBlock {
-    pub(crate) qs: [i8; QK_K],
-    pub(crate) bsums: [i16; QK_K / 16],
-    pub(crate) d: f32,
-}
-
-impl Default for Q8KBlock {
-    fn default() -> Self {
-        Self {
-            qs: [0; QK_K],
-            bsums: [0; QK_K / 16],
-            d: 0.0,
-        }
-    }
-}
-
-/// Round to nearest, ties to even, for |x| < 2²²: adding and subtracting 1.5·2²³ leaves the
-/// rounded value (the default rounding mode does the work). llama.cpp's `nearest_int` trick; a
-/// plain add where `round_ties_even` would be a libm call on baseline x86-64.
-#[inline]
-fn round_even(x: f32) -> f32 {
-    (x + 12_582_912.0) - 12_582_912.0
-}
-
-/// Quantizes one row like llama.cpp's `quantize_row_q8_0` / `quantize_row_q8_1` (AVX2 rounding:
-/// nearest, ties to even). `d` and `s` are kept as the f16 values llama.cpp stores, widened.
-fn quantize_row(x: &[f32], out: &mut [Q8Block], with_sum: bool) {
-    for (blk, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
-        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, &v) in blk.qs.iter_mut().zip(xs) {
-            let r = round_even(v * id) as i32;
-            *q = r as i8;
-            sum += r;
-        }
-        blk.d = f16::from_f32(d).to_f32();
-        blk.s = if with_sum {
-            f16::from_f32(d * sum as f32).to_f32()
-        } else {
-            0.0
-        };
-    }
-}
-
-/// Quantizes one row like llama.cpp's `quantize_row_q8_K`: the scale comes from the element of
-/// largest magnitude with its sign (`iscale = −127 / max`), values round to nearest, ties to even,
-/// and each 16 elements keep their sum.
-fn quantize_row_k(x: &[f32], out: &mut [Q8KBlock]) {
-    for (blk, xs) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
-        let (mut amax, mut max) = (0f32, 0f32);
-        for &v in xs {
-            if v.abs() > amax {
-                amax = v.abs();
-                max = v;
-            }
-        }
-        if amax == 0.0 {
-            *blk = Q8KBlock::default();
-            continue;
-        }
-        let iscale = -127.0 / max;
-        for (q, &v) in blk.qs.iter_mut().zip(xs) {
-            *q = (round_even(iscale * v) as i32).min(127) as i8;
-        }
-        for (s, qs) in blk.bsums.iter_mut().zip(blk.qs.chunks_exact(16)) {
-            *s = qs.iter().map(|&q| q as i16).sum();
-        }
-        blk.d = 1.0 / iscale;
     }
 }
 
@@ -446,95 +360,10 @@ impl<'a> QMatrix<'a> {
     }
 }
 
-/// The byte widths of a 32-element block's fields in ggml order: scale (and minimum), fifth
-/// bits, quants. (K-quants have no [`Layout::Rows4`]; they get one field, the whole block.)
-fn fields32(ty: BlockType) -> [usize; 3] {
-    if ty.is_k() {
-        [ty.block_bytes(), 0, 0]
-    } else {
-        tag::fields(tag::of(ty))
-    }
-}
-
-/// Whether `ty` has a [`Layout::Rows4`] (the 32-element types).
-pub fn has_rows4(ty: BlockType) -> bool {
-    !ty.is_k()
-}
-
-/// Whether this CPU's kernels read [`Layout::Rows4`] faster than ggml's layout: Q4_0, Q4_1 and
-/// Q8_0 where the VNNI row kernels run (one contiguous stream and one load of four rows' scales
-/// per block instead of four of each; and for several activation rows, one pass per row over
-/// L1-sized chunks instead of the AVX2 four-row kernel). Not the Q5 types: expanding their
-/// fifth bits once per activation row made several rows slower than the AVX2 kernel, which
-/// expands them once for four rows (BENCHMARKS.md). Elsewhere Rows4 is read correctly but row
-/// by row through a gather, so loaders should keep ggml's layout.
-pub fn prefers_rows4(ty: BlockType) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        matches!(ty, BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q8_0) && have_vnni().is_some()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = ty;
-        false
-    }
-}
-
-/// `n` rows of `ty` in ggml's layout (`data`) repacked into [`Layout::Rows4`]: the same bytes,
-/// moved. Panics if `ty` has no Rows4 layout or `data` is not `n` whole rows.
-pub fn pack_rows4(ty: BlockType, data: &[u8], n: usize) -> Vec<u8> {
-    let mut out = data.to_vec();
-    pack_rows4_in_place(ty, &mut out, n);
-    out
-}
-
-/// [`pack_rows4`] without a second copy of the matrix: each group of four rows is moved through
-/// a buffer of its own size.
-pub fn pack_rows4_in_place(ty: BlockType, data: &mut [u8], n: usize) {
-    convert_rows4(ty, data, n, true)
-}
-
-/// The inverse of [`pack_rows4`]: [`Layout::Rows4`] back to ggml's layout.
-pub fn unpack_rows4(ty: BlockType, data: &[u8], n: usize) -> Vec<u8> {
-    let mut out = data.to_vec();
-    convert_rows4(ty, &mut out, n, false);
-    out
-}
-
-/// Repacks (`pack`) or unpacks `n` rows in place, group by group (the ggml tail rows stay).
-fn convert_rows4(ty: BlockType, data: &mut [u8], n: usize, pack: bool) {
-    assert!(has_rows4(ty), "{ty:?} has no Rows4 layout");
-    let bb = ty.block_bytes();
-    assert!(
-        n > 0 && data.len().is_multiple_of(n) && (data.len() / n).is_multiple_of(bb),
-        "{} bytes are not {n} rows of {ty:?} blocks",
-        data.len()
-    );
-    let rb = data.len() / n;
-    let fl = fields32(ty);
-    let mut src = vec![0u8; 4 * rb];
-    for group in data.chunks_exact_mut(4 * rb) {
-        src.copy_from_slice(group);
-        // Block by block, field by field: the four rows' copies of the field.
-        for b in 0..rb / bb {
-            let mut before = 0;
-            for len in fl {
-                for r in 0..4 {
-                    let a = r * rb + b * bb + before; // ggml
-                    let p = 4 * b * bb + 4 * before + r * len; // Rows4
-                    let (s, d) = if pack { (a, p) } else { (p, a) };
-                    group[d..d + len].copy_from_slice(&src[s..s + len]);
-                }
-                before += len;
-            }
-        }
-    }
-}
-
 /// One weight row times one activation row.
-type RowDot<A> = fn(&[u8], &[A]) -> f32;
+pub(crate) type RowDot<A> = fn(&[u8], &[A]) -> f32;
 /// One weight row times four activation rows (bit-identical to four [`RowDot`]s).
-type RowDot4<A> = fn(&[u8], [&[A]; 4]) -> [f32; 4];
+pub(crate) type RowDot4<A> = fn(&[u8], [&[A]; 4]) -> [f32; 4];
 
 /// Many weight rows times one activation row (see `x86::rows32`): the weight bytes, how many of
 /// their rows are in [`Layout::Rows4`] groups (the rest follow in ggml's layout), the
@@ -944,142 +773,6 @@ pub fn dequantize_into(ty: BlockType, data: &[u8], out: &mut [f32]) {
         return x86::dequantize32(ty, data, out);
     }
     scalar::dequantize_into(ty, data, out)
-}
-
-/// Dot product of two f32 slices of equal length (AVX2+FMA when the CPU has it, eight lanes and
-/// four accumulators; a scalar loop otherwise). Used for exact dense search over unit vectors.
-pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "dot_f32: lengths differ");
-    #[cfg(target_arch = "x86_64")]
-    if have_avx2() {
-        // SAFETY: AVX2 and FMA were detected at run time; the loads stay inside both slices.
-        #[allow(unsafe_code)]
-        return unsafe { x86::dot_f32_avx2(a, b) };
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        arm::dot_f32(a, b)
-    }
-    #[cfg(not(target_arch = "aarch64"))]
-    {
-        a.iter().zip(b).map(|(x, y)| x * y).sum()
-    }
-}
-
-/// Single-query attention for one head: `out = softmax(scale · K·q) · V` over the `len` cached
-/// positions of `k` and `v` (`len × d` each, row-major, `d = q.len()`). One thread, a fixed
-/// order of operations, so the result does not depend on who calls it. The scores live in a
-/// per-thread scratch buffer (no allocation in steady state).
-pub fn attention_head(q: &[f32], k: &[f32], v: &[f32], scale: f32, out: &mut [f32]) {
-    attention_head_within(q, k, v, scale, out, 0)
-}
-
-/// [`attention_head`] for a cache with room for `capacity` positions: the scratch buffer is
-/// sized for all of them at once, so it does not grow again while the cache fills up.
-pub fn attention_head_within(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    scale: f32,
-    out: &mut [f32],
-    capacity: usize,
-) {
-    let d = q.len();
-    assert!(d > 0 && out.len() == d, "attention_head: q and out differ");
-    assert!(
-        k.len() == v.len() && k.len().is_multiple_of(d),
-        "attention_head: bad K/V"
-    );
-    thread_local! {
-        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    SCORES.with(|s| {
-        let mut s = s.borrow_mut();
-        s.clear();
-        s.reserve(capacity.max(k.len() / d));
-        s.resize(k.len() / d, 0.0);
-        #[cfg(target_arch = "x86_64")]
-        if have_avx2() && d.is_multiple_of(8) {
-            // SAFETY: AVX2, FMA were detected; every access is inside the checked slices.
-            #[allow(unsafe_code)]
-            return unsafe { x86::attention_head_avx2(q, k, v, scale, &mut s, out) };
-        }
-        #[cfg(target_arch = "aarch64")]
-        {
-            attention_head_by(q, k, v, scale, &mut s, out, arm::dot_f32, arm::axpy_f32)
-        }
-        #[cfg(not(target_arch = "aarch64"))]
-        {
-            attention_head_scalar(q, k, v, scale, &mut s, out)
-        }
-    })
-}
-
-/// The portable [`attention_head`].
-#[cfg_attr(all(target_arch = "aarch64", not(test)), allow(dead_code))]
-fn attention_head_scalar(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    scale: f32,
-    s: &mut [f32],
-    out: &mut [f32],
-) {
-    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
-    let axpy = |a: f32, x: &[f32], y: &mut [f32]| {
-        for (y, x) in y.iter_mut().zip(x) {
-            *y += a * x;
-        }
-    };
-    attention_head_by(q, k, v, scale, s, out, dot, axpy)
-}
-
-/// [`attention_head`] in three passes over the cache with the given dot product and `y += a·x`:
-/// scores, softmax (`exp` from the standard library), then the weighted sum of the values.
-#[allow(clippy::too_many_arguments)]
-fn attention_head_by(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    scale: f32,
-    s: &mut [f32],
-    out: &mut [f32],
-    dot: impl Fn(&[f32], &[f32]) -> f32,
-    axpy: impl Fn(f32, &[f32], &mut [f32]),
-) {
-    let d = q.len();
-    let mut max = f32::NEG_INFINITY;
-    for (sc, kr) in s.iter_mut().zip(k.chunks_exact(d)) {
-        *sc = dot(q, kr) * scale;
-        max = max.max(*sc);
-    }
-    let mut sum = 0f32;
-    for sc in s.iter_mut() {
-        *sc = (*sc - max).exp();
-        sum += *sc;
-    }
-    let inv = 1.0 / sum;
-    out.fill(0.0);
-    for (&w, vr) in s.iter().zip(v.chunks_exact(d)) {
-        axpy(w * inv, vr, out);
-    }
-}
-
-/// `y += a · x` over f32 slices of equal length (AVX2+FMA when the CPU has it).
-pub fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
-    assert_eq!(x.len(), y.len(), "axpy_f32: lengths differ");
-    #[cfg(target_arch = "x86_64")]
-    if have_avx2() {
-        // SAFETY: AVX2 and FMA were detected at run time; the accesses stay inside both slices.
-        #[allow(unsafe_code)]
-        return unsafe { x86::axpy_f32_avx2(a, x, y) };
-    }
-    #[cfg(target_arch = "aarch64")]
-    arm::axpy_f32(a, x, y);
-    #[cfg(not(target_arch = "aarch64"))]
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
 }
 
 #[cfg(test)]

@@ -22,12 +22,18 @@ use std::time::Instant;
 
 use flywheel_api::files::now_rfc3339;
 use flywheel_peft::adapter::{read_safetensors, write_safetensors, AdapterRecord, RECORD_FILE};
-use flywheel_peft::{fnv1a, splitmix, LoraHook, TrainableAdapter};
+use flywheel_peft::{fnv1a, LoraHook, TrainableAdapter};
 use flywheel_runtime::load::model_sha;
 
 use crate::data::{load_file, DataOptions, DataStats, Example};
-use crate::recipe::{Recipe, ScheduleKind};
+use crate::recipe::Recipe;
+
+mod checkpoint;
+mod schedule;
+
 use crate::{atomic_write, replace_dir, sha256_file, write_json_atomic, Error, Result};
+pub use schedule::lr_at;
+use schedule::{pack, shuffle};
 
 /// Something the trainer reports while it runs.
 #[derive(Debug, Clone)]
@@ -119,17 +125,6 @@ pub struct TrainSummary {
     pub adapter_dir: Option<PathBuf>,
     /// The run folder.
     pub run_dir: PathBuf,
-}
-
-/// Saved with every checkpoint.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct CheckpointState {
-    step: usize,
-    total_steps: usize,
-    trained_tokens: usize,
-    recent_losses: Vec<f64>,
-    last_eval: Option<f64>,
-    fingerprint: String,
 }
 
 /// AdamW state for one parameter.
@@ -603,133 +598,6 @@ impl Trainer {
         Ok(nll / n.max(1) as f64)
     }
 
-    fn checkpoints(&self) -> Result<Vec<(usize, PathBuf)>> {
-        let dir = self.run_dir.join("checkpoints");
-        let mut out = Vec::new();
-        let Ok(rd) = std::fs::read_dir(&dir) else {
-            return Ok(out);
-        };
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if let Some(n) = name.strip_prefix("step-").and_then(|s| s.parse().ok()) {
-                if e.path().join("state.json").is_file() {
-                    out.push((n, e.path()));
-                }
-            }
-        }
-        out.sort();
-        Ok(out)
-    }
-
-    /// Names of the AdamW moments in `optimizer.safetensors`, in [`TrainableAdapter::vars`] order.
-    fn moment_names(&self) -> Vec<String> {
-        self.adapter
-            .params
-            .keys()
-            .flat_map(|k| [format!("{k}.A"), format!("{k}.B")])
-            .collect()
-    }
-
-    fn save_checkpoint(&self) -> Result<PathBuf> {
-        let dir = self.run_dir.join("checkpoints");
-        let final_dir = dir.join(format!("step-{:06}", self.step));
-        let tmp = dir.join(format!(".step-{:06}.tmp", self.step));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        self.adapter
-            .snapshot(&tmp.display().to_string())?
-            .save(&tmp, &self.recipe.model.path)?;
-        let names = self.moment_names();
-        let mut tensors = Vec::new();
-        for (name, mo) in names.iter().zip(&self.moments) {
-            tensors.push((format!("{name}.m"), mo.m.to_dtype(DType::F32)?));
-            tensors.push((format!("{name}.v"), mo.v.to_dtype(DType::F32)?));
-        }
-        write_safetensors(&tmp.join("optimizer.safetensors"), &tensors)?;
-        let state = CheckpointState {
-            step: self.step,
-            total_steps: self.total_steps,
-            trained_tokens: self.trained_tokens,
-            recent_losses: self.recent_losses.clone(),
-            last_eval: self.last_eval,
-            fingerprint: self.fingerprint.clone(),
-        };
-        write_json_atomic(&tmp.join("state.json"), &state)?;
-        replace_dir(&tmp, &final_dir)?;
-        let all = self.checkpoints()?;
-        let keep = self.recipe.checkpoint.keep;
-        if all.len() > keep {
-            for (_, p) in &all[..all.len() - keep] {
-                let _ = std::fs::remove_dir_all(p);
-            }
-        }
-        Ok(final_dir)
-    }
-
-    fn resume(&mut self) -> Result<()> {
-        let Some((_, dir)) = self.checkpoints()?.pop() else {
-            return Err(Error::Checkpoint {
-                path: self.run_dir.join("checkpoints").display().to_string(),
-                reason: "no checkpoint to resume from".into(),
-            });
-        };
-        let bad = |reason: String| Error::Checkpoint {
-            path: dir.display().to_string(),
-            reason,
-        };
-        let state_path = dir.join("state.json");
-        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
-        let state: CheckpointState =
-            serde_json::from_str(&text).map_err(|e| bad(format!("state.json: {e}")))?;
-        if state.fingerprint != self.fingerprint {
-            return Err(bad("the recipe's model, data, lora, optimizer, schedule or batch settings (or the data or model files) changed since this checkpoint; resume needs the same run".into()));
-        }
-        let saved = flywheel_peft::Adapter::load(&dir, &self.device, DType::F32)?;
-        let moments = read_safetensors(&dir.join("optimizer.safetensors"), &self.device)?;
-        for (name, (a, b)) in &self.adapter.params {
-            let (sa, sb) = saved
-                .weights
-                .get(name)
-                .ok_or_else(|| bad(format!("no factors for `{name}`")))?;
-            a.set(&sa.to_dtype(a.dtype())?)?;
-            b.set(&sb.to_dtype(b.dtype())?)?;
-        }
-        let names = self.moment_names();
-        for (name, mo) in names.iter().zip(self.moments.iter_mut()) {
-            let get = |s: &str| {
-                moments
-                    .get(&format!("{name}.{s}"))
-                    .cloned()
-                    .ok_or_else(|| bad(format!("optimizer state lacks `{name}.{s}`")))
-            };
-            mo.m = get("m")?.to_dtype(mo.m.dtype())?;
-            mo.v = get("v")?.to_dtype(mo.v.dtype())?;
-        }
-        self.step = state.step;
-        self.total_steps = state.total_steps;
-        self.trained_tokens = state.trained_tokens;
-        self.recent_losses = state.recent_losses;
-        self.last_eval = state.last_eval;
-        // Metrics logged after the checkpoint belong to the lost part of the run.
-        let mpath = self.run_dir.join("metrics.jsonl");
-        if let Ok(text) = std::fs::read_to_string(&mpath) {
-            let kept: String = text
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                        .is_some_and(|s| s as usize <= state.step)
-                })
-                .map(|l| format!("{l}\n"))
-                .collect();
-            atomic_write(&mpath, kept.as_bytes())?;
-        }
-        Ok(())
-    }
-
     fn save_adapter(&self) -> Result<PathBuf> {
         let dir = self.run_dir.join("adapter");
         let tmp = self.run_dir.join(".adapter.tmp");
@@ -829,71 +697,6 @@ pub fn batch_nll(model: &TextModel, batch: &[&Example], device: &Device) -> Resu
     Ok((lse - picked)?.sum_all()?)
 }
 
-/// The learning rate at 0-based step `s` of `total` under the recipe's schedule.
-pub fn lr_at(recipe: &Recipe, total: usize, s: usize) -> f64 {
-    let sch = &recipe.schedule;
-    let peak = recipe.optimizer.lr;
-    let warm = if sch.warmup_steps > 0 {
-        sch.warmup_steps
-    } else {
-        (sch.warmup_ratio * total as f64).round() as usize
-    };
-    if s < warm {
-        return peak * (s + 1) as f64 / warm as f64;
-    }
-    let decay_steps = total.saturating_sub(warm).max(1);
-    let progress = ((s - warm) as f64 / decay_steps as f64).min(1.0);
-    let floor = sch.min_lr_ratio;
-    let f = match sch.kind {
-        ScheduleKind::Constant => 1.0,
-        ScheduleKind::Linear => floor + (1.0 - floor) * (1.0 - progress),
-        ScheduleKind::Cosine => {
-            floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
-        }
-    };
-    peak * f
-}
-
-/// Fisher–Yates with a SplitMix stream.
-fn shuffle(v: &mut [usize], seed: u64) {
-    let mut s = seed;
-    for i in (1..v.len()).rev() {
-        let j = (splitmix(&mut s) % (i as u64 + 1)) as usize;
-        v.swap(i, j);
-    }
-}
-
-/// Greedy packing of shuffled examples into sequences of at most `max_len` tokens.
-fn pack(examples: Vec<Example>, max_len: usize, seed: u64) -> Vec<Example> {
-    let mut order: Vec<usize> = (0..examples.len()).collect();
-    shuffle(&mut order, seed ^ 0x9AC0);
-    let mut out: Vec<Example> = Vec::new();
-    let mut cur = Example {
-        ids: Vec::new(),
-        loss: Vec::new(),
-    };
-    for i in order {
-        let e = &examples[i];
-        if !cur.ids.is_empty() && cur.ids.len() + e.ids.len() > max_len {
-            out.push(std::mem::replace(
-                &mut cur,
-                Example {
-                    ids: Vec::new(),
-                    loss: Vec::new(),
-                },
-            ));
-        }
-        cur.ids.extend_from_slice(&e.ids);
-        // The first token of a packed example is not predicted from the previous example.
-        cur.loss.push(false);
-        cur.loss.extend_from_slice(&e.loss[1..]);
-    }
-    if !cur.ids.is_empty() {
-        out.push(cur);
-    }
-    out
-}
-
 /// Identifies a run: what must not change between a checkpoint and `--resume`.
 fn fingerprint(r: &Recipe, data: &BTreeMap<String, String>, base: &str) -> String {
     let key = serde_json::json!({
@@ -901,49 +704,4 @@ fn fingerprint(r: &Recipe, data: &BTreeMap<String, String>, base: &str) -> Strin
         "schedule": r.schedule, "batch": r.batch, "data_sha": data, "base_sha": base,
     });
     format!("{:016x}", fnv1a(key.to_string().as_bytes()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn schedules_warm_up_and_decay() {
-        let mut r = Recipe::default();
-        r.optimizer.lr = 1.0;
-        r.schedule.warmup_steps = 4;
-        let lr: Vec<f64> = (0..14).map(|s| lr_at(&r, 14, s)).collect();
-        assert_eq!(&lr[..4], &[0.25, 0.5, 0.75, 1.0]);
-        assert!(lr.windows(2).skip(4).all(|w| w[1] <= w[0]), "{lr:?}");
-        assert!(lr[13] < 0.05);
-        r.schedule.kind = ScheduleKind::Linear;
-        assert!((lr_at(&r, 14, 9) - 0.5).abs() < 1e-9);
-        r.schedule.kind = ScheduleKind::Constant;
-        assert_eq!(lr_at(&r, 14, 13), 1.0);
-    }
-
-    #[test]
-    fn shuffle_is_a_seeded_permutation() {
-        let mut a: Vec<usize> = (0..50).collect();
-        let mut b = a.clone();
-        shuffle(&mut a, 3);
-        shuffle(&mut b, 3);
-        assert_eq!(a, b);
-        let mut sorted = a.clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..50).collect::<Vec<_>>());
-        assert_ne!(a, (0..50).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn packing_respects_the_length_and_keeps_targets() {
-        let ex = |n: usize| Example {
-            ids: (0..n as u32).collect(),
-            loss: (0..n).map(|i| i >= n / 2).collect(),
-        };
-        let packed = pack(vec![ex(4), ex(5), ex(6), ex(3)], 10, 1);
-        assert!(packed.iter().all(|e| e.ids.len() <= 10));
-        assert_eq!(packed.iter().map(|e| e.ids.len()).sum::<usize>(), 18);
-        assert!(packed.len() < 4);
-    }
 }

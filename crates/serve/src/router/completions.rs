@@ -1,0 +1,500 @@
+//! Chat and text completions: requests checked and tokenized into engine jobs, then answered
+//! whole or streamed as server-sent events.
+
+use super::*;
+
+/// A checked generation request, ready for the engine.
+struct Prepared {
+    label: String,
+    adapter: Option<Arc<LoadedAdapter>>,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    stop: Vec<String>,
+    sampling: SamplingParams,
+    n: usize,
+    stream: bool,
+    include_usage: bool,
+    ignore_eos: bool,
+    /// Retrieved passages the prompt holds (retrieval requests only).
+    sources: Option<Value>,
+}
+
+/// Checks the shared fields and the prompt's length against the context.
+fn prepare(
+    st: &AppState,
+    c: Common,
+    adapter: Option<Arc<LoadedAdapter>>,
+    prompt: Vec<u32>,
+    prompt_field: &str,
+    default_max: Option<usize>,
+) -> Result<Prepared, ServeError> {
+    let ctx = st.model.model().config().max_position_embeddings;
+    if prompt.is_empty() {
+        return Err(bad(prompt_field, "the prompt is empty".into()));
+    }
+    if prompt.len() >= ctx {
+        return Err(bad(
+            prompt_field,
+            format!(
+                "the prompt has {} tokens; the model's context is {ctx} tokens",
+                prompt.len()
+            ),
+        ));
+    }
+    let room = ctx - prompt.len();
+    let requested = c.max_completion_tokens.or(c.max_tokens);
+    let max_tokens = match requested {
+        Some(0) => return Err(bad("max_tokens", "must be at least 1".into())),
+        Some(m) if m > room => {
+            return Err(bad(
+                "max_tokens",
+                format!(
+                    "the prompt ({} tokens) + max_tokens ({m}) exceed the model's context of {ctx} tokens; at most {room} can be generated",
+                    prompt.len()
+                ),
+            ))
+        }
+        Some(m) => m,
+        None => default_max.unwrap_or(room).min(room),
+    };
+    let n = c.n.unwrap_or(1);
+    if !(1..=16).contains(&n) {
+        return Err(bad("n", format!("must be between 1 and 16, got {n}")));
+    }
+    let stop = c.stop.map(OneOrMany::into_vec).unwrap_or_default();
+    if stop.len() > 16 {
+        return Err(bad("stop", "at most 16 stop strings".into()));
+    }
+    let sampling = SamplingParams {
+        temperature: c.temperature.unwrap_or(1.0),
+        top_k: c.top_k.unwrap_or(0),
+        top_p: c.top_p.unwrap_or(1.0),
+        min_p: c.min_p.unwrap_or(0.0),
+        repeat_penalty: c.repeat_penalty.unwrap_or(1.0),
+        repeat_last_n: 64,
+        seed: c.seed.unwrap_or_else(rand::random),
+    };
+    sampling.validate().map_err(|e| match e {
+        flywheel_api::ApiError::InvalidField { field, reason } => {
+            bad(field, format!("`{field}` {reason}"))
+        }
+    })?;
+    let label = adapter
+        .as_ref()
+        .map(|a| a.name.clone())
+        .unwrap_or_else(|| st.name.clone());
+    Ok(Prepared {
+        label,
+        adapter,
+        prompt,
+        max_tokens,
+        stop,
+        sampling,
+        n,
+        stream: c.stream.unwrap_or(false),
+        include_usage: c.stream_options.is_some_and(|o| o.include_usage),
+        ignore_eos: c.ignore_eos.unwrap_or(false),
+        sources: None,
+    })
+}
+
+/// Submits `p.n` jobs (seeds `seed`, `seed+1`, …); a full queue refuses them all.
+fn submit(
+    engine: &Engine,
+    p: &Prepared,
+) -> Result<Vec<mpsc::UnboundedReceiver<Event>>, ServeError> {
+    let mut rxs = Vec::with_capacity(p.n);
+    for i in 0..p.n {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut sampling = p.sampling.clone();
+        sampling.seed = sampling.seed.wrapping_add(i as u64);
+        let job = Job {
+            prompt: p.prompt.clone(),
+            max_tokens: p.max_tokens,
+            stop: p.stop.clone(),
+            sampling,
+            adapter: p.adapter.as_ref().map(|a| a.routed.clone()),
+            ignore_eos: p.ignore_eos,
+            events: tx,
+        };
+        if let Err(Busy) = engine.submit(job) {
+            // Dropping `rxs` cancels the choices already queued.
+            return Err(ServeError::Busy(engine.queue_depth()));
+        }
+        rxs.push(rx);
+    }
+    Ok(rxs)
+}
+
+/// One finished choice.
+struct Choice {
+    text: String,
+    finish: FinishReason,
+    completion_tokens: usize,
+    ttft: Option<f64>,
+}
+
+async fn collect(
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    t0: Instant,
+) -> Result<Choice, ServeError> {
+    let mut text = String::new();
+    let mut ttft = None;
+    loop {
+        match rx.recv().await {
+            Some(Event::Token { text: piece, .. }) => {
+                ttft.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+                text.push_str(&piece);
+            }
+            Some(Event::Done { finish, usage }) => {
+                return Ok(Choice {
+                    text,
+                    finish,
+                    completion_tokens: usage.completion_tokens,
+                    ttft,
+                })
+            }
+            Some(Event::Failed(e)) => return Err(e.into()),
+            None => return Err(ServeError::Internal("the engine stopped".into())),
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn new_id(prefix: &str) -> String {
+    format!(
+        "{prefix}-{:016x}{:08x}",
+        rand::random::<u64>(),
+        rand::random::<u32>()
+    )
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+impl Kind {
+    fn endpoint(self) -> &'static str {
+        match self {
+            Kind::Chat => "chat",
+            Kind::Completion => "completions",
+        }
+    }
+}
+
+pub(super) async fn chat(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    respond(st, body, Kind::Chat, chat_request).await
+}
+
+pub(super) async fn completions(State(st): St, body: Result<Bytes, BytesRejection>) -> Response {
+    respond(st, body, Kind::Completion, completion_request).await
+}
+
+/// Reads, checks and runs a chat or completion request; errors are counted and answered.
+async fn respond(
+    st: Arc<AppState>,
+    body: Result<Bytes, BytesRejection>,
+    kind: Kind,
+    build: fn(&AppState, &[u8]) -> Result<Prepared, ServeError>,
+) -> Response {
+    let t0 = Instant::now();
+    match body_bytes(body, st.max_body_bytes).and_then(|b| build(&st, &b)) {
+        Ok(p) => generate(st, p, kind, t0).await,
+        Err(e) => {
+            st.metrics
+                .request(kind.endpoint(), "-", e.status().as_u16());
+            e.into_response()
+        }
+    }
+}
+
+/// A chat request: the messages rendered through the model's chat template.
+fn chat_request(st: &AppState, body: &[u8]) -> Result<Prepared, ServeError> {
+    // Parsed twice on purpose: `Common` and the messages each name their own bad fields.
+    let common: Common = openai::parse(body)?;
+    let adapter = st.resolve(&common.model)?;
+    let chat: openai::ChatBody = openai::parse(body)?;
+    if chat.messages.is_empty() {
+        return Err(bad("messages", "must hold at least one message".into()));
+    }
+    let mut msgs = Vec::with_capacity(chat.messages.len());
+    for (i, m) in chat.messages.into_iter().enumerate() {
+        let content = match m.content {
+            None => String::new(),
+            Some(openai::Content::Text(t)) => t,
+            Some(openai::Content::Parts(parts)) => {
+                let mut s = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => s.push_str(&t),
+                        (k, _) => {
+                            return Err(bad(
+                                &format!("messages[{i}].content"),
+                                format!(
+                                    "content parts of type `{k}` are not supported (text only)"
+                                ),
+                            ))
+                        }
+                    }
+                }
+                s
+            }
+        };
+        msgs.push(ChatMessage::new(m.role, content));
+    }
+    let rag_body: crate::rag::RagBody = openai::parse(body)?;
+    let sources = match (rag_body.retrieval, &st.rag) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(bad(
+                "retrieval",
+                "this server has no retrieval store (start it with --rag STORE)".into(),
+            ))
+        }
+        (Some(r), Some(rag)) => Some(rag.augment(&mut msgs, &r)?),
+    };
+    let prompt = st
+        .model
+        .render_chat(&msgs)
+        .and_then(|p| st.model.encode_prompt(&p))
+        .map_err(|e| bad("messages", e.to_string()))?;
+    let mut p = prepare(st, common, adapter, prompt, "messages", None)?;
+    p.sources = sources;
+    Ok(p)
+}
+
+/// A completion request: one plain prompt.
+fn completion_request(st: &AppState, body: &[u8]) -> Result<Prepared, ServeError> {
+    let common: Common = openai::parse(body)?;
+    let adapter = st.resolve(&common.model)?;
+    let b: openai::CompletionBody = openai::parse(body)?;
+    let prompts = b.prompt.into_vec();
+    if prompts.len() != 1 {
+        return Err(bad(
+            "prompt",
+            format!(
+                "give one prompt per request (got {}); use `n` for several choices",
+                prompts.len()
+            ),
+        ));
+    }
+    let prompt = st
+        .model
+        .encode_prompt(&prompts[0])
+        .map_err(|e| bad("prompt", e.to_string()))?;
+    prepare(st, common, adapter, prompt, "prompt", Some(16))
+}
+
+/// Runs a prepared request: a JSON response, or a server-sent-event stream.
+async fn generate(st: Arc<AppState>, p: Prepared, kind: Kind, t0: Instant) -> Response {
+    let rxs = match submit(&st.engine, &p) {
+        Ok(r) => r,
+        Err(e) => {
+            st.metrics
+                .request(kind.endpoint(), &p.label, e.status().as_u16());
+            return e.into_response();
+        }
+    };
+    if p.stream {
+        return stream(st, p, kind, rxs, t0);
+    }
+    let results = futures_util::future::join_all(rxs.into_iter().map(|rx| collect(rx, t0))).await;
+    let mut choices = Vec::with_capacity(results.len());
+    for r in results {
+        match r {
+            Ok(c) => choices.push(c),
+            Err(e) => {
+                st.metrics
+                    .request(kind.endpoint(), &p.label, e.status().as_u16());
+                return e.into_response();
+            }
+        }
+    }
+    let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
+    let ttft = choices.iter().filter_map(|c| c.ttft).reduce(f64::min);
+    st.metrics.generation(
+        &p.label,
+        p.prompt.len(),
+        completion,
+        t0.elapsed().as_secs_f64(),
+        ttft,
+    );
+    st.metrics.request(kind.endpoint(), &p.label, 200);
+    let usage = UsageBody::new(p.prompt.len(), completion);
+    let (id, object) = match kind {
+        Kind::Chat => ("chatcmpl", "chat.completion"),
+        Kind::Completion => ("cmpl", "text_completion"),
+    };
+    let choices: Vec<Value> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut v = json!({
+                "index": i,
+                "finish_reason": openai::finish_name(c.finish),
+                "logprobs": null,
+            });
+            match kind {
+                Kind::Chat => v["message"] = json!({"role": "assistant", "content": c.text}),
+                Kind::Completion => v["text"] = json!(c.text),
+            }
+            v
+        })
+        .collect();
+    let mut body = json!({
+        "id": new_id(id),
+        "object": object,
+        "created": now_secs(),
+        "model": p.label,
+        "choices": choices,
+        "usage": usage,
+    });
+    if let Some(s) = &p.sources {
+        body["sources"] = s.clone();
+    }
+    Json(body).into_response()
+}
+
+/// Streams the choices as server-sent events. A client that goes away drops the stream, which
+/// drops the engine's receivers, which frees the slots at the next token boundary.
+fn stream(
+    st: Arc<AppState>,
+    p: Prepared,
+    kind: Kind,
+    rxs: Vec<mpsc::UnboundedReceiver<Event>>,
+    t0: Instant,
+) -> Response {
+    let (out, out_rx) = mpsc::channel::<SseEvent>(64);
+    let id = new_id(if kind == Kind::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    });
+    let created = now_secs();
+    let label = p.label.clone();
+    let object = if kind == Kind::Chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    let chunk_value = move |choices: Value, usage: Option<UsageBody>| {
+        let mut v = json!({"id": id, "object": object, "created": created, "model": label, "choices": choices});
+        if let Some(u) = usage {
+            v["usage"] = json!(u);
+        }
+        v
+    };
+    let cv = chunk_value.clone();
+    let chunk = move |choices: Value, usage: Option<UsageBody>| {
+        SseEvent::default().data(cv(choices, usage).to_string())
+    };
+    let sources = p.sources.clone();
+    tokio::spawn(async move {
+        let n = rxs.len();
+        if kind == Kind::Chat {
+            for i in 0..n {
+                let mut v = chunk_value(
+                    json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
+                    None,
+                );
+                // The retrieved sources travel with the first chunk.
+                if let (0, Some(s)) = (i, &sources) {
+                    v["sources"] = s.clone();
+                }
+                let c = SseEvent::default().data(v.to_string());
+                if out.send(c).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let streams = rxs.into_iter().enumerate().map(|(i, rx)| {
+            futures_util::stream::unfold(rx, move |mut rx| async move {
+                rx.recv().await.map(|e| ((i, e), rx))
+            })
+            .boxed()
+        });
+        let mut merged = futures_util::stream::select_all(streams);
+        let mut completion = 0;
+        let mut ttft: Option<f64> = None;
+        let mut status = 200;
+        while let Some((i, ev)) = merged.next().await {
+            let c = match ev {
+                Event::Token { text, .. } => {
+                    ttft.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+                    if text.is_empty() {
+                        continue;
+                    }
+                    match kind {
+                        Kind::Chat => chunk(
+                            json!([{"index": i, "delta": {"content": text}, "finish_reason": null}]),
+                            None,
+                        ),
+                        Kind::Completion => chunk(
+                            json!([{"index": i, "text": text, "finish_reason": null, "logprobs": null}]),
+                            None,
+                        ),
+                    }
+                }
+                Event::Done { finish, usage } => {
+                    completion += usage.completion_tokens;
+                    let f = openai::finish_name(finish);
+                    match kind {
+                        Kind::Chat => {
+                            chunk(json!([{"index": i, "delta": {}, "finish_reason": f}]), None)
+                        }
+                        Kind::Completion => chunk(
+                            json!([{"index": i, "text": "", "finish_reason": f, "logprobs": null}]),
+                            None,
+                        ),
+                    }
+                }
+                Event::Failed(m) => {
+                    status = 500;
+                    SseEvent::default().data(
+                        openai::error_body(&m.to_string(), "server_error", None, None).to_string(),
+                    )
+                }
+            };
+            if out.send(c).await.is_err() {
+                status = 499; // client closed the stream
+                break;
+            }
+            if status != 200 {
+                break;
+            }
+        }
+        if status == 200 {
+            if p.include_usage {
+                let _ = out
+                    .send(chunk(
+                        json!([]),
+                        Some(UsageBody::new(p.prompt.len(), completion)),
+                    ))
+                    .await;
+            }
+            let _ = out.send(SseEvent::default().data("[DONE]")).await;
+            st.metrics.generation(
+                &p.label,
+                p.prompt.len(),
+                completion,
+                t0.elapsed().as_secs_f64(),
+                ttft,
+            );
+        }
+        st.metrics.request(kind.endpoint(), &p.label, status);
+    });
+    let body = futures_util::stream::unfold(out_rx, |mut rx| async move {
+        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
+    });
+    Sse::new(body)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
