@@ -406,3 +406,21 @@ pub fn write_tiny_bert_folder(dir: &Path, seed: u64) -> Result<()> {
     let _ = DType::F32;
     Ok(())
 }
+
+/// Reports a test that cannot run here (a CPU without the feature it tests, or
+/// `FLYWHEEL_SKIP_REAL_MODELS=1`): to stderr, and as a line appended to the file
+/// `FLYWHEEL_SKIP_LOG` names, which `scripts/test.sh` sets, counts and prints, since cargo's
+/// harness can only report such a test as passed.
+pub fn skip(test: &str, reason: &str) {
+    eprintln!("skipped: {test}: {reason}");
+    if let Ok(path) = std::env::var("FLYWHEEL_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{test}: {reason}");
+        }
+    }
+}

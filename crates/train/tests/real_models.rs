@@ -49,7 +49,10 @@ fn greedy_exact_match(
 #[test]
 fn quickstart_lora_teaches_smollm2_a_format() -> anyhow::Result<()> {
     if std::env::var("FLYWHEEL_SKIP_REAL_MODELS").is_ok_and(|v| v == "1") {
-        eprintln!("skipped: FLYWHEEL_SKIP_REAL_MODELS=1");
+        flywheel_runtime::testing::skip(
+            "quickstart_lora_teaches_smollm2_a_format",
+            "FLYWHEEL_SKIP_REAL_MODELS=1",
+        );
         return Ok(());
     }
     let root = root();
@@ -119,7 +122,10 @@ fn quickstart_lora_teaches_smollm2_a_format() -> anyhow::Result<()> {
 #[test]
 fn sql_data_loads_for_the_sql_recipe() -> anyhow::Result<()> {
     if std::env::var("FLYWHEEL_SKIP_REAL_MODELS").is_ok_and(|v| v == "1") {
-        eprintln!("skipped: FLYWHEEL_SKIP_REAL_MODELS=1");
+        flywheel_runtime::testing::skip(
+            "sql_data_loads_for_the_sql_recipe",
+            "FLYWHEEL_SKIP_REAL_MODELS=1",
+        );
         return Ok(());
     }
     let root = root();
@@ -161,7 +167,10 @@ fn sql_data_loads_for_the_sql_recipe() -> anyhow::Result<()> {
 #[test]
 fn peft_made_adapter_reproduces_transformers_logits() -> anyhow::Result<()> {
     if std::env::var("FLYWHEEL_SKIP_REAL_MODELS").is_ok_and(|v| v == "1") {
-        eprintln!("skipped: FLYWHEEL_SKIP_REAL_MODELS=1");
+        flywheel_runtime::testing::skip(
+            "peft_made_adapter_reproduces_transformers_logits",
+            "FLYWHEEL_SKIP_REAL_MODELS=1",
+        );
         return Ok(());
     }
     let root = root();
