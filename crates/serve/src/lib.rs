@@ -1,14 +1,17 @@
 //! flywheel-serve: an OpenAI-compatible HTTP server over the flywheel runtime.
 //!
-//! - [`engine`]: the compute thread with continuous batching and per-row LoRA adapters.
-//! - [`adapters`]: the adapters a server holds, loaded, checked, replaced and removed at run time.
 //! - [`router`]: the HTTP endpoints (chat, completions, embeddings, models, adapters, health,
 //!   metrics), authentication and limits; handlers never run tensor code.
-//! - [`openai`]: the wire format.
+//! - [`openai`]: the wire format; [`fields`]: which request fields are implemented, accepted or
+//!   refused.
+//!
+//! Generation runs on `flywheel_runtime::engine` (continuous batching, per-row adapters); the
+//! adapters come from `flywheel_peft::Registry`.
 //! - [`metrics`]: Prometheus text metrics.
 //! - [`rag`]: retrieval from a `flywheel rag` store for chat requests (`--rag`).
 #![deny(missing_docs)]
 
+pub mod fields;
 pub mod metrics;
 pub mod openai;
 pub mod rag;

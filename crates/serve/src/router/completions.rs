@@ -218,6 +218,7 @@ async fn respond(
 
 /// A chat request: the messages rendered through the model's chat template.
 fn chat_request(st: &AppState, body: &[u8]) -> Result<Prepared, ServeError> {
+    crate::fields::check(body, crate::fields::Endpoint::Chat)?;
     // Parsed twice on purpose: `Common` and the messages each name their own bad fields.
     let common: Common = openai::parse(body)?;
     let adapter = st.resolve(&common.model)?;
@@ -273,6 +274,7 @@ fn chat_request(st: &AppState, body: &[u8]) -> Result<Prepared, ServeError> {
 
 /// A completion request: one plain prompt.
 fn completion_request(st: &AppState, body: &[u8]) -> Result<Prepared, ServeError> {
+    crate::fields::check(body, crate::fields::Endpoint::Completions)?;
     let common: Common = openai::parse(body)?;
     let adapter = st.resolve(&common.model)?;
     let b: openai::CompletionBody = openai::parse(body)?;
