@@ -109,6 +109,9 @@ pub struct GenerateRequest {
     /// Keep generating past end-of-sequence tokens (benchmarks).
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Constrain the output to a grammar (structured output); `None` generates freely.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grammar: Option<Grammar>,
 }
 
 impl GenerateRequest {
@@ -120,6 +123,42 @@ impl GenerateRequest {
             stop: Vec::new(),
             sampling: SamplingParams::default(),
             ignore_eos: false,
+            grammar: None,
+        }
+    }
+
+    /// The same request, constrained to `grammar`.
+    pub fn with_grammar(mut self, grammar: Grammar) -> Self {
+        self.grammar = Some(grammar);
+        self
+    }
+}
+
+/// A grammar the generated text must follow (grammar-constrained decoding). Only tokens that
+/// keep the output a valid prefix of the language are ever sampled; the output ends when the
+/// grammar admits nothing more, or at an end-of-sequence token once it is complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type", content = "value")]
+pub enum Grammar {
+    /// A JSON Schema, as JSON text. The output is compact JSON (no optional whitespace) unless
+    /// the schema sets llguidance's `x-guidance` options itself.
+    JsonSchema(String),
+    /// Any JSON object (the schema `{"type": "object"}`).
+    JsonObject,
+    /// A regular expression the whole output must match.
+    Regex(String),
+    /// A Lark grammar (llguidance's dialect; the `start` rule is the output).
+    Lark(String),
+}
+
+impl Grammar {
+    /// The kind's name, as errors report it: `json_schema`, `json_object`, `regex` or `lark`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Grammar::JsonSchema(_) => "json_schema",
+            Grammar::JsonObject => "json_object",
+            Grammar::Regex(_) => "regex",
+            Grammar::Lark(_) => "lark",
         }
     }
 }
@@ -242,6 +281,25 @@ pub trait Retriever {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grammars_serialize_tagged_and_requests_without_one_are_unchanged() {
+        let g = Grammar::Regex("[ab]+".into());
+        let text = serde_json::to_string(&g).unwrap();
+        assert_eq!(text, r#"{"type":"regex","value":"[ab]+"}"#);
+        assert_eq!(serde_json::from_str::<Grammar>(&text).unwrap(), g);
+        let text = serde_json::to_string(&Grammar::JsonObject).unwrap();
+        assert_eq!(text, r#"{"type":"json_object"}"#);
+        assert_eq!(Grammar::JsonSchema("{}".into()).kind(), "json_schema");
+        let req = GenerateRequest::new("hi", 4);
+        let text = serde_json::to_string(&req).unwrap();
+        assert!(!text.contains("grammar"), "{text}");
+        assert_eq!(serde_json::from_str::<GenerateRequest>(&text).unwrap(), req);
+        let req = req.with_grammar(Grammar::Lark("start: \"x\"".into()));
+        let back: GenerateRequest =
+            serde_json::from_str(&serde_json::to_string(&req).unwrap()).unwrap();
+        assert_eq!(back, req);
+    }
 
     #[test]
     fn validation_names_the_bad_field() {

@@ -260,6 +260,7 @@ impl SamplingArgs {
             stop: self.stop.clone(),
             sampling,
             ignore_eos: false,
+            grammar: None,
         })
     }
 }

@@ -485,6 +485,7 @@ impl Worker {
             stop: job.stop,
             sampling: job.sampling,
             ignore_eos: job.ignore_eos,
+            grammar: None,
         };
         let budget = job.max_tokens.min(ctx - job.prompt.len());
         let prompt = &job.prompt;

@@ -36,6 +36,7 @@ fn greedy_exact_match(
                 ..Default::default()
             },
             ignore_eos: false,
+            grammar: None,
         };
         let out = model.generate(&req, &mut NullSink)?;
         if out.text.trim() == want.trim() {
