@@ -15,6 +15,7 @@ use flywheel_models::{Cache, Logits};
 use flywheel_peft::{with_routing, RoutedAdapter, Routing};
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::constraint::Constraint;
 use crate::generate::RowState;
 use crate::TextModel;
 
@@ -83,6 +84,9 @@ pub struct Job {
     pub adapter: Option<Arc<RoutedAdapter>>,
     /// Keep going past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// The grammar the output must follow: compiled by the submitter with this engine's model
+    /// ([`TextModel::compile_grammar`]), so a bad grammar is refused before it is queued.
+    pub constraint: Option<Constraint>,
     /// Where events go; a dropped receiver cancels the job and frees its slot.
     pub events: UnboundedSender<Event>,
 }
@@ -485,7 +489,7 @@ impl Worker {
             stop: job.stop,
             sampling: job.sampling,
             ignore_eos: job.ignore_eos,
-            grammar: None,
+            grammar: None, // compiled already: `job.constraint`
         };
         let budget = job.max_tokens.min(ctx - job.prompt.len());
         let prompt = &job.prompt;
@@ -527,8 +531,12 @@ impl Worker {
                 .borrow_mut()
                 .store(job.adapter.clone(), prompt[..whole].to_vec(), c);
         }
+        let mut row = RowState::new(tok, job.prompt, &req, budget);
+        if let Some(c) = job.constraint {
+            row.constrain(c);
+        }
         let mut seq = Seq {
-            row: RowState::new(tok, job.prompt, &req, budget),
+            row,
             cache,
             adapter: job.adapter,
             events: job.events,
@@ -539,7 +547,7 @@ impl Worker {
                 .squeeze(0)
                 .and_then(|l| l.to_vec1::<f32>())
                 .map_err(EngineError::model)?;
-            let t = seq.row.sample(&mut l);
+            let t = seq.row.sample(&mut l).map_err(EngineError::model)?;
             seq.accept(t, eos).map_err(EngineError::model)?;
         }
         Ok(seq)
@@ -569,7 +577,7 @@ impl Worker {
                     .iter_mut()
                     .zip(scratch.logits().chunks_exact_mut(vocab))
                 {
-                    let t = s.row.sample(l);
+                    let t = s.row.sample(l).map_err(EngineError::model)?;
                     s.accept(t, eos).map_err(EngineError::model)?;
                 }
                 return Ok(());
@@ -584,7 +592,7 @@ impl Worker {
         };
         let rows = logits.to_vec2::<f32>().map_err(EngineError::model)?;
         for (s, mut l) in batch.iter_mut().zip(rows) {
-            let t = s.row.sample(&mut l);
+            let t = s.row.sample(&mut l).map_err(EngineError::model)?;
             s.accept(t, eos).map_err(EngineError::model)?;
         }
         Ok(())

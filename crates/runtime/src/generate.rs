@@ -5,16 +5,18 @@
 
 use candle_core::Tensor;
 use flywheel_api::{
-    ChatMessage, FinishReason, GenerateOutput, GenerateRequest, Timings, TokenSink, Usage,
+    ChatMessage, FinishReason, GenerateOutput, GenerateRequest, Grammar, Timings, TokenSink, Usage,
 };
 use flywheel_models::{
     DecoderConfig, DecoderModel, GgufWeights, LinearHook, Logits, NoHook, SafetensorsWeights,
 };
 use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use crate::chat::ChatTemplate;
+use crate::constraint::{Constraint, GrammarCompiler};
 use crate::load::{
     read_json_opt, read_text, safetensors_files, LoadOptions, ModelFormat, ModelInfo,
 };
@@ -40,6 +42,8 @@ pub struct TextModel {
     chat: Option<ChatTemplate>,
     eos: Vec<u32>,
     info: ModelInfo,
+    /// The grammar compiler over this model's token trie, built on first use (or why not).
+    grammars: OnceLock<std::result::Result<GrammarCompiler, String>>,
 }
 
 fn json_token(v: Option<&serde_json::Value>) -> Option<String> {
@@ -227,6 +231,7 @@ impl TextModel {
             chat,
             eos,
             info,
+            grammars: OnceLock::new(),
         }
     }
 
@@ -248,6 +253,31 @@ impl TextModel {
     /// The end-of-generation token ids.
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos
+    }
+
+    /// The grammar compiler over this model's tokenizer (built on the first call, about 0.4 s
+    /// for a 152k vocabulary in a release build, then kept).
+    pub fn grammar_compiler(&self) -> Result<&GrammarCompiler> {
+        self.grammars
+            .get_or_init(|| {
+                let width = self.model.config().vocab_size;
+                GrammarCompiler::new(&self.tokenizer, width, &self.eos).map_err(|e| match e {
+                    Error::Tokenizer { reason, .. } => reason,
+                    e => e.to_string(),
+                })
+            })
+            .as_ref()
+            .map_err(|reason| Error::Tokenizer {
+                file: "(constrained decoding)".into(),
+                reason: reason.clone(),
+            })
+    }
+
+    /// Compiles a grammar into a matcher for one row ([`RowState::constrain`], or an engine
+    /// `Job`'s `constraint`). A grammar that does not compile is [`Error::Grammar`], naming its
+    /// kind and llguidance's reason.
+    pub fn compile_grammar(&self, grammar: &Grammar) -> Result<Constraint> {
+        self.grammar_compiler()?.compile(grammar)
     }
 
     /// The model's chat template, if it has one.
@@ -352,9 +382,16 @@ impl TextModel {
         sinks: &mut [&mut dyn TokenSink],
     ) -> Result<Vec<GenerateOutput>> {
         let ctx = self.model.config().max_position_embeddings;
+        let mut constraints = Vec::with_capacity(items.len());
         for (ids, req) in items {
             req.sampling.validate()?;
             self.check_prompt(ids)?;
+            constraints.push(
+                req.grammar
+                    .as_ref()
+                    .map(|g| self.compile_grammar(g))
+                    .transpose()?,
+            );
         }
         let longest = items.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
         let pads: Vec<usize> = items.iter().map(|(ids, _)| longest - ids.len()).collect();
@@ -366,13 +403,18 @@ impl TextModel {
         let device = self.model.device();
         let mut rows: Vec<RowState> = items
             .iter()
-            .map(|(ids, req)| {
-                RowState::new(
+            .zip(constraints)
+            .map(|((ids, req), constraint)| {
+                let mut row = RowState::new(
                     &self.tokenizer,
                     ids.clone(),
                     req,
                     req.max_tokens.min(ctx - longest),
-                )
+                );
+                if let Some(c) = constraint {
+                    row.constrain(c);
+                }
+                row
             })
             .collect();
         let mut cache = self.model.new_cache(pads);
@@ -406,7 +448,7 @@ impl TextModel {
                     next.push(*row.history.last().expect("prompt is not empty"));
                     continue;
                 }
-                let tok = row.sample(l);
+                let tok = row.sample(l)?;
                 next.push(tok);
                 row.step(tok, &self.eos, &mut *sinks[i])?;
             }
@@ -441,6 +483,8 @@ pub struct RowState<'a> {
     pub prompt_len: usize,
     budget: usize,
     sampler: Sampler,
+    /// The grammar the output must follow, if any.
+    constraint: Option<Constraint>,
     detok: IncrementalDecoder<'a>,
     stop: StopScanner,
     /// Generated tokens so far.
@@ -460,6 +504,7 @@ impl<'a> RowState<'a> {
             history: prompt,
             budget,
             sampler: Sampler::new(req.sampling.clone()),
+            constraint: None,
             detok: IncrementalDecoder::new(tok),
             stop: StopScanner::new(&req.stop),
             tokens: vec![],
@@ -468,9 +513,41 @@ impl<'a> RowState<'a> {
         }
     }
 
-    /// Picks the next token from this row's logits.
-    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
-        self.sampler.sample(logits, &self.history)
+    /// Constrains the rest of this row's output to a grammar (compiled by the model that
+    /// generates it: [`TextModel::compile_grammar`]).
+    pub fn constrain(&mut self, constraint: Constraint) {
+        if constraint.is_finished() {
+            // The grammar admits only the empty output (or its matcher failed to start).
+            self.finish.get_or_insert(FinishReason::Stop);
+        }
+        self.constraint = Some(constraint);
+    }
+
+    /// The row's grammar matcher, if it is constrained.
+    pub fn constraint(&self) -> Option<&Constraint> {
+        self.constraint.as_ref()
+    }
+
+    /// Picks the next token from this row's logits (which it may change).
+    ///
+    /// A constrained row samples as usual and keeps the token when the grammar allows it;
+    /// only when it does not is the mask computed, every refused logit set to -inf, and the
+    /// token drawn again. That draws from the masked distribution exactly (greedy gives the
+    /// unconstrained token whenever it is allowed). Top-k, top-p and min-p rank tokens
+    /// against each other, so with them the mask is applied before the draw instead.
+    pub fn sample(&mut self, logits: &mut [f32]) -> Result<u32> {
+        let Some(c) = self.constraint.as_mut() else {
+            return Ok(self.sampler.sample(logits, &self.history));
+        };
+        self.sampler.penalize(logits, &self.history);
+        if !self.sampler.truncates() {
+            let tok = self.sampler.pick(logits);
+            if c.allows(tok)? {
+                return Ok(tok);
+            }
+        }
+        c.mask_logits(logits)?;
+        Ok(self.sampler.pick(logits))
     }
 
     /// The most tokens this row may still generate in all.
@@ -499,9 +576,19 @@ impl<'a> RowState<'a> {
 
     /// Accepts token `tok`: streams its text into `sink` and decides whether the row is done
     /// (EOS, a stop string, the budget, or the sink cancelling).
+    ///
+    /// A constrained row also feeds the token to its matcher, and ends (`stop`) once the
+    /// grammar admits nothing more; the budget running out first still ends it with `length`.
     pub fn step(&mut self, tok: u32, eos: &[u32], sink: &mut dyn TokenSink) -> Result<()> {
         self.tokens.push(tok);
         self.history.push(tok);
+        let grammar_done = match self.constraint.as_mut() {
+            Some(c) => {
+                c.consume(tok)?;
+                c.is_finished()
+            }
+            None => false,
+        };
         if !self.ignore_eos && eos.contains(&tok) {
             let tail = self.detok.flush()?;
             let emit = self.stop.finish(&tail);
@@ -514,11 +601,16 @@ impl<'a> RowState<'a> {
         self.emit(&emit, tok, sink);
         if stopped {
             self.finish.get_or_insert(FinishReason::Stop);
-        } else if self.tokens.len() >= self.budget {
+        } else if grammar_done || self.tokens.len() >= self.budget {
             let tail = self.detok.flush()?;
             let emit = self.stop.finish(&tail);
             self.emit(&emit, tok, sink);
-            self.finish.get_or_insert(FinishReason::Length);
+            let why = if grammar_done {
+                FinishReason::Stop
+            } else {
+                FinishReason::Length
+            };
+            self.finish.get_or_insert(why);
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 //! - [`load`]: find a model (GGUF file, Hugging Face folder, hub id via hf-hub) and build it.
 //! - [`tokenizer`]: tokenizer.json or one built from GGUF metadata; streaming detokenisation.
 //! - [`chat`]: chat templates rendered with minijinja under Hugging Face semantics.
+//! - [`constraint`]: grammar-constrained decoding (JSON schema, regex, Lark) with llguidance.
 //! - [`sampler`]: temperature, top-k/top-p/min-p, repeat penalty, seeded.
 //! - [`generate`]: the one generation loop (batched prefill, KV-cache decode, stop strings, sinks).
 //! - [`engine`]: the continuous-batching engine thread (per-row adapters, prefix cache) that
@@ -12,6 +13,7 @@
 #![deny(missing_docs)]
 
 pub mod chat;
+pub mod constraint;
 pub mod embed;
 pub mod engine;
 pub mod generate;
@@ -22,6 +24,7 @@ pub mod threads;
 pub mod tokenizer;
 
 pub use candle_core::{DType, Device};
+pub use constraint::Constraint;
 pub use embed::EmbeddingModel;
 pub use engine::{Engine, EngineConfig, EngineError};
 pub use generate::TextModel;
@@ -100,6 +103,22 @@ pub enum Error {
     /// The prompt encodes to no tokens.
     #[error("the prompt is empty")]
     EmptyPrompt,
+    /// A grammar for constrained decoding does not compile.
+    #[error("invalid {kind} grammar: {reason}")]
+    Grammar {
+        /// Which kind: `json_schema`, `json_object`, `regex` or `lark`.
+        kind: &'static str,
+        /// llguidance's reason.
+        reason: String,
+    },
+    /// The grammar matcher failed while generating (an llguidance limit or internal error).
+    #[error("constrained decoding ({kind} grammar) failed: {reason}")]
+    Constraint {
+        /// Which kind of grammar.
+        kind: &'static str,
+        /// llguidance's reason.
+        reason: String,
+    },
     /// A request field is out of range.
     #[error(transparent)]
     Invalid(#[from] flywheel_api::ApiError),

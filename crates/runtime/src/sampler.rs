@@ -20,6 +20,19 @@ impl Sampler {
 
     /// Chooses a token; `history` is the prompt and generated tokens so far (for the repeat penalty).
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        self.penalize(logits, history);
+        self.pick(logits)
+    }
+
+    /// Whether top-k, top-p or min-p cut the distribution (they rank tokens against each other,
+    /// so removing tokens first changes what they keep). Greedy never counts as cutting.
+    pub fn truncates(&self) -> bool {
+        let greedy = self.p.temperature == 0.0 || self.p.top_k == 1;
+        !greedy && (self.p.top_k > 0 || self.p.top_p < 1.0 || self.p.min_p > 0.0)
+    }
+
+    /// Applies the repeat penalty to the logits of tokens in the recent `history`.
+    pub fn penalize(&self, logits: &mut [f32], history: &[u32]) {
         if self.p.repeat_penalty != 1.0 {
             let start = history.len().saturating_sub(self.p.repeat_last_n);
             let mut seen = std::collections::HashSet::new();
@@ -35,6 +48,11 @@ impl Sampler {
                 }
             }
         }
+    }
+
+    /// Chooses a token from already penalized logits (greedy, or top-k, temperature, top-p and
+    /// min-p, then a seeded draw).
+    pub fn pick(&mut self, logits: &[f32]) -> u32 {
         if self.p.temperature == 0.0 || self.p.top_k == 1 {
             return argmax(logits);
         }

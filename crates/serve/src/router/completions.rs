@@ -115,6 +115,7 @@ fn submit(
             sampling,
             adapter: p.adapter.as_ref().map(|a| a.routed.clone()),
             ignore_eos: p.ignore_eos,
+            constraint: None,
             events: tx,
         };
         if let Err(Busy) = engine.submit(job) {
