@@ -4,12 +4,14 @@
 //! - the GGUF-metadata tokenizer encodes and decodes exactly like llama.cpp;
 //! - greedy output matches llama.cpp's first 32 tokens on most prompts;
 //! - SmolLM2 knows the capital of France, Qwen2.5-Coder starts its SQL with SELECT;
+//! - SmolLM2 under a JSON schema gives JSON that validates; a grammar its greedy answer already
+//!   follows changes nothing;
 //! - MiniLM vectors match sentence-transformers.
 //!
 //! These tests fail (not skip) when the models are missing. Set FLYWHEEL_SKIP_REAL_MODELS=1 to
 //! skip them deliberately on a machine without the models.
 
-use flywheel_api::{ChatMessage, GenerateRequest, SamplingParams};
+use flywheel_api::{ChatMessage, FinishReason, GenerateRequest, Grammar, SamplingParams};
 use flywheel_runtime::{EmbeddingModel, LoadOptions, TextModel};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -313,6 +315,77 @@ fn smollm2_knows_the_capital_of_france() {
     req.prompt = prompt;
     let out = tm.generate(&req, &mut flywheel_api::NullSink).unwrap();
     assert!(out.text.contains("Paris"), "answer: {:?}", out.text);
+}
+
+#[test]
+fn smollm2_fills_a_json_schema_under_a_grammar() {
+    if skip() {
+        return;
+    }
+    let tm = smollm();
+    let prompt = tm
+        .render_chat(&[
+            ChatMessage::new("system", "You are a helpful assistant."),
+            ChatMessage::new(
+                "user",
+                "Invent a person and describe them as a JSON object with their name and age.",
+            ),
+        ])
+        .unwrap();
+    let schema = r#"{"type": "object",
+        "properties": {"name": {"type": "string"},
+                       "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+        "required": ["name", "age"], "additionalProperties": false}"#;
+    let mut req = greedy(64).with_grammar(Grammar::JsonSchema(schema.into()));
+    req.prompt = prompt;
+    let out = tm.generate(&req, &mut flywheel_api::NullSink).unwrap();
+    assert_eq!(out.finish_reason, FinishReason::Stop, "{:?}", out.text);
+    let v: Value = serde_json::from_str(&out.text)
+        .unwrap_or_else(|e| panic!("{:?} is not JSON: {e}", out.text));
+    let o = v.as_object().expect("an object");
+    assert_eq!(o.len(), 2, "{:?}", out.text);
+    let name = o["name"].as_str().expect("name is a string");
+    assert!(!name.trim().is_empty(), "{:?}", out.text);
+    let age = o["age"].as_i64().expect("age is an integer");
+    assert!((0..=150).contains(&age), "{:?}", out.text);
+}
+
+#[test]
+fn smollm2_greedy_answer_is_unchanged_by_a_grammar_it_already_follows() {
+    if skip() {
+        return;
+    }
+    // The whole 49k vocabulary's token bytes decode like the tokenizer decodes each id.
+    let tm = smollm();
+    let compiler = tm.grammar_compiler().unwrap();
+    let tok = tm.tokenizer();
+    for id in 0..tok.vocab_size() as u32 {
+        let bytes = compiler.token(id);
+        if bytes.first() == Some(&0xFF) {
+            assert!(tok.special_tokens().values().any(|&s| s == id), "id {id}");
+            continue;
+        }
+        let want = tok.decode(&[id], false).unwrap();
+        assert_eq!(String::from_utf8_lossy(bytes), want, "id {id}");
+    }
+    let prompt = tm
+        .render_chat(&[
+            ChatMessage::new("system", "You are a helpful assistant."),
+            ChatMessage::new("user", "What is the capital of France?"),
+        ])
+        .unwrap();
+    let mut req = greedy(48);
+    req.prompt = prompt;
+    let free = tm.generate(&req, &mut flywheel_api::NullSink).unwrap();
+    assert_eq!(
+        free.finish_reason,
+        FinishReason::Stop,
+        "ends with <|im_end|>"
+    );
+    let any = req.clone().with_grammar(Grammar::Regex("(.|\n)*".into()));
+    let out = tm.generate(&any, &mut flywheel_api::NullSink).unwrap();
+    assert_eq!((&out.tokens, &out.text), (&free.tokens, &free.text));
+    assert_eq!(out.finish_reason, FinishReason::Stop);
 }
 
 #[test]
