@@ -9,9 +9,11 @@
 //! - [`answer`]: cited answers with a relevance gate and an optional fact-check.
 //! - [`eval`]: recall@k, MRR and nDCG per search mode.
 //! - [`synthetic`]: synthetic stores for latency benchmarks.
+//! - [`bench`]: the query-latency benchmark over them (`flywheel rag bench-latency`).
 #![deny(missing_docs)]
 
 pub mod answer;
+pub mod bench;
 pub mod chunk;
 pub mod eval;
 pub mod extract;

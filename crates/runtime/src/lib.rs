@@ -10,8 +10,10 @@
 //!   the server submits to.
 //! - [`embed`]: sentence embeddings with a BERT-family encoder.
 //! - [`threads`]: the CPU thread count (physical cores by default).
+//! - [`bench`]: prefill/decode and embedding speed and peak memory (`flywheel bench`).
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod chat;
 pub mod constraint;
 pub mod embed;
