@@ -211,8 +211,7 @@ fn print_report(dir: &Path) -> Result<()> {
 }
 
 fn run_spec(a: RunArgs) -> Result<()> {
-    anyhow::ensure!(a.threads != Some(0), "--threads must be at least 1");
-    flywheel_runtime::threads::configure(a.threads);
+    crate::args::configure_threads(a.threads)?;
     let mut spec = EvalSpec::load(&a.spec)?;
     if let Some(n) = a.limit {
         spec.dataset.limit = n;

@@ -1,8 +1,9 @@
 //! `flywheel rag …`: index a folder, search it, answer from it with citations, evaluate
-//! retrieval, and measure query latency on synthetic stores.
+//! retrieval, and measure query latency on synthetic stores (`flywheel_rag::bench`).
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use flywheel_rag::bench::LatencyBench;
 use flywheel_rag::{
     eval, index_folder, ChunkConfig, DenseIndex, Filter, IndexOptions, Llm, Mode, SearchOptions,
     Searcher, Store,
@@ -10,10 +11,9 @@ use flywheel_rag::{
 use flywheel_runtime::{EmbeddingModel, LoadOptions, TextModel};
 use std::io::Write;
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::PathBuf;
 
-use crate::load_options;
+use crate::args::load_options;
 
 /// The embedding model used when neither the command line nor the store names one.
 const DEFAULT_EMBEDDER: &str = "models/all-minilm-l6-v2";
@@ -483,15 +483,9 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         );
     }
     if let Some(p) = a.json_out {
-        write_atomic(&p, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+        flywheel_api::files::atomic_write(&p, serde_json::to_string_pretty(&rows)?.as_bytes())
+            .with_context(|| format!("writing {}", p.display()))?;
     }
-    Ok(())
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -508,46 +502,12 @@ fn bench_latency(a: BenchLatencyArgs) -> Result<()> {
                 .context("--chunks takes comma-separated numbers")
         })
         .collect::<Result<_>>()?;
+    let dim = embedder.info().hidden_size;
     for n in sizes {
-        let path = a.dir.join(format!("synthetic-{n}.sqlite"));
-        let t = Instant::now();
-        let built = flywheel_rag::synthetic::synthetic(
-            &path,
-            n,
-            embedder.info().hidden_size,
-            a.ann_threshold,
-            7,
-        )?;
-        let build_s = t.elapsed().as_secs_f64();
-        let store = Store::open_existing(&path)?;
-        let dense = DenseIndex::load(&store)?;
-        let searcher = Searcher::new(&store, &dense, &embedder);
-        let queries = flywheel_rag::synthetic::synthetic_queries(a.queries, 11);
-        for mode in [Mode::Dense, Mode::Bm25, Mode::Hybrid] {
-            let opts = SearchOptions {
-                mode,
-                top_k: 10,
-                ..SearchOptions::default()
-            };
-            // One warm-up query.
-            searcher.search(&queries[0], &opts)?;
-            let mut times = Vec::with_capacity(queries.len());
-            for q in &queries {
-                let t = Instant::now();
-                let r = searcher.search(q, &opts)?;
-                times.push(t.elapsed().as_secs_f64() * 1000.0);
-                std::hint::black_box(r);
-            }
-            times.sort_by(f64::total_cmp);
-            let pct = |p: f64| times[((times.len() as f64 - 1.0) * p).round() as usize];
-            println!(
-                "{}",
-                serde_json::json!({
-                    "chunks": n, "mode": mode.name(), "queries": times.len(),
-                    "p50_ms": pct(0.5), "p95_ms": pct(0.95), "hnsw": dense.has_ann(),
-                    "store_build_s": if built { Some(build_s) } else { None },
-                })
-            );
+        let b = LatencyBench::open(&a.dir, n, dim, a.ann_threshold, a.queries)?;
+        for mode in flywheel_rag::bench::MODES {
+            let row = b.measure(&embedder, mode)?;
+            println!("{}", serde_json::to_value(&row)?);
         }
     }
     Ok(())

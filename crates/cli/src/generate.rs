@@ -1,0 +1,237 @@
+//! `flywheel generate` and `flywheel chat`: the sampling flags, streaming text to stdout, and
+//! the interactive chat loop.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use flywheel_api::{ChatMessage, GenerateRequest, SamplingParams, TokenSink};
+use std::io::{BufRead, IsTerminal, Write};
+use std::ops::ControlFlow;
+
+use crate::args::ModelArgs;
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// The most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Softmax temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Keep the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Minimum probability relative to the top token.
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Repeat penalty over the last 64 tokens (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Random seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn request(&self, prompt: String) -> Result<GenerateRequest> {
+        let sampling = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: 64,
+            seed: self.seed,
+        };
+        sampling.validate()?;
+        Ok(GenerateRequest {
+            prompt,
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            sampling,
+            ignore_eos: false,
+            grammar: None,
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt ("-" reads stdin).
+    #[arg(long, short)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print a JSON summary (text, tokens, finish reason, usage, speed) instead of streaming.
+    #[arg(long)]
+    json: bool,
+    /// Print speed figures to stderr after the text.
+    #[arg(long)]
+    stats: bool,
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// System message.
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+/// Streams text to stdout as it arrives.
+struct Printer;
+
+impl TokenSink for Printer {
+    fn on_text(&mut self, piece: &str, _token: u32) -> ControlFlow<()> {
+        let mut out = std::io::stdout().lock();
+        if out
+            .write_all(piece.as_bytes())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
+            return ControlFlow::Break(()); // stdout closed (e.g. piped into head)
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let prompt = if a.prompt == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading the prompt from stdin")?
+    } else {
+        a.prompt.clone()
+    };
+    let req_check = a.sampling.request(String::new())?; // validate flags before loading the model
+    let tm = a.model.load_text()?;
+    let prompt = if a.chat {
+        let mut msgs = vec![];
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::new("system", s));
+        }
+        msgs.push(ChatMessage::new("user", prompt));
+        tm.render_chat(&msgs)?
+    } else {
+        prompt
+    };
+    let req = GenerateRequest {
+        prompt,
+        ..req_check
+    };
+    let out = if a.json {
+        tm.generate(&req, &mut flywheel_api::NullSink)?
+    } else {
+        let out = tm.generate(&req, &mut Printer)?;
+        println!();
+        out
+    };
+    let speed = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    if a.json {
+        let v = serde_json::json!({
+            "text": out.text,
+            "tokens": out.tokens,
+            "finish_reason": out.finish_reason,
+            "usage": out.usage,
+            "prefill_tok_s": speed(out.usage.prompt_tokens, out.timings.prefill_s),
+            "decode_tok_s": speed(out.usage.completion_tokens.saturating_sub(1), out.timings.decode_s),
+        });
+        println!("{v}");
+    } else if a.stats {
+        eprintln!(
+            "[{} prompt tokens, {:.1} tok/s prefill; {} generated, {:.1} tok/s; finish: {:?}]",
+            out.usage.prompt_tokens,
+            speed(out.usage.prompt_tokens, out.timings.prefill_s),
+            out.usage.completion_tokens,
+            speed(
+                out.usage.completion_tokens.saturating_sub(1),
+                out.timings.decode_s
+            ),
+            out.finish_reason
+        );
+    }
+    Ok(())
+}
+
+pub fn chat(a: ChatArgs) -> Result<()> {
+    a.sampling.request(String::new())?;
+    let tm = a.model.load_text()?;
+    let interactive = std::io::stdin().is_terminal();
+    let mut system = a.system.clone();
+    let mut history: Vec<ChatMessage> = vec![];
+    if interactive {
+        eprintln!(
+            "flywheel chat — {} ({}). /reset, /system TEXT, /quit",
+            tm.info().path,
+            tm.info().architecture
+        );
+    }
+    let stdin = std::io::stdin();
+    loop {
+        if interactive {
+            eprint!("> ");
+            std::io::stderr().flush().ok();
+        }
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        match line.trim() {
+            "" => continue,
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                history.clear();
+                eprintln!("[history cleared]");
+                continue;
+            }
+            s if s.starts_with("/system") => {
+                let text = s["/system".len()..].trim();
+                system = (!text.is_empty()).then(|| text.to_string());
+                history.clear();
+                eprintln!(
+                    "[system prompt {}; history cleared]",
+                    if system.is_some() { "set" } else { "removed" }
+                );
+                continue;
+            }
+            _ => {}
+        }
+        history.push(ChatMessage::new("user", line));
+        let mut msgs = vec![];
+        if let Some(s) = &system {
+            msgs.push(ChatMessage::new("system", s));
+        }
+        msgs.extend(history.iter().cloned());
+        let req = a.sampling.request(tm.render_chat(&msgs)?)?;
+        match tm.generate(&req, &mut Printer) {
+            Ok(out) => {
+                println!();
+                history.push(ChatMessage::new("assistant", out.text));
+            }
+            Err(e) => {
+                // Keep the session: drop the turn that failed (e.g. the context is full).
+                history.pop();
+                eprintln!("error: {e}");
+                if !interactive {
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+    Ok(())
+}
