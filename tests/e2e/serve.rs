@@ -240,4 +240,6 @@ fn serve_works_with_the_official_openai_client() {
         report.contains("ok hot_load") && report.contains("ok embeddings"),
         "{report}"
     );
+    // Structured output through `chat.completions.parse(response_format=PydanticModel)`.
+    assert!(report.contains("ok structured_parse"), "{report}");
 }

@@ -81,6 +81,51 @@ pub struct GenerateArgs {
     /// Print speed figures to stderr after the text.
     #[arg(long)]
     stats: bool,
+    #[command(flatten)]
+    grammar: GrammarArgs,
+}
+
+/// A grammar the whole output must follow (at most one).
+#[derive(Args, Clone, Default)]
+#[group(multiple = false)]
+struct GrammarArgs {
+    /// Constrain the output to JSON that follows this JSON Schema file (compact JSON unless the
+    /// schema sets llguidance's `x-guidance` options).
+    #[arg(long, value_name = "FILE")]
+    json_schema: Option<std::path::PathBuf>,
+    /// Constrain the output to this regular expression (the whole output matches it).
+    #[arg(long, value_name = "RE")]
+    regex: Option<String>,
+    /// Constrain the output to this Lark grammar file (llguidance's dialect; `start` rule).
+    #[arg(long, value_name = "FILE.lark")]
+    grammar: Option<std::path::PathBuf>,
+}
+
+impl GrammarArgs {
+    /// The grammar asked for, with the file read (errors name the file).
+    fn grammar(&self) -> Result<Option<flywheel_api::Grammar>> {
+        use flywheel_api::Grammar;
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+        };
+        Ok(if let Some(p) = &self.json_schema {
+            let text = read(p)?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not valid JSON", p.display()))?;
+            anyhow::ensure!(
+                v.is_object(),
+                "{}: a JSON Schema must be a JSON object",
+                p.display()
+            );
+            Some(Grammar::JsonSchema(text))
+        } else if let Some(re) = &self.regex {
+            Some(Grammar::Regex(re.clone()))
+        } else if let Some(p) = &self.grammar {
+            Some(Grammar::Lark(read(p)?))
+        } else {
+            None
+        })
+    }
 }
 
 #[derive(Args)]
@@ -118,7 +163,16 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         a.prompt.clone()
     };
     let req_check = a.sampling.request(String::new())?; // validate flags before loading the model
+    let grammar = a.grammar.grammar()?;
     let tm = a.model.load_text()?;
+    if let Some(g) = &grammar {
+        let flag = match g {
+            flywheel_api::Grammar::JsonSchema(_) => "--json-schema",
+            flywheel_api::Grammar::Regex(_) => "--regex",
+            _ => "--grammar",
+        };
+        tm.compile_grammar(g).with_context(|| flag)?;
+    }
     let prompt = if a.chat {
         let mut msgs = vec![];
         if let Some(s) = &a.system {
@@ -131,6 +185,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     };
     let req = GenerateRequest {
         prompt,
+        grammar,
         ..req_check
     };
     let out = if a.json {

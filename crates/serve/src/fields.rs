@@ -27,6 +27,7 @@ const IMPLEMENTED: &[&str] = &[
     "n",
     "stream",
     "stream_options",
+    "response_format",
     // Extensions.
     "top_k",
     "min_p",
@@ -58,7 +59,6 @@ const CHAT_UNSUPPORTED: &[&str] = &[
     "logit_bias",
     "logprobs",
     "top_logprobs",
-    "response_format",
     "tools",
     "tool_choice",
     "functions",
@@ -92,9 +92,6 @@ fn neutral(field: &str, v: &Value) -> bool {
         ("logprobs" | "top_logprobs", Value::Number(n)) => n.as_u64() == Some(0),
         ("best_of", Value::Number(n)) => n.as_u64() == Some(1),
         ("suffix", Value::String(s)) => s.is_empty(),
-        ("response_format", Value::Object(m)) => {
-            m.get("type").and_then(Value::as_str) == Some("text")
-        }
         ("tools" | "functions", Value::Array(a)) => a.is_empty(),
         ("tool_choice" | "function_call", Value::String(s)) => s == "none" || s == "auto",
         ("modalities", Value::Array(a)) => a.iter().all(|m| m.as_str() == Some("text")),
@@ -202,7 +199,12 @@ mod tests {
             (
                 Chat,
                 json!({"response_format": {"type": "json_object"}}),
-                Some("response_format"),
+                None,
+            ),
+            (
+                Completions,
+                json!({"response_format": {"type": "regex", "regex": "a+"}}),
+                None,
             ),
             (
                 Chat,

@@ -110,6 +110,97 @@ pub struct Common {
     /// Streaming options.
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// Structured output: `text`, `json_object`, `json_schema`, or the extensions `regex` and
+    /// `lark` (a grammar the whole output must match).
+    #[serde(default)]
+    pub response_format: Option<ResponseFormat>,
+}
+
+/// `response_format`, as OpenAI shapes it (plus two extensions).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseFormat {
+    /// `text`, `json_object`, `json_schema`, `regex` or `lark`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// With `json_schema`: the schema and its name.
+    #[serde(default)]
+    pub json_schema: Option<JsonSchemaFormat>,
+    /// With `regex`: the regular expression the whole output matches.
+    #[serde(default)]
+    pub regex: Option<String>,
+    /// With `lark`: the grammar (llguidance's Lark dialect, `start` rule first).
+    #[serde(default)]
+    pub lark: Option<String>,
+}
+
+/// `response_format.json_schema`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonSchemaFormat {
+    /// The schema's name (OpenAI requires one; it does not change the output).
+    pub name: String,
+    /// What the schema is for (does not change the output here).
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The JSON Schema (an object); absent means any JSON object.
+    #[serde(default)]
+    pub schema: Option<serde_json::Value>,
+    /// OpenAI's strict mode. The output always follows the schema here, strict or not.
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+impl ResponseFormat {
+    /// The grammar this format asks for (`None` for plain text), or a 400 naming what is wrong.
+    pub fn grammar(&self) -> Result<Option<flywheel_api::Grammar>, ServeError> {
+        use flywheel_api::Grammar;
+        let bad = |param: &str, message: String| ServeError::BadRequest {
+            param: Some(param.into()),
+            message,
+        };
+        let need = |v: &Option<String>, field: &str| {
+            v.clone().ok_or_else(|| {
+                bad(
+                    &format!("response_format.{field}"),
+                    format!("`response_format.type` `{field}` needs `response_format.{field}`"),
+                )
+            })
+        };
+        Ok(match self.kind.as_str() {
+            "text" => None,
+            "json_object" => Some(Grammar::JsonObject),
+            "json_schema" => {
+                let Some(f) = &self.json_schema else {
+                    return Err(bad(
+                        "response_format.json_schema",
+                        "`json_schema` needs `response_format.json_schema` with a `name` and a                          `schema`"
+                            .into(),
+                    ));
+                };
+                match &f.schema {
+                    None => Some(Grammar::JsonObject),
+                    Some(v) if v.is_object() => Some(Grammar::JsonSchema(v.to_string())),
+                    Some(_) => {
+                        return Err(bad(
+                            "response_format.json_schema.schema",
+                            "must be a JSON Schema object".into(),
+                        ))
+                    }
+                }
+            }
+            "regex" => Some(Grammar::Regex(need(&self.regex, "regex")?)),
+            "lark" => Some(Grammar::Lark(need(&self.lark, "lark")?)),
+            other => {
+                return Err(bad(
+                    "response_format.type",
+                    format!(
+                        "`{other}` is not a response format: use text, json_object, json_schema,                          regex or lark"
+                    ),
+                ))
+            }
+        })
+    }
 }
 
 /// The chat-only part of `POST /v1/chat/completions` (the rest is [`Common`]).

@@ -53,7 +53,9 @@ pub struct AppState {
 type St = State<Arc<AppState>>;
 
 mod completions;
+mod tokens;
 use completions::{chat, completions};
+use tokens::{detokenize, tokenize};
 
 /// A 400 naming `param`.
 fn bad(param: &str, message: String) -> ServeError {
@@ -75,6 +77,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/adapters", post(load_adapter))
         .route("/v1/adapters/{name}", delete(unload_adapter))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .fallback(no_route)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(middleware::from_fn(catch_panic))

@@ -24,6 +24,10 @@ use tower::ServiceExt;
 mod engine;
 #[path = "router/retrieval.rs"]
 mod retrieval;
+#[path = "router/structured.rs"]
+mod structured;
+#[path = "router/tokens.rs"]
+mod tokens;
 
 /// The special token whose presence in a prompt makes the engine panic (test hook).
 const BOOM: &str = "<|endoftext|>";

@@ -17,6 +17,8 @@ struct Prepared {
     ignore_eos: bool,
     /// Retrieved passages the prompt holds (retrieval requests only).
     sources: Option<Value>,
+    /// The compiled `response_format` grammar; each choice runs its own copy.
+    constraint: Option<flywheel_runtime::constraint::Constraint>,
 }
 
 /// Checks the shared fields and the prompt's length against the context.
@@ -57,6 +59,23 @@ fn prepare(
         Some(m) => m,
         None => default_max.unwrap_or(room).min(room),
     };
+    let constraint = match c
+        .response_format
+        .as_ref()
+        .map(|f| f.grammar())
+        .transpose()?
+    {
+        Some(Some(g)) => Some(st.model.compile_grammar(&g).map_err(|e| {
+            let param = match &g {
+                flywheel_api::Grammar::JsonSchema(_) => "response_format.json_schema.schema",
+                flywheel_api::Grammar::Regex(_) => "response_format.regex",
+                flywheel_api::Grammar::Lark(_) => "response_format.lark",
+                flywheel_api::Grammar::JsonObject => "response_format",
+            };
+            bad(param, e.to_string())
+        })?),
+        _ => None,
+    };
     let n = c.n.unwrap_or(1);
     if !(1..=16).contains(&n) {
         return Err(bad("n", format!("must be between 1 and 16, got {n}")));
@@ -95,6 +114,7 @@ fn prepare(
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
         ignore_eos: c.ignore_eos.unwrap_or(false),
         sources: None,
+        constraint,
     })
 }
 
@@ -115,7 +135,7 @@ fn submit(
             sampling,
             adapter: p.adapter.as_ref().map(|a| a.routed.clone()),
             ignore_eos: p.ignore_eos,
-            constraint: None,
+            constraint: p.constraint.clone(),
             events: tx,
         };
         if let Err(Busy) = engine.submit(job) {
@@ -217,18 +237,12 @@ async fn respond(
     }
 }
 
-/// A chat request: the messages rendered through the model's chat template.
-fn chat_request(st: &AppState, body: &[u8]) -> Result<Prepared, ServeError> {
-    crate::fields::check(body, crate::fields::Endpoint::Chat)?;
-    // Parsed twice on purpose: `Common` and the messages each name their own bad fields.
-    let common: Common = openai::parse(body)?;
-    let adapter = st.resolve(&common.model)?;
-    let chat: openai::ChatBody = openai::parse(body)?;
-    if chat.messages.is_empty() {
-        return Err(bad("messages", "must hold at least one message".into()));
-    }
-    let mut msgs = Vec::with_capacity(chat.messages.len());
-    for (i, m) in chat.messages.into_iter().enumerate() {
+/// The messages of a request as the chat template takes them (text content only).
+pub(super) fn chat_messages(
+    messages: Vec<openai::Message>,
+) -> Result<Vec<ChatMessage>, ServeError> {
+    let mut msgs = Vec::with_capacity(messages.len());
+    for (i, m) in messages.into_iter().enumerate() {
         let content = match m.content {
             None => String::new(),
             Some(openai::Content::Text(t)) => t,
@@ -252,6 +266,20 @@ fn chat_request(st: &AppState, body: &[u8]) -> Result<Prepared, ServeError> {
         };
         msgs.push(ChatMessage::new(m.role, content));
     }
+    Ok(msgs)
+}
+
+/// A chat request: the messages rendered through the model's chat template.
+fn chat_request(st: &AppState, body: &[u8]) -> Result<Prepared, ServeError> {
+    crate::fields::check(body, crate::fields::Endpoint::Chat)?;
+    // Parsed twice on purpose: `Common` and the messages each name their own bad fields.
+    let common: Common = openai::parse(body)?;
+    let adapter = st.resolve(&common.model)?;
+    let chat: openai::ChatBody = openai::parse(body)?;
+    if chat.messages.is_empty() {
+        return Err(bad("messages", "must hold at least one message".into()));
+    }
+    let mut msgs = chat_messages(chat.messages)?;
     let rag_body: crate::rag::RagBody = openai::parse(body)?;
     let sources = match (rag_body.retrieval, &st.rag) {
         (None, _) => None,
