@@ -131,8 +131,10 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def normalize_sql(sql: str) -> str:
-    """Collapse whitespace runs outside string literals and strip trailing semicolons."""
+def collapse_sql_whitespace(sql: str) -> str:
+    """Collapse whitespace runs outside string literals and strip trailing semicolons: the
+    canonical form of a gold query in the data files. (Not a comparison: SQL exact match uses
+    flywheel-eval's `normalize_sql`, which also lowercases keywords and names, never literals.)"""
     parts = re.split(r"""('(?:[^']|'')*'|"(?:[^"]|"")*")""", sql)
     for k in range(0, len(parts), 2):
         parts[k] = re.sub(r"\s+", " ", parts[k])
@@ -1426,7 +1428,7 @@ def build(out_dir: Path, wheel: Path) -> dict:
     for db_id in db_ids:
         schema = load_schema(specs[db_id])
         exs = by_db[db_id]
-        gold = [normalize_sql(ex["query"]) for ex in exs]
+        gold = [collapse_sql_whitespace(ex["query"]) for ex in exs]
         path = out_dir / "db" / f"{db_id}.sqlite"
         statements, n_rows, db, infos = build_database(schema, gold, path)
         if schema.skipped:

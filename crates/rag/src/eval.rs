@@ -82,18 +82,10 @@ pub struct ModeMetrics {
 
 /// Scores of one ranked list: (rank of first gold from 1, nDCG@10).
 pub fn score_ranking(gold: &[bool], gold_total: usize) -> (Option<usize>, f64) {
-    let first = gold.iter().take(10).position(|&g| g).map(|p| p + 1);
-    let dcg: f64 = gold
-        .iter()
-        .take(10)
-        .enumerate()
-        .filter(|(_, &g)| g)
-        .map(|(i, _)| 1.0 / ((i + 2) as f64).log2())
-        .sum();
-    let ideal: f64 = (0..gold_total.min(10))
-        .map(|i| 1.0 / ((i + 2) as f64).log2())
-        .sum();
-    (first, if ideal > 0.0 { dcg / ideal } else { 0.0 })
+    (
+        crate::metrics::first_relevant(gold, 10),
+        crate::metrics::ndcg(gold, gold_total, 10),
+    )
 }
 
 /// Evaluates one search configuration over all questions (top 10 each).

@@ -19,6 +19,7 @@ pub mod eval;
 pub mod extract;
 pub mod index;
 pub mod llm;
+pub mod metrics;
 pub mod search;
 pub mod store;
 pub mod synthetic;

@@ -2,14 +2,14 @@
 //! [`token_f1`], [`rouge_l`], [`json_valid`]), SQL extraction and comparison as text
 //! ([`extract_sql`], [`normalize_sql`]), SQL execution on SQLite with error classes
 //! ([`sql_execution_match`]) and schema hints ([`schema_hint`]), judge verdicts
-//! ([`parse_verdict`]), retrieval metrics ([`context_precision`], [`recall_and_rr`]) and
+//! ([`parse_verdict`]), retrieval metrics ([`context_precision`], [`recall_and_rr`], from `flywheel_rag::metrics`,
+//! which `flywheel rag eval` uses too) and
 //! bootstrap intervals ([`bootstrap_ci`]).
 //!
 //! Everything here is pure computation (plus read-only SQLite queries) and never panics on any
 //! input text.
 
 mod fence;
-mod retrieval;
 mod schema;
 mod sql_exec;
 mod sql_extract;
@@ -17,7 +17,8 @@ mod stats;
 mod text;
 mod verdict;
 
-pub use retrieval::{context_precision, recall_and_rr};
+/// Retrieval metrics: one implementation, in `flywheel_rag::metrics`.
+pub use flywheel_rag::metrics::{context_precision, recall_and_rr};
 pub use schema::{schema_columns, schema_hint};
 pub use sql_exec::{
     classify_sqlite_error, execute, num_cell, open_read_only, sql_execution_match, Cell, ExecError,

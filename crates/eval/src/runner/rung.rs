@@ -379,11 +379,11 @@ impl Ctx<'_> {
             }
             if ex.gold.is_some() && rung.retrieval.is_some() {
                 // Hit rate at k (any gold chunk retrieved) and the reciprocal rank of the first.
-                let first = gold_flags.iter().position(|&g| g);
+                let first = flywheel_rag::metrics::first_relevant(&gold_flags, usize::MAX);
                 rec.scores
                     .insert("recall_at_k".into(), f64::from(u8::from(first.is_some())));
                 rec.scores
-                    .insert("mrr".into(), first.map_or(0.0, |p| 1.0 / (p + 1) as f64));
+                    .insert("mrr".into(), first.map_or(0.0, |r| 1.0 / r as f64));
             }
             if self.spec.task == Task::Rag {
                 self.judge(ex, &context, rec)?;

@@ -1,5 +1,31 @@
-//! Retrieval metrics over ranked relevance flags: context precision, recall@k and reciprocal
-//! rank.
+//! Ranked-list retrieval metrics, the one implementation `flywheel rag eval` and the eval
+//! harness's retrieval rungs share: the rank of the first relevant item, nDCG, recall@k and
+//! reciprocal rank, and Ragas context precision. Inputs are relevance flags in rank order.
+
+/// The rank (from 1) of the first relevant item among the first `cutoff` of `relevant`.
+pub fn first_relevant(relevant: &[bool], cutoff: usize) -> Option<usize> {
+    relevant.iter().take(cutoff).position(|&g| g).map(|p| p + 1)
+}
+
+/// nDCG@`cutoff` with binary relevance, against an ideal list holding `gold_total` relevant
+/// items (0.0 when there are none).
+pub fn ndcg(relevant: &[bool], gold_total: usize, cutoff: usize) -> f64 {
+    let dcg: f64 = relevant
+        .iter()
+        .take(cutoff)
+        .enumerate()
+        .filter(|(_, &g)| g)
+        .map(|(i, _)| 1.0 / ((i + 2) as f64).log2())
+        .sum();
+    let ideal: f64 = (0..gold_total.min(cutoff))
+        .map(|i| 1.0 / ((i + 2) as f64).log2())
+        .sum();
+    if ideal > 0.0 {
+        dcg / ideal
+    } else {
+        0.0
+    }
+}
 
 /// Ragas context precision: sum over ranks k of precision@k · v_k divided by the number of relevant items; 0.0 when nothing is relevant, None for an empty list.
 pub fn context_precision(relevant: &[bool]) -> Option<f64> {
@@ -41,6 +67,17 @@ mod tests {
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn first_relevant_and_ndcg_examples() {
+        assert_eq!(first_relevant(&[false, true, true], 10), Some(2));
+        assert_eq!(first_relevant(&[false, true], 1), None);
+        assert_eq!(first_relevant(&[], 10), None);
+        assert!(close(ndcg(&[true], 1, 10), 1.0));
+        assert!(close(ndcg(&[false, false], 0, 10), 0.0));
+        // Relevant at rank 2 of 1 gold: (1/log2 3) / 1.
+        assert!(close(ndcg(&[false, true], 1, 10), 1.0 / 3f64.log2()));
     }
 
     #[test]
