@@ -187,6 +187,35 @@ impl Engine {
         Ok(())
     }
 
+    /// Queues every job of one request, or none of them: all-or-nothing admission, so a
+    /// request's choices never sit half-queued (taking room other requests could use) when the
+    /// rest are refused.
+    pub fn submit_all(&self, jobs: Vec<Job>) -> Result<(), Busy> {
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(Busy);
+        }
+        let k = jobs.len();
+        let before = self.queued.fetch_add(k, Ordering::SeqCst);
+        if before + k > self.max_queue {
+            self.queued.fetch_sub(k, Ordering::SeqCst);
+            return Err(Busy);
+        }
+        let tx = self.tx.lock().expect("engine channel poisoned");
+        for (i, job) in jobs.into_iter().enumerate() {
+            if tx.send(Msg::Job(Box::new(job))).is_err() {
+                // The engine thread is gone: none of the rest will run.
+                self.queued.fetch_sub(k - i, Ordering::SeqCst);
+                return Err(Busy);
+            }
+        }
+        Ok(())
+    }
+
+    /// The most requests that may wait for a slot.
+    pub fn max_queue(&self) -> usize {
+        self.max_queue
+    }
+
     /// Requests waiting for a slot.
     pub fn queue_depth(&self) -> usize {
         self.queued.load(Ordering::SeqCst)

@@ -118,17 +118,31 @@ fn prepare(
     })
 }
 
-/// Submits `p.n` jobs (seeds `seed`, `seed+1`, …); a full queue refuses them all.
+/// Submits `p.n` jobs (seeds `seed`, `seed+1`, …), all or none: a full queue refuses them all
+/// (429), and an `n` larger than the whole queue, which could never be admitted, is a 400.
 fn submit(
     engine: &Engine,
     p: &Prepared,
 ) -> Result<Vec<mpsc::UnboundedReceiver<Event>>, ServeError> {
+    if p.n > engine.max_queue() {
+        return Err(bad(
+            "n",
+            format!(
+                "{} choices can never be admitted: this server queues at most {} requests \
+                 (--max-queue); ask for at most {}",
+                p.n,
+                engine.max_queue(),
+                engine.max_queue()
+            ),
+        ));
+    }
     let mut rxs = Vec::with_capacity(p.n);
+    let mut jobs = Vec::with_capacity(p.n);
     for i in 0..p.n {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut sampling = p.sampling.clone();
         sampling.seed = sampling.seed.wrapping_add(i as u64);
-        let job = Job {
+        jobs.push(Job {
             prompt: p.prompt.clone(),
             max_tokens: p.max_tokens,
             stop: p.stop.clone(),
@@ -137,12 +151,11 @@ fn submit(
             ignore_eos: p.ignore_eos,
             constraint: p.constraint.clone(),
             events: tx,
-        };
-        if let Err(Busy) = engine.submit(job) {
-            // Dropping `rxs` cancels the choices already queued.
-            return Err(ServeError::Busy(engine.queue_depth()));
-        }
+        });
         rxs.push(rx);
+    }
+    if let Err(Busy) = engine.submit_all(jobs) {
+        return Err(ServeError::Busy(engine.queue_depth()));
     }
     Ok(rxs)
 }

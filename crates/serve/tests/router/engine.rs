@@ -263,6 +263,53 @@ async fn a_panicking_request_fails_alone_and_a_full_queue_says_429() -> anyhow::
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requests_choices_are_admitted_all_or_none() -> anyhow::Result<()> {
+    let f = fixture_with(true, |c| {
+        c.engine.max_batch = 1;
+        c.engine.max_queue = 4;
+    })?;
+    // More choices than the whole queue: a retry could never succeed, so it is a 400, not 429.
+    let mut req = completion("tiny", "a", 2);
+    req["n"] = json!(16);
+    let (s, v) = post(&f.app, "/v1/completions", req.clone()).await;
+    assert_error(s, &v, StatusCode::BAD_REQUEST, "--max-queue");
+    assert_eq!(v["error"]["param"], "n");
+    assert_eq!(f.state.engine.queue_depth(), 0, "nothing was half-queued");
+    // As many choices as the queue holds are admitted together on an idle server.
+    req["n"] = json!(4);
+    let (s, v) = post(&f.app, "/v1/completions", req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"].as_array().map(Vec::len), Some(4));
+    // With one long request running and its queue slot freed, a 4-choice request that does
+    // not fit beside others is refused whole, and leaves the queue as it found it.
+    let long = json!({"model": "tiny", "prompt": "a", "max_tokens": 1000, "temperature": 0.0,
+                      "ignore_eos": true, "n": 3});
+    let app = f.app.clone();
+    let running = tokio::spawn(async move { post(&app, "/v1/completions", long).await });
+    // One choice runs (max_batch 1) and two wait: wait until the engine says so.
+    let t0 = std::time::Instant::now();
+    while (f.state.engine.active(), f.state.engine.queue_depth()) != (1, 2) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the long request never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut four = completion("tiny", "b", 2);
+    four["n"] = json!(4);
+    let (s, v) = post(&f.app, "/v1/completions", four).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(
+        f.state.engine.queue_depth(),
+        2,
+        "no choice of the refused request stayed queued"
+    );
+    f.state.engine.cancel_all();
+    let _ = running.await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_mid_stream_frees_its_slot() -> anyhow::Result<()> {
     let f = fixture_with(true, |_| {})?;
     let req = json!({"model": "a", "prompt": "a", "max_tokens": 4000, "temperature": 0.0,
