@@ -29,22 +29,10 @@ use crate::{Error, Result};
 
 /// GPT-2's byte-level alphabet, inverted: printable character → the byte it stands for.
 fn byte_level_chars() -> HashMap<char, u8> {
-    let printable = |b: u32| {
-        (b'!' as u32..=b'~' as u32).contains(&b)
-            || (0xA1..=0xAC).contains(&b)
-            || (0xAE..=0xFF).contains(&b)
-    };
-    let mut shifted = 0;
-    (0..=255u32)
-        .map(|b| {
-            let c = if printable(b) {
-                b
-            } else {
-                shifted += 1;
-                255 + shifted
-            };
-            (char::from_u32(c).expect("valid code point"), b as u8)
-        })
+    crate::tokenizer::bytes_to_unicode()
+        .into_iter()
+        .enumerate()
+        .map(|(b, c)| (c, b as u8))
         .collect()
 }
 

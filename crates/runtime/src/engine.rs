@@ -171,20 +171,7 @@ impl Engine {
 
     /// Queues a job, or refuses it when the queue is full or the engine stopped.
     pub fn submit(&self, job: Job) -> Result<(), Busy> {
-        if self.stopped.load(Ordering::SeqCst) {
-            return Err(Busy);
-        }
-        let n = self.queued.fetch_add(1, Ordering::SeqCst);
-        if n >= self.max_queue {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
-            return Err(Busy);
-        }
-        let tx = self.tx.lock().expect("engine channel poisoned");
-        if tx.send(Msg::Job(Box::new(job))).is_err() {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
-            return Err(Busy);
-        }
-        Ok(())
+        self.submit_all(vec![job])
     }
 
     /// Queues every job of one request, or none of them: all-or-nothing admission, so a

@@ -14,27 +14,7 @@ use crate::{Error, Result};
 
 const CHATML: &str = "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}";
 
-/// GPT-2's byte → printable character map used by byte-level BPE vocabularies.
-pub fn bytes_to_unicode() -> Vec<char> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
-    let mut cs = bs.clone();
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !bs.contains(&b) {
-            bs.push(b);
-            cs.push(256 + n);
-            n += 1;
-        }
-    }
-    let mut out = vec![' '; 256];
-    for (b, c) in bs.iter().zip(cs) {
-        out[*b as usize] = char::from_u32(c).expect("valid code point");
-    }
-    out
-}
+pub use crate::tokenizer::bytes_to_unicode;
 
 /// The tiny vocabulary: 256 byte tokens, two merges ("he", "Ġhe"), and ChatML control tokens.
 pub fn tiny_vocab() -> (Vec<String>, Vec<i32>, Vec<String>) {

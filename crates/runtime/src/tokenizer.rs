@@ -317,3 +317,25 @@ impl<'a> IncrementalDecoder<'a> {
         Ok(after.get(before.len()..).unwrap_or("").to_string())
     }
 }
+
+/// GPT-2's byte → printable character map used by byte-level BPE vocabularies.
+pub fn bytes_to_unicode() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut out = vec![' '; 256];
+    for (b, c) in bs.iter().zip(cs) {
+        out[*b as usize] = char::from_u32(c).expect("valid code point");
+    }
+    out
+}
