@@ -176,12 +176,6 @@ fn serve_works_with_the_official_openai_client() {
         return;
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let python = root.join(".venv-client/bin/python");
-    assert!(
-        python.exists(),
-        "{} missing: run scripts/setup-test-client.sh",
-        python.display()
-    );
     let dir = tempfile::tempdir().unwrap();
     // Four distinct adapters: the PEFT fixture, and copies with B scaled.
     let fixture = flywheel_peft::Adapter::load(
@@ -214,11 +208,9 @@ fn serve_works_with_the_official_openai_client() {
         "--api-key",
         "test-key",
     ]);
-    let out = Command::new(&python)
-        .arg(root.join("tests/fixtures/openai_client_check.py"))
-        .args([
-            "--base-url",
-            &format!("{}/v1", server.url),
+    let report = client_check(
+        &server,
+        &[
             "--adapter",
             "fx",
             "--hot-load-path",
@@ -229,17 +221,60 @@ fn serve_works_with_the_official_openai_client() {
             "test-key",
             "--batch-models",
             "fx,fx2,fx3",
-        ])
-        .output()
-        .unwrap();
-    let report = format!("{}{}", text(&out.stdout), text(&out.stderr));
-    println!("{report}");
-    assert!(out.status.success(), "{report}");
+        ],
+    );
     assert!(report.contains("ok batched_equals_alone"), "{report}");
     assert!(
         report.contains("ok hot_load") && report.contains("ok embeddings"),
         "{report}"
     );
-    // Structured output through `chat.completions.parse(response_format=PydanticModel)`.
-    assert!(report.contains("ok structured_parse"), "{report}");
+    // Structured output through `chat.completions.parse(response_format=PydanticModel)`,
+    // tool calls (required, named, streamed, the round trip) and logprobs.
+    for check in ["structured_parse", "tools", "logprobs"] {
+        assert!(report.contains(&format!("ok {check}")), "{report}");
+    }
+}
+
+/// The same client checks of structured output, tools and logprobs on Qwen2.5-Coder, whose
+/// chat template renders tools itself (SmolLM2's does not: the fallback system text).
+#[test]
+fn qwen_structured_output_tools_and_logprobs_through_the_openai_client() {
+    let Some(model) = real("models/qwen2.5-coder-0.5b-instruct") else {
+        return;
+    };
+    let server = Server::start(&["--model", &model]);
+    let report = client_check(
+        &server,
+        &[
+            "--only",
+            "model_list,structured_parse,tools,logprobs",
+            "--timeout",
+            "300",
+        ],
+    );
+    for check in ["model_list", "structured_parse", "tools", "logprobs"] {
+        assert!(report.contains(&format!("ok {check}")), "{report}");
+    }
+}
+
+/// Runs tests/fixtures/openai_client_check.py (the official `openai` client) against `server`
+/// with `args`; asserts it passed and returns its report.
+fn client_check(server: &Server, args: &[&str]) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = root.join(".venv-client/bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: run scripts/setup-test-client.sh",
+        python.display()
+    );
+    let out = Command::new(&python)
+        .arg(root.join("tests/fixtures/openai_client_check.py"))
+        .args(["--base-url", &format!("{}/v1", server.url)])
+        .args(args)
+        .output()
+        .unwrap();
+    let report = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    println!("{report}");
+    assert!(out.status.success(), "{report}");
+    report
 }

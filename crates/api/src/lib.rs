@@ -112,6 +112,10 @@ pub struct GenerateRequest {
     /// Constrain the output to a grammar (structured output); `None` generates freely.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grammar: Option<Grammar>,
+    /// Report each generated token's log-probability and this many most likely alternatives
+    /// (0–20); `None` reports nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<usize>,
 }
 
 impl GenerateRequest {
@@ -124,6 +128,7 @@ impl GenerateRequest {
             sampling: SamplingParams::default(),
             ignore_eos: false,
             grammar: None,
+            logprobs: None,
         }
     }
 
@@ -161,6 +166,22 @@ impl Grammar {
             Grammar::Lark(_) => "lark",
         }
     }
+}
+
+/// Most alternatives a request may ask for per token (OpenAI's `top_logprobs` limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// The log-probability of one generated token and of the most likely alternatives, from the
+/// distribution the token was drawn from: after the repeat penalty and the grammar mask, before
+/// temperature, top-k, top-p and min-p.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// The generated token.
+    pub token: u32,
+    /// Its natural-log probability.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, most likely first (ties by id).
+    pub top: Vec<(u32, f32)>,
 }
 
 /// Why generation ended.
@@ -206,6 +227,9 @@ pub struct GenerateOutput {
     pub usage: Usage,
     /// Time spent.
     pub timings: Timings,
+    /// Per-token log-probabilities, when the request asked for them (EOS tokens included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
 /// Receives generated text as it is produced. One generation loop feeds every sink:
@@ -234,10 +258,16 @@ impl<F: FnMut(&str, u32) -> ControlFlow<()>> TokenSink for F {
 /// One message of a chat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
-    /// `system`, `user`, `assistant` (or another role the template knows).
+    /// `system`, `user`, `assistant`, `tool` (or another role the template knows).
     pub role: String,
     /// The message text.
     pub content: String,
+    /// The tools an assistant message called.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// Which call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -246,8 +276,31 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: vec![],
+            tool_call_id: None,
         }
     }
+}
+
+/// A call of a function tool, as OpenAI shapes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The call's id (a `tool` message names it in `tool_call_id`).
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The function and its arguments.
+    pub function: FunctionCall,
+}
+
+/// The function a [`ToolCall`] calls.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    /// The tool's name.
+    pub name: String,
+    /// The arguments, as JSON text (an object).
+    pub arguments: String,
 }
 
 /// One passage a retriever returned, with where it came from.

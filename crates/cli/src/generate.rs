@@ -56,6 +56,7 @@ impl SamplingArgs {
             sampling,
             ignore_eos: false,
             grammar: None,
+            logprobs: None,
         })
     }
 }
@@ -78,6 +79,11 @@ pub struct GenerateArgs {
     /// Print a JSON summary (text, tokens, finish reason, usage, speed) instead of streaming.
     #[arg(long)]
     json: bool,
+    /// With --json: each generated token's log-probability and its N most likely
+    /// alternatives (0–20), from the distribution it was drawn from (after the repeat penalty
+    /// and any grammar, before temperature and truncation).
+    #[arg(long, value_name = "N", requires = "json", value_parser = clap::value_parser!(u8).range(0..=20))]
+    logprobs: Option<u8>,
     /// Print speed figures to stderr after the text.
     #[arg(long)]
     stats: bool,
@@ -186,6 +192,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let req = GenerateRequest {
         prompt,
         grammar,
+        logprobs: a.logprobs.map(usize::from),
         ..req_check
     };
     let out = if a.json {
@@ -205,6 +212,10 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             "prefill_tok_s": speed(out.usage.prompt_tokens, out.timings.prefill_s),
             "decode_tok_s": speed(out.usage.completion_tokens.saturating_sub(1), out.timings.decode_s),
         });
+        let mut v = v;
+        if let Some(lps) = &out.logprobs {
+            v["logprobs"] = logprobs_json(&tm, lps)?;
+        }
         println!("{v}");
     } else if a.stats {
         eprintln!(
@@ -289,4 +300,25 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Per-token log-probabilities for `--json`: id, text, log-probability, and the alternatives.
+fn logprobs_json(
+    tm: &flywheel_runtime::TextModel,
+    lps: &[flywheel_api::TokenLogprob],
+) -> Result<serde_json::Value> {
+    let vocab = flywheel_runtime::constraint::VocabBytes::new(tm.tokenizer().inner())?;
+    let text = |id: u32| String::from_utf8_lossy(&vocab.get(id).0).into_owned();
+    Ok(lps
+        .iter()
+        .map(|lp| {
+            let top: Vec<serde_json::Value> = lp
+                .top
+                .iter()
+                .map(|&(id, l)| serde_json::json!({"id": id, "text": text(id), "logprob": l}))
+                .collect();
+            serde_json::json!({"id": lp.token, "text": text(lp.token), "logprob": lp.logprob,
+                               "top_logprobs": top})
+        })
+        .collect())
 }

@@ -94,9 +94,41 @@ impl ChatTemplate {
 
     /// Renders the messages; with `add_generation_prompt` the text ends where the assistant's reply begins.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// Renders the messages with the tools they may call (OpenAI's `tools` entries, passed to
+    /// the template as `tools`, as Hugging Face does). A call's `arguments` reach the template
+    /// as a mapping, not as JSON text, so `tojson` prints them once.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tmpl = self.env.get_template("chat").expect("added in new()");
+        let messages: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|m| {
+                let mut v = serde_json::to_value(m).unwrap_or_default();
+                if let Some(calls) = v.get_mut("tool_calls").and_then(|c| c.as_array_mut()) {
+                    for c in calls {
+                        let args = &mut c["function"]["arguments"];
+                        if let Some(parsed) = args
+                            .as_str()
+                            .and_then(|a| serde_json::from_str::<serde_json::Value>(a).ok())
+                        {
+                            *args = parsed;
+                        }
+                    }
+                }
+                v
+            })
+            .collect();
+        let tools = (!tools.is_empty()).then_some(tools);
         tmpl.render(context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
@@ -110,6 +142,12 @@ impl ChatTemplate {
     /// The template source.
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// Whether the template renders a `tools` list (Qwen2.5, Llama 3.1 and others do); one
+    /// that does not needs the tools described in a system message instead.
+    pub fn renders_tools(&self) -> bool {
+        self.source.contains("tools")
     }
 }
 

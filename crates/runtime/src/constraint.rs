@@ -36,53 +36,80 @@ fn byte_level_chars() -> HashMap<char, u8> {
         .collect()
 }
 
-fn marker(text: &str) -> Vec<u8> {
-    [&[TokTrie::SPECIAL_TOKEN_MARKER], text.as_bytes()].concat()
+/// How a tokenizer's vocabulary entries map to bytes (byte-level BPE, or SentencePiece with
+/// byte fallback).
+pub struct VocabBytes<'a> {
+    tok: &'a tokenizers::Tokenizer,
+    /// Added tokens: id → (content, special).
+    added: HashMap<u32, (String, bool)>,
+    /// GPT-2's byte-level alphabet, inverted; `None` for a byte-fallback vocabulary.
+    chars: Option<HashMap<char, u8>>,
+}
+
+impl<'a> VocabBytes<'a> {
+    /// Reads the tokenizer's decoder; anything but byte-level or byte-fallback is an error.
+    pub fn new(tok: &'a tokenizers::Tokenizer) -> Result<Self> {
+        let decoder = serde_json::to_string(&tok.get_decoder()).unwrap_or_default();
+        let byte_level = decoder.contains("\"ByteLevel\"");
+        if !byte_level && !decoder.contains("\"ByteFallback\"") {
+            return Err(Error::Tokenizer {
+                file: "(token bytes)".into(),
+                reason: format!(
+                    "grammars and logprobs need a byte-level BPE or byte-fallback tokenizer; this one decodes with {decoder}"
+                ),
+            });
+        }
+        let added = tok
+            .get_added_tokens_decoder()
+            .into_iter()
+            .map(|(id, a)| (id, (a.content, a.special)))
+            .collect();
+        Ok(Self {
+            tok,
+            added,
+            chars: byte_level.then(byte_level_chars),
+        })
+    }
+
+    /// The bytes of `id`, and whether it is special: a special token, an id the tokenizer
+    /// does not have, or an entry that is not text (its bytes are then its name).
+    pub fn get(&self, id: u32) -> (Vec<u8>, bool) {
+        let (w, special) = match (self.added.get(&id), self.tok.id_to_token(id)) {
+            (Some((content, special)), _) => (content.as_bytes().to_vec(), *special),
+            (None, Some(s)) => match &self.chars {
+                Some(chars) => match s.chars().map(|c| chars.get(&c).copied()).collect() {
+                    Some(b) => (b, false),
+                    None => (s.into_bytes(), true),
+                },
+                None if s.len() == 6 && s.starts_with("<0x") && s.ends_with('>') => {
+                    match u8::from_str_radix(&s[3..5], 16) {
+                        Ok(b) => (vec![b], false),
+                        Err(_) => (s.into_bytes(), true),
+                    }
+                }
+                None => (s.replace('\u{2581}', " ").into_bytes(), false),
+            },
+            (None, None) => (vec![], true),
+        };
+        if w.is_empty() {
+            (format!("<[{id}]>").into_bytes(), true)
+        } else {
+            (w, special)
+        }
+    }
 }
 
 /// The bytes of every id below `width` (the logits width). Special tokens, ids the tokenizer
 /// does not have (padding of the embedding matrix) and entries that are not text get the
 /// special-token marker, which no grammar reaches by its text.
 pub fn token_bytes(tok: &tokenizers::Tokenizer, width: usize) -> Result<Vec<Vec<u8>>> {
-    let decoder = serde_json::to_string(&tok.get_decoder()).unwrap_or_default();
-    let byte_level = decoder.contains("\"ByteLevel\"");
-    let byte_fallback = decoder.contains("\"ByteFallback\"");
-    if !byte_level && !byte_fallback {
-        return Err(Error::Tokenizer {
-            file: "(constrained decoding)".into(),
-            reason: format!(
-                "grammars need a byte-level BPE or byte-fallback tokenizer; this one decodes with {decoder}"
-            ),
-        });
-    }
-    let chars = byte_level_chars();
-    let added = tok.get_added_tokens_decoder();
-    let mut words = Vec::with_capacity(width);
-    for id in 0..width as u32 {
-        let w = match (added.get(&id), tok.id_to_token(id)) {
-            (Some(a), _) if a.special => marker(&a.content),
-            (Some(a), _) => a.content.as_bytes().to_vec(),
-            (None, Some(s)) if byte_level => s
-                .chars()
-                .map(|c| chars.get(&c).copied())
-                .collect::<Option<Vec<u8>>>()
-                .unwrap_or_else(|| marker(&s)),
-            (None, Some(s)) if s.len() == 6 && s.starts_with("<0x") && s.ends_with('>') => {
-                match u8::from_str_radix(&s[3..5], 16) {
-                    Ok(b) => vec![b],
-                    Err(_) => marker(&s),
-                }
-            }
-            (None, Some(s)) => s.replace('\u{2581}', " ").into_bytes(),
-            (None, None) => marker(&format!("<[{id}]>")),
-        };
-        words.push(if w.is_empty() {
-            marker(&format!("<[{id}]>"))
-        } else {
-            w
-        });
-    }
-    Ok(words)
+    let vocab = VocabBytes::new(tok)?;
+    Ok((0..width as u32)
+        .map(|id| match vocab.get(id) {
+            (w, true) => [&[TokTrie::SPECIAL_TOKEN_MARKER], &w[..]].concat(),
+            (w, false) => w,
+        })
+        .collect())
 }
 
 /// Compiles grammars for one model: llguidance's parser factory over the model's token trie.
@@ -159,6 +186,36 @@ fn compact(mut schema: serde_json::Value) -> serde_json::Value {
             .or_insert_with(|| serde_json::json!({"whitespace_flexible": false}));
     }
     schema
+}
+
+/// The token that would extend a verbatim loop at the end of `generated`: the last 16 tokens,
+/// or the last 8 repeats of a cycle of 2 to 8 tokens, all the same cycle. `None` when the
+/// output does not end in such a loop.
+pub fn loop_continuation(generated: &[u32]) -> Option<u32> {
+    (1..=8usize).find_map(|p| {
+        let span = (8 * p).max(16);
+        let n = generated.len();
+        if n < span {
+            return None;
+        }
+        let tail = &generated[n - span..];
+        tail.iter()
+            .skip(p)
+            .zip(tail)
+            .all(|(a, b)| a == b)
+            .then(|| generated[n - p])
+    })
+}
+
+/// Lowers the logits of the tokens among the last 32 of `generated`, as a repeat penalty of
+/// 1.5 does: applied to a constrained row once it has looped.
+pub fn penalize_recent(logits: &mut [f32], generated: &[u32]) {
+    let mut seen = std::collections::HashSet::new();
+    for &t in &generated[generated.len().saturating_sub(32)..] {
+        if let Some(l) = logits.get_mut(t as usize).filter(|_| seen.insert(t)) {
+            *l = if *l > 0.0 { *l / 1.5 } else { *l * 1.5 };
+        }
+    }
 }
 
 /// One row's grammar matcher. Clone it before use to constrain several rows to one grammar.
@@ -269,6 +326,21 @@ mod tests {
         for (b, c) in crate::testing::bytes_to_unicode().iter().enumerate() {
             assert_eq!(map[c], b as u8);
         }
+    }
+
+    #[test]
+    fn loops_are_spotted_at_the_end_only() {
+        assert_eq!(loop_continuation(&[7; 16]), Some(7));
+        assert_eq!(loop_continuation(&[7; 15]), None);
+        let mut cycle: Vec<u32> = [1, 2, 3].repeat(8);
+        assert_eq!(loop_continuation(&cycle), Some(1));
+        cycle.push(1);
+        assert_eq!(loop_continuation(&cycle), Some(2));
+        cycle.push(9);
+        assert_eq!(loop_continuation(&cycle), None);
+        // Seven repeats of a pair are not yet a loop; an array of a few equal items is not.
+        assert_eq!(loop_continuation(&[4, 5].repeat(7)), None);
+        assert_eq!(loop_continuation(&[0, 11, 0, 11, 0, 11, 0]), None);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use candle_core::Tensor;
-use flywheel_api::{FinishReason, GenerateRequest, SamplingParams, Usage};
+use flywheel_api::{FinishReason, GenerateRequest, SamplingParams, TokenLogprob, Usage};
 use flywheel_models::{Cache, Logits};
 use flywheel_peft::{with_routing, RoutedAdapter, Routing};
 use tokio::sync::mpsc::UnboundedSender;
@@ -58,6 +58,8 @@ pub enum Event {
         text: String,
         /// The token id.
         token: u32,
+        /// Its log-probability and the top alternatives, when the job asked for them.
+        logprob: Option<TokenLogprob>,
     },
     /// Generation ended.
     Done {
@@ -87,6 +89,9 @@ pub struct Job {
     /// The grammar the output must follow: compiled by the submitter with this engine's model
     /// ([`TextModel::compile_grammar`]), so a bad grammar is refused before it is queued.
     pub constraint: Option<Constraint>,
+    /// Report each token's log-probability and this many alternatives (at most
+    /// [`flywheel_api::MAX_TOP_LOGPROBS`]); `None` reports nothing.
+    pub logprobs: Option<usize>,
     /// Where events go; a dropped receiver cancels the job and frees its slot.
     pub events: UnboundedSender<Event>,
 }
@@ -263,11 +268,15 @@ impl Seq<'_> {
     /// Accepts a sampled token and streams it.
     fn accept(&mut self, tok: u32, eos: &[u32]) -> crate::Result<()> {
         let events = self.events.clone();
+        // A token may reach the sink more than once (its text, then a flushed tail); its
+        // log-probability travels with the first.
+        let mut logprob = self.row.pending_logprob().cloned();
         let mut sink = |text: &str, token: u32| {
             if events
                 .send(Event::Token {
                     text: text.to_string(),
                     token,
+                    logprob: logprob.take(),
                 })
                 .is_err()
             {
@@ -506,6 +515,7 @@ impl Worker {
             sampling: job.sampling,
             ignore_eos: job.ignore_eos,
             grammar: None, // compiled already: `job.constraint`
+            logprobs: job.logprobs,
         };
         let budget = job.max_tokens.min(ctx - job.prompt.len());
         let prompt = &job.prompt;

@@ -5,7 +5,8 @@
 
 use candle_core::Tensor;
 use flywheel_api::{
-    ChatMessage, FinishReason, GenerateOutput, GenerateRequest, Grammar, Timings, TokenSink, Usage,
+    ChatMessage, FinishReason, GenerateOutput, GenerateRequest, Grammar, Timings, TokenLogprob,
+    TokenSink, Usage,
 };
 use flywheel_models::{
     DecoderConfig, DecoderModel, GgufWeights, LinearHook, Logits, NoHook, SafetensorsWeights,
@@ -20,7 +21,9 @@ use crate::constraint::{Constraint, GrammarCompiler};
 use crate::load::{
     read_json_opt, read_text, safetensors_files, LoadOptions, ModelFormat, ModelInfo,
 };
+use crate::sampler::token_logprob;
 use crate::sampler::Sampler;
+pub use crate::stop::StopScanner;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 use crate::{Error, Result};
 
@@ -385,6 +388,16 @@ impl TextModel {
         let mut constraints = Vec::with_capacity(items.len());
         for (ids, req) in items {
             req.sampling.validate()?;
+            if req
+                .logprobs
+                .is_some_and(|n| n > flywheel_api::MAX_TOP_LOGPROBS)
+            {
+                return Err(flywheel_api::ApiError::InvalidField {
+                    field: "logprobs",
+                    reason: format!("at most {} alternatives", flywheel_api::MAX_TOP_LOGPROBS),
+                }
+                .into());
+            }
             self.check_prompt(ids)?;
             constraints.push(
                 req.grammar
@@ -492,6 +505,13 @@ pub struct RowState<'a> {
     /// Why generation ended, once it has.
     pub finish: Option<FinishReason>,
     ignore_eos: bool,
+    /// Alternatives per token to report, when log-probabilities are asked for.
+    top_logprobs: Option<usize>,
+    /// The log-probability of the token just sampled, until `step` records it.
+    pending: Option<TokenLogprob>,
+    logprobs: Vec<TokenLogprob>,
+    /// A constrained row's output has looped (see [`RowState::sample`]).
+    looped: bool,
 }
 
 impl<'a> RowState<'a> {
@@ -510,6 +530,10 @@ impl<'a> RowState<'a> {
             tokens: vec![],
             finish,
             ignore_eos: req.ignore_eos,
+            top_logprobs: req.logprobs,
+            pending: None,
+            logprobs: vec![],
+            looped: false,
         }
     }
 
@@ -534,19 +558,56 @@ impl<'a> RowState<'a> {
     /// only when it does not is the mask computed, every refused logit set to -inf, and the
     /// token drawn again. That draws from the masked distribution exactly (greedy gives the
     /// unconstrained token whenever it is allowed). Top-k, top-p and min-p rank tokens
-    /// against each other, so with them the mask is applied before the draw instead.
+    /// against each other, so with them the mask is applied before the draw instead, and so it
+    /// is when log-probabilities are asked for: they are read from the masked distribution.
+    ///
+    /// A constrained row does not continue a verbatim loop (see
+    /// [`loop_continuation`](crate::constraint::loop_continuation)) when the grammar allows
+    /// another token: small models otherwise fill a JSON string or number with one phrase
+    /// until `max_tokens`, where no end-of-sequence token can rescue them.
     pub fn sample(&mut self, logits: &mut [f32]) -> Result<u32> {
+        let tok = self.choose(logits)?;
+        if let Some(n) = self.top_logprobs {
+            self.pending = Some(token_logprob(logits, tok, n));
+        }
+        Ok(tok)
+    }
+
+    /// The log-probability of the token [`sample`](Self::sample) just chose, if asked for.
+    pub fn pending_logprob(&self) -> Option<&TokenLogprob> {
+        self.pending.as_ref()
+    }
+
+    fn choose(&mut self, logits: &mut [f32]) -> Result<u32> {
         let Some(c) = self.constraint.as_mut() else {
             return Ok(self.sampler.sample(logits, &self.history));
         };
         self.sampler.penalize(logits, &self.history);
-        if !self.sampler.truncates() {
+        // A verbatim loop is not continued while the grammar allows anything else, and once
+        // one was seen, the tokens of the recent output are penalised for the rest of the row.
+        let generated = &self.history[self.prompt_len..];
+        let cont = crate::constraint::loop_continuation(generated);
+        self.looped |= cont.is_some();
+        if self.looped {
+            crate::constraint::penalize_recent(logits, generated);
+        }
+        let looping = cont.filter(|&t| (t as usize) < logits.len()).map(|t| {
+            (
+                t,
+                std::mem::replace(&mut logits[t as usize], f32::NEG_INFINITY),
+            )
+        });
+        if !self.sampler.truncates() && self.top_logprobs.is_none() {
             let tok = self.sampler.pick(logits);
-            if c.allows(tok)? {
+            if logits[tok as usize].is_finite() && c.allows(tok)? {
                 return Ok(tok);
             }
         }
         c.mask_logits(logits)?;
+        if let Some((t, l)) = looping.filter(|_| logits.iter().all(|l| !l.is_finite())) {
+            logits[t as usize] = l;
+            return Ok(t); // the grammar allows nothing but the loop
+        }
         Ok(self.sampler.pick(logits))
     }
 
@@ -571,6 +632,7 @@ impl<'a> RowState<'a> {
             tokens: self.tokens,
             finish_reason: self.finish.unwrap_or(FinishReason::Cancelled),
             timings,
+            logprobs: self.top_logprobs.map(|_| self.logprobs),
         }
     }
 
@@ -580,6 +642,14 @@ impl<'a> RowState<'a> {
     /// A constrained row also feeds the token to its matcher, and ends (`stop`) once the
     /// grammar admits nothing more; the budget running out first still ends it with `length`.
     pub fn step(&mut self, tok: u32, eos: &[u32], sink: &mut dyn TokenSink) -> Result<()> {
+        if self.top_logprobs.is_some() {
+            let lp = self.pending.take();
+            self.logprobs.push(lp.unwrap_or_else(|| TokenLogprob {
+                token: tok,
+                logprob: f32::NAN,
+                top: vec![],
+            }));
+        }
         self.tokens.push(tok);
         self.history.push(tok);
         let grammar_done = match self.constraint.as_mut() {
@@ -619,127 +689,5 @@ impl<'a> RowState<'a> {
         if self.finish.is_none() && sink.on_text(text, tok) == ControlFlow::Break(()) {
             self.finish = Some(FinishReason::Cancelled);
         }
-    }
-}
-
-/// Finds stop strings in streamed text. Text that could be the start of a stop string is held
-/// back until it is known not to be one, so a stop string never reaches the sink.
-pub struct StopScanner {
-    stops: Vec<String>,
-    /// All text accepted so far (the final output).
-    pub text: String,
-    emitted: usize,
-    stopped: bool,
-}
-
-impl StopScanner {
-    /// A scanner for these stop strings (empty strings are ignored).
-    pub fn new(stops: &[String]) -> Self {
-        Self {
-            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
-            text: String::new(),
-            emitted: 0,
-            stopped: false,
-        }
-    }
-
-    /// Adds text; returns what may be emitted now and whether a stop string matched.
-    pub fn push(&mut self, piece: &str) -> (String, bool) {
-        if self.stopped {
-            return (String::new(), true);
-        }
-        let search_from = self.emitted;
-        self.text.push_str(piece);
-        // Earliest complete match starting at or after what is already emitted.
-        let hit = self
-            .stops
-            .iter()
-            .filter_map(|s| {
-                self.text[search_from..]
-                    .find(s.as_str())
-                    .map(|p| search_from + p)
-            })
-            .min();
-        if let Some(pos) = hit {
-            self.text.truncate(pos);
-            self.stopped = true;
-            let out = self.text[self.emitted..].to_string();
-            self.emitted = self.text.len();
-            return (out, true);
-        }
-        // Hold back the longest suffix that is a proper prefix of some stop string.
-        let mut hold = 0;
-        for s in &self.stops {
-            for (k, _) in s.char_indices().skip(1) {
-                if k > hold && self.text[self.emitted..].ends_with(&s[..k]) {
-                    hold = k;
-                }
-            }
-        }
-        let upto = self.text.len() - hold;
-        let out = self.text[self.emitted..upto].to_string();
-        self.emitted = upto;
-        (out, false)
-    }
-
-    /// Ends the stream: adds `tail` and releases anything held back.
-    pub fn finish(&mut self, tail: &str) -> String {
-        let (mut out, stopped) = self.push(tail);
-        if !stopped {
-            out.push_str(&self.text[self.emitted..]);
-            self.emitted = self.text.len();
-        }
-        out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(stops: &[&str], pieces: &[&str]) -> (Vec<String>, String, bool) {
-        let mut s = StopScanner::new(&stops.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-        let mut out = vec![];
-        let mut stopped = false;
-        for p in pieces {
-            let (e, st) = s.push(p);
-            out.push(e);
-            if st {
-                stopped = true;
-                break;
-            }
-        }
-        if !stopped {
-            out.push(s.finish(""));
-        }
-        (out, s.text.clone(), stopped)
-    }
-
-    #[test]
-    fn stop_string_split_across_pieces_never_reaches_the_sink() {
-        let (out, text, stopped) = run(&["###"], &["Hello #", "#", "# world"]);
-        assert!(stopped);
-        assert_eq!(text, "Hello ");
-        assert_eq!(out.concat(), "Hello ");
-        assert!(out.iter().all(|p| !p.contains('#')), "{out:?}");
-    }
-
-    #[test]
-    fn held_back_prefix_is_released_when_it_is_not_a_stop() {
-        let (out, text, stopped) = run(&["END"], &["a E", "N", "x", "y"]);
-        assert!(!stopped);
-        assert_eq!(text, "a ENxy");
-        assert_eq!(out.concat(), "a ENxy");
-        assert_eq!(out[0], "a ");
-    }
-
-    #[test]
-    fn earliest_of_several_stops_wins_and_unicode_is_safe() {
-        let (_, text, stopped) = run(&["é!", "b"], &["aé", "!b"]);
-        assert!(stopped);
-        assert_eq!(text, "a");
-        let (out, text, _) = run(&["ü"], &["ü"]);
-        assert_eq!(text, "");
-        assert_eq!(out.concat(), "");
     }
 }

@@ -21,6 +21,7 @@ pub mod engine;
 pub mod generate;
 pub mod load;
 pub mod sampler;
+pub mod stop;
 pub mod testing;
 pub mod threads;
 pub mod tokenizer;

@@ -1,7 +1,7 @@
 //! Token sampling from logits: repeat penalty, greedy, top-k, temperature, top-p, min-p,
 //! with a seeded generator so equal seeds give equal outputs.
 
-use flywheel_api::SamplingParams;
+use flywheel_api::{SamplingParams, TokenLogprob};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -103,6 +103,49 @@ impl Sampler {
     }
 }
 
+/// The log-probability of `tok` under `softmax(logits)` and the `top` most likely tokens,
+/// most likely first (ties by id). Masked logits (-inf) get no probability.
+pub fn token_logprob(logits: &[f32], tok: u32, top: usize) -> TokenLogprob {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    // Summed in f64: over a 150k vocabulary f32 loses digits the 1e-3 contract needs.
+    let sum: f64 = logits
+        .iter()
+        .filter(|l| l.is_finite())
+        .map(|&l| ((l - max) as f64).exp())
+        .sum();
+    let log_z = max as f64 + sum.ln();
+    let lp = |l: f32| {
+        if l.is_finite() {
+            (l as f64 - log_z) as f32
+        } else {
+            f32::NEG_INFINITY
+        }
+    };
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if !l.is_finite() || (best.len() == top && l <= best[top - 1].1) {
+                continue;
+            }
+            let at = best.partition_point(|&(_, b)| b >= l);
+            best.insert(at, (i as u32, l));
+            best.truncate(top);
+        }
+    }
+    TokenLogprob {
+        token: tok,
+        logprob: lp(logits
+            .get(tok as usize)
+            .copied()
+            .unwrap_or(f32::NEG_INFINITY)),
+        top: best.into_iter().map(|(i, l)| (i, lp(l))).collect(),
+    }
+}
+
 /// Index of the largest value (the first on ties).
 pub fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
@@ -184,6 +227,26 @@ mod tests {
             ..params(1.0)
         });
         assert!((0..200).all(|_| s.sample(&mut logits.clone(), &[]) <= 1));
+    }
+
+    #[test]
+    fn logprobs_are_a_normalized_log_softmax_with_sorted_alternatives() {
+        let logits = vec![1.0f32, 3.0, f32::NEG_INFINITY, 3.0, 0.5];
+        let lp = token_logprob(&logits, 4, 3);
+        let total: f32 = [1.0f32, 3.0, 3.0, 0.5]
+            .iter()
+            .map(|l| (l + lp.logprob - 0.5).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
+        assert_eq!(
+            lp.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            vec![1, 3, 0],
+            "sorted, ties by id"
+        );
+        assert!(lp.top[0].1 >= lp.top[1].1 && lp.top[1].1 > lp.top[2].1);
+        assert!((lp.top[0].1 - (lp.logprob + 2.5)).abs() < 1e-5);
+        assert_eq!(token_logprob(&logits, 2, 0).logprob, f32::NEG_INFINITY);
+        assert!(token_logprob(&logits, 2, 0).top.is_empty());
     }
 
     #[test]

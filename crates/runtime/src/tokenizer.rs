@@ -170,13 +170,14 @@ impl Tokenizer {
         inner.with_pre_tokenizer(Some(Sequence::new(seq)));
         inner.with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
         // Control (3) and user-defined (4) tokens are matched verbatim before BPE, as llama.cpp does
-        // when parsing special tokens.
+        // when parsing special tokens. Control tokens are special (decoding drops them);
+        // user-defined ones are text (Qwen2.5's `<tool_call>`), as llama.cpp renders them.
         let mut special = HashMap::new();
         let mut added = Vec::new();
         for (i, (t, ty)) in tokens.iter().zip(types.iter()).enumerate() {
             if *ty == 3 || *ty == 4 {
                 special.insert(t.clone(), i as u32);
-                added.push(AddedToken::from(t.clone(), true));
+                added.push(AddedToken::from(t.clone(), *ty == 3));
             }
         }
         inner

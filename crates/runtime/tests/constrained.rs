@@ -276,6 +276,7 @@ fn engine_run(
             adapter: None,
             ignore_eos: false,
             constraint,
+            logprobs: None,
             events: tx,
         };
         engine.submit(job).map_err(|_| anyhow::anyhow!("busy"))?;

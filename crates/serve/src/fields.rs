@@ -36,10 +36,19 @@ const IMPLEMENTED: &[&str] = &[
 ];
 
 /// Fields only chat implements.
-const CHAT_IMPLEMENTED: &[&str] = &["messages", "max_completion_tokens", "retrieval"];
+const CHAT_IMPLEMENTED: &[&str] = &[
+    "messages",
+    "max_completion_tokens",
+    "retrieval",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+];
 
 /// Fields only completions implements.
-const COMPLETIONS_IMPLEMENTED: &[&str] = &["prompt"];
+const COMPLETIONS_IMPLEMENTED: &[&str] = &["prompt", "logprobs"];
 
 /// Fields that change nothing a local server returns: bookkeeping for hosted APIs.
 const NO_EFFECT: &[&str] = &[
@@ -49,7 +58,6 @@ const NO_EFFECT: &[&str] = &[
     "service_tier",
     "safety_identifier",
     "prompt_cache_key",
-    "parallel_tool_calls",
 ];
 
 /// Fields OpenAI knows that would change the output and are not implemented here.
@@ -57,10 +65,6 @@ const CHAT_UNSUPPORTED: &[&str] = &[
     "frequency_penalty",
     "presence_penalty",
     "logit_bias",
-    "logprobs",
-    "top_logprobs",
-    "tools",
-    "tool_choice",
     "functions",
     "function_call",
     "audio",
@@ -76,7 +80,6 @@ const COMPLETIONS_UNSUPPORTED: &[&str] = &[
     "frequency_penalty",
     "presence_penalty",
     "logit_bias",
-    "logprobs",
     "best_of",
     "echo",
     "suffix",
@@ -88,12 +91,11 @@ fn neutral(field: &str, v: &Value) -> bool {
         (_, Value::Null) => true,
         ("frequency_penalty" | "presence_penalty", Value::Number(n)) => n.as_f64() == Some(0.0),
         ("logit_bias" | "metadata", Value::Object(m)) => m.is_empty(),
-        ("logprobs" | "echo", Value::Bool(b)) => !b,
-        ("logprobs" | "top_logprobs", Value::Number(n)) => n.as_u64() == Some(0),
+        ("echo", Value::Bool(b)) => !b,
         ("best_of", Value::Number(n)) => n.as_u64() == Some(1),
         ("suffix", Value::String(s)) => s.is_empty(),
-        ("tools" | "functions", Value::Array(a)) => a.is_empty(),
-        ("tool_choice" | "function_call", Value::String(s)) => s == "none" || s == "auto",
+        ("functions", Value::Array(a)) => a.is_empty(),
+        ("function_call", Value::String(s)) => s == "none" || s == "auto",
         ("modalities", Value::Array(a)) => a.iter().all(|m| m.as_str() == Some("text")),
         _ => false,
     }
@@ -194,8 +196,12 @@ mod tests {
                 Some("frequency_penalty"),
             ),
             (Chat, json!({"logit_bias": {"42": 5}}), Some("logit_bias")),
-            (Chat, json!({"logprobs": true}), Some("logprobs")),
-            (Chat, json!({"top_logprobs": 3}), Some("top_logprobs")),
+            (Chat, json!({"logprobs": true, "top_logprobs": 3}), None),
+            (
+                Chat,
+                json!({"functions": [{"name": "f"}]}),
+                Some("functions"),
+            ),
             (
                 Chat,
                 json!({"response_format": {"type": "json_object"}}),
@@ -208,13 +214,9 @@ mod tests {
             ),
             (
                 Chat,
-                json!({"tools": [{"type": "function"}]}),
-                Some("tools"),
-            ),
-            (
-                Chat,
-                json!({"tool_choice": "required"}),
-                Some("tool_choice"),
+                json!({"tools": [{"type": "function"}], "tool_choice": "required",
+                       "parallel_tool_calls": false}),
+                None,
             ),
             (Chat, json!({"audio": {"voice": "x"}}), Some("audio")),
             (Chat, json!({"temprature": 0.5}), Some("temprature")),
@@ -226,7 +228,8 @@ mod tests {
             ),
             (Completions, json!({"echo": true}), Some("echo")),
             (Completions, json!({"best_of": 3}), Some("best_of")),
-            (Completions, json!({"logprobs": 2}), Some("logprobs")),
+            (Completions, json!({"logprobs": 2}), None),
+            (Completions, json!({"tools": []}), Some("tools")),
             (
                 Completions,
                 json!({"max_completion_tokens": 5}),

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod openai;
 pub mod rag;
 pub mod router;
+pub mod tools;
 
 use std::path::PathBuf;
 use std::sync::Arc;

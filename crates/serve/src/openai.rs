@@ -55,6 +55,12 @@ pub struct Message {
     /// The content (null allowed for assistant messages).
     #[serde(default)]
     pub content: Option<Content>,
+    /// The tools an assistant message called.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<flywheel_api::ToolCall>>,
+    /// Which call a `tool` message answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 /// `stream_options`.
@@ -208,6 +214,21 @@ impl ResponseFormat {
 pub struct ChatBody {
     /// The conversation.
     pub messages: Vec<Message>,
+    /// Return each output token's log-probability.
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// With `logprobs`: this many most likely alternatives per token (0–20).
+    #[serde(default)]
+    pub top_logprobs: Option<usize>,
+    /// Function tools the model may call.
+    #[serde(default)]
+    pub tools: Option<Value>,
+    /// `none`, `auto`, `required`, or `{"type": "function", "function": {"name": ...}}`.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    /// Whether one reply may hold several calls (default true).
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
 }
 
 /// The completions-only part of `POST /v1/completions` (the rest is [`Common`]).
@@ -215,6 +236,9 @@ pub struct ChatBody {
 pub struct CompletionBody {
     /// The prompt (one string, or a list holding one).
     pub prompt: OneOrMany,
+    /// Return each output token's log-probability and this many alternatives (0–20).
+    #[serde(default)]
+    pub logprobs: Option<usize>,
 }
 
 /// `POST /v1/embeddings`.
@@ -288,6 +312,15 @@ pub fn finish_name(f: flywheel_api::FinishReason) -> &'static str {
         flywheel_api::FinishReason::Stop => "stop",
         flywheel_api::FinishReason::Length => "length",
         flywheel_api::FinishReason::Cancelled => "cancelled",
+    }
+}
+
+/// The finish reason a chat choice reports: `tool_calls` when its reply is calls and nothing
+/// cut it short.
+pub fn chat_finish_name(f: flywheel_api::FinishReason, calls: usize) -> &'static str {
+    match f {
+        flywheel_api::FinishReason::Stop if calls > 0 => "tool_calls",
+        f => finish_name(f),
     }
 }
 

@@ -53,6 +53,7 @@ pub struct AppState {
 type St = State<Arc<AppState>>;
 
 mod completions;
+mod reply;
 mod tokens;
 use completions::{chat, completions};
 use tokens::{detokenize, tokenize};

@@ -28,6 +28,8 @@ mod retrieval;
 mod structured;
 #[path = "router/tokens.rs"]
 mod tokens;
+#[path = "router/tools.rs"]
+mod tools;
 
 /// The special token whose presence in a prompt makes the engine panic (test hook).
 const BOOM: &str = "<|endoftext|>";

@@ -255,10 +255,7 @@ fn segments_of(v: &Value, f: Format, model: &TextModel, opts: &DataOptions) -> R
                 if !matches!(role, "system" | "user" | "assistant" | "tool") {
                     return Err(data_err(format!("messages[{j}]: unknown role `{role}`")));
                 }
-                msgs.push(ChatMessage {
-                    role: role.to_string(),
-                    content: content.to_string(),
-                });
+                msgs.push(ChatMessage::new(role, content));
             }
             return chat_segments(&msgs, model);
         }
@@ -289,19 +286,10 @@ fn segments_of(v: &Value, f: Format, model: &TextModel, opts: &DataOptions) -> R
     if opts.chat {
         let mut msgs = Vec::new();
         if let Some(s) = &opts.system {
-            msgs.push(ChatMessage {
-                role: "system".into(),
-                content: s.clone(),
-            });
+            msgs.push(ChatMessage::new("system", s.clone()));
         }
-        msgs.push(ChatMessage {
-            role: "user".into(),
-            content: prompt,
-        });
-        msgs.push(ChatMessage {
-            role: "assistant".into(),
-            content: completion,
-        });
+        msgs.push(ChatMessage::new("user", prompt));
+        msgs.push(ChatMessage::new("assistant", completion));
         chat_segments(&msgs, model)
     } else {
         Ok(Segments {

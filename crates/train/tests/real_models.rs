@@ -37,6 +37,7 @@ fn greedy_exact_match(
             },
             ignore_eos: false,
             grammar: None,
+            logprobs: None,
         };
         let out = model.generate(&req, &mut NullSink)?;
         if out.text.trim() == want.trim() {

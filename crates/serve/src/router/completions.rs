@@ -2,6 +2,9 @@
 //! whole or streamed as server-sent events.
 
 use super::*;
+use crate::tools::{Piece, Scanner, Tools};
+use flywheel_api::TokenLogprob;
+use reply::TokenText;
 
 /// A checked generation request, ready for the engine.
 struct Prepared {
@@ -17,8 +20,13 @@ struct Prepared {
     ignore_eos: bool,
     /// Retrieved passages the prompt holds (retrieval requests only).
     sources: Option<Value>,
-    /// The compiled `response_format` grammar; each choice runs its own copy.
+    /// The compiled `response_format` (or forced tool call) grammar; each choice runs its own
+    /// copy.
     constraint: Option<flywheel_runtime::constraint::Constraint>,
+    /// Report token log-probabilities with this many alternatives.
+    logprobs: Option<usize>,
+    /// The tools a chat reply may call (read back out of its text).
+    tools: Option<Arc<Tools>>,
 }
 
 /// Checks the shared fields and the prompt's length against the context.
@@ -115,6 +123,8 @@ fn prepare(
         ignore_eos: c.ignore_eos.unwrap_or(false),
         sources: None,
         constraint,
+        logprobs: None,
+        tools: None,
     })
 }
 
@@ -150,6 +160,7 @@ fn submit(
             adapter: p.adapter.as_ref().map(|a| a.routed.clone()),
             ignore_eos: p.ignore_eos,
             constraint: p.constraint.clone(),
+            logprobs: p.logprobs,
             events: tx,
         });
         rxs.push(rx);
@@ -166,19 +177,48 @@ struct Choice {
     finish: FinishReason,
     completion_tokens: usize,
     ttft: Option<f64>,
+    /// Log-probabilities of the output's tokens (end-of-sequence tokens left out).
+    logprobs: Vec<TokenLogprob>,
 }
 
+/// Gathers one choice's events. A chat reply with tools is scanned as it comes: a call that
+/// repeats an earlier one ends it (the receiver is dropped, which stops the job).
 async fn collect(
     mut rx: mpsc::UnboundedReceiver<Event>,
     t0: Instant,
+    eos: Vec<u32>,
+    tools: Option<Arc<Tools>>,
 ) -> Result<Choice, ServeError> {
     let mut text = String::new();
     let mut ttft = None;
+    let mut logprobs = vec![];
+    let mut scanner = tools.as_deref().map(Scanner::new);
+    let mut tokens = 0;
     loop {
         match rx.recv().await {
-            Some(Event::Token { text: piece, .. }) => {
+            Some(Event::Token {
+                text: piece,
+                token,
+                logprob,
+            }) => {
                 ttft.get_or_insert_with(|| t0.elapsed().as_secs_f64());
                 text.push_str(&piece);
+                tokens += 1;
+                if let Some(lp) = logprob.filter(|_| !eos.contains(&token)) {
+                    logprobs.push(lp);
+                }
+                if let Some(s) = scanner.as_mut() {
+                    s.push(&piece);
+                    if s.repeated() {
+                        return Ok(Choice {
+                            text,
+                            finish: FinishReason::Stop,
+                            completion_tokens: tokens,
+                            ttft,
+                            logprobs,
+                        });
+                    }
+                }
             }
             Some(Event::Done { finish, usage }) => {
                 return Ok(Choice {
@@ -186,6 +226,7 @@ async fn collect(
                     finish,
                     completion_tokens: usage.completion_tokens,
                     ttft,
+                    logprobs,
                 })
             }
             Some(Event::Failed(e)) => return Err(e.into()),
@@ -277,7 +318,10 @@ pub(super) fn chat_messages(
                 s
             }
         };
-        msgs.push(ChatMessage::new(m.role, content));
+        let mut msg = ChatMessage::new(m.role, content);
+        msg.tool_calls = m.tool_calls.unwrap_or_default();
+        msg.tool_call_id = m.tool_call_id;
+        msgs.push(msg);
     }
     Ok(msgs)
 }
@@ -304,13 +348,57 @@ fn chat_request(st: &AppState, body: &[u8]) -> Result<Prepared, ServeError> {
         }
         (Some(r), Some(rag)) => Some(rag.augment(&mut msgs, &r)?),
     };
-    let prompt = st
-        .model
-        .render_chat(&msgs)
+    let template = st.model.chat_template().map(|t| t.source()).unwrap_or("");
+    let tools = Tools::from_request(
+        chat.tools,
+        chat.tool_choice,
+        chat.parallel_tool_calls,
+        template,
+    )?;
+    let forced = tools.as_ref().and_then(|t| t.grammar());
+    if forced.is_some() && common.response_format.is_some() {
+        return Err(bad(
+            "response_format",
+            "a required tool call and `response_format` cannot both shape the output".into(),
+        ));
+    }
+    let rendered = match &tools {
+        Some(t) if t.fallback => st.model.render_chat(&t.fallback_messages(msgs)),
+        Some(t) => match st.model.chat_template() {
+            Some(c) => c.render_with_tools(&msgs, &t.defs, true),
+            None => st.model.render_chat(&msgs),
+        },
+        None => st.model.render_chat(&msgs),
+    };
+    let prompt = rendered
         .and_then(|p| st.model.encode_prompt(&p))
         .map_err(|e| bad("messages", e.to_string()))?;
     let mut p = prepare(st, common, adapter, prompt, "messages", None)?;
+    if let Some(g) = forced {
+        p.constraint = Some(
+            st.model
+                .compile_grammar(&g)
+                .map_err(|e| bad("tools", e.to_string()))?,
+        );
+    }
+    p.logprobs = match (chat.logprobs, chat.top_logprobs) {
+        (_, Some(n)) if n > flywheel_api::MAX_TOP_LOGPROBS => {
+            return Err(bad(
+                "top_logprobs",
+                format!("must be between 0 and {}", flywheel_api::MAX_TOP_LOGPROBS),
+            ))
+        }
+        (Some(true), n) => Some(n.unwrap_or(0)),
+        (_, Some(n)) if n > 0 => {
+            return Err(bad(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs: true`".into(),
+            ))
+        }
+        _ => None,
+    };
     p.sources = sources;
+    p.tools = tools.map(Arc::new);
     Ok(p)
 }
 
@@ -334,7 +422,17 @@ fn completion_request(st: &AppState, body: &[u8]) -> Result<Prepared, ServeError
         .model
         .encode_prompt(&prompts[0])
         .map_err(|e| bad("prompt", e.to_string()))?;
-    prepare(st, common, adapter, prompt, "prompt", Some(16))
+    let mut p = prepare(st, common, adapter, prompt, "prompt", Some(16))?;
+    p.logprobs = match b.logprobs {
+        Some(n) if n > flywheel_api::MAX_TOP_LOGPROBS => {
+            return Err(bad(
+                "logprobs",
+                format!("must be between 0 and {}", flywheel_api::MAX_TOP_LOGPROBS),
+            ))
+        }
+        n => n,
+    };
+    Ok(p)
 }
 
 /// Runs a prepared request: a JSON response, or a server-sent-event stream.
@@ -350,7 +448,12 @@ async fn generate(st: Arc<AppState>, p: Prepared, kind: Kind, t0: Instant) -> Re
     if p.stream {
         return stream(st, p, kind, rxs, t0);
     }
-    let results = futures_util::future::join_all(rxs.into_iter().map(|rx| collect(rx, t0))).await;
+    let eos = st.model.eos_ids().to_vec();
+    let results = futures_util::future::join_all(
+        rxs.into_iter()
+            .map(|rx| collect(rx, t0, eos.clone(), p.tools.clone())),
+    )
+    .await;
     let mut choices = Vec::with_capacity(results.len());
     for r in results {
         match r {
@@ -377,18 +480,35 @@ async fn generate(st: Arc<AppState>, p: Prepared, kind: Kind, t0: Instant) -> Re
         Kind::Chat => ("chatcmpl", "chat.completion"),
         Kind::Completion => ("cmpl", "text_completion"),
     };
+    let token_text = TokenText::new(st.model.tokenizer());
     let choices: Vec<Value> = choices
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let mut v = json!({
-                "index": i,
-                "finish_reason": openai::finish_name(c.finish),
-                "logprobs": null,
-            });
-            match kind {
-                Kind::Chat => v["message"] = json!({"role": "assistant", "content": c.text}),
-                Kind::Completion => v["text"] = json!(c.text),
+            let mut v = json!({"index": i, "logprobs": null});
+            if p.logprobs.is_some() {
+                v["logprobs"] = match kind {
+                    Kind::Chat => token_text.chat(&c.logprobs),
+                    Kind::Completion => token_text.completion(&c.logprobs, &mut 0),
+                };
+            }
+            match (kind, &p.tools) {
+                (Kind::Chat, Some(tools)) => {
+                    let (content, calls) = reply::split_calls(tools, &c.text);
+                    v["finish_reason"] = json!(openai::chat_finish_name(c.finish, calls.len()));
+                    v["message"] = json!({"role": "assistant", "content": content});
+                    if !calls.is_empty() {
+                        v["message"]["tool_calls"] = json!(calls);
+                    }
+                }
+                (Kind::Chat, None) => {
+                    v["finish_reason"] = json!(openai::finish_name(c.finish));
+                    v["message"] = json!({"role": "assistant", "content": c.text});
+                }
+                (Kind::Completion, _) => {
+                    v["finish_reason"] = json!(openai::finish_name(c.finish));
+                    v["text"] = json!(c.text);
+                }
             }
             v
         })
@@ -405,6 +525,18 @@ async fn generate(st: Arc<AppState>, p: Prepared, kind: Kind, t0: Instant) -> Re
         body["sources"] = s.clone();
     }
     Json(body).into_response()
+}
+
+/// What a streamed choice carries from event to event.
+struct StreamChoice<'a> {
+    /// Reads tool calls out of the text (chat with tools).
+    scanner: Option<Scanner<'a>>,
+    /// Log-probabilities not sent yet.
+    logprobs: Vec<TokenLogprob>,
+    /// Byte offset of the next token in the choice's text (completions' `text_offset`).
+    offset: usize,
+    /// Tokens received.
+    tokens: usize,
 }
 
 /// Streams the choices as server-sent events. A client that goes away drops the stream, which
@@ -459,9 +591,20 @@ fn stream(
                 }
             }
         }
+        // A choice whose reply repeated a tool call is stopped: its flag ends its stream,
+        // which drops its receiver, which frees its slot in the engine.
+        let stopped: Vec<Arc<std::sync::atomic::AtomicBool>> =
+            (0..n).map(|_| Default::default()).collect();
         let streams = rxs.into_iter().enumerate().map(|(i, rx)| {
-            futures_util::stream::unfold(rx, move |mut rx| async move {
-                rx.recv().await.map(|e| ((i, e), rx))
+            let stop = stopped[i].clone();
+            futures_util::stream::unfold(rx, move |mut rx| {
+                let stop = stop.clone();
+                async move {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return None;
+                    }
+                    rx.recv().await.map(|e| ((i, e), rx))
+                }
             })
             .boxed()
         });
@@ -469,50 +612,103 @@ fn stream(
         let mut completion = 0;
         let mut ttft: Option<f64> = None;
         let mut status = 200;
-        while let Some((i, ev)) = merged.next().await {
-            let c = match ev {
-                Event::Token { text, .. } => {
+        let tools = p.tools.clone();
+        let token_text = TokenText::new(st.model.tokenizer());
+        let eos = st.model.eos_ids().to_vec();
+        let mut choices: Vec<StreamChoice> = (0..n)
+            .map(|_| StreamChoice {
+                scanner: tools.as_deref().map(Scanner::new),
+                logprobs: vec![],
+                offset: 0,
+                tokens: 0,
+            })
+            .collect();
+        'events: while let Some((i, ev)) = merged.next().await {
+            let c = &mut choices[i];
+            let (pieces, finish) = match ev {
+                Event::Token {
+                    text,
+                    token,
+                    logprob,
+                } => {
                     ttft.get_or_insert_with(|| t0.elapsed().as_secs_f64());
-                    if text.is_empty() {
-                        continue;
+                    if let Some(lp) = logprob.filter(|_| !eos.contains(&token)) {
+                        c.logprobs.push(lp);
                     }
-                    match kind {
-                        Kind::Chat => chunk(
-                            json!([{"index": i, "delta": {"content": text}, "finish_reason": null}]),
-                            None,
-                        ),
-                        Kind::Completion => chunk(
-                            json!([{"index": i, "text": text, "finish_reason": null, "logprobs": null}]),
-                            None,
-                        ),
+                    let pieces = match &mut c.scanner {
+                        Some(s) => s.push(&text),
+                        None if text.is_empty() => vec![],
+                        None => vec![Piece::Text(text)],
+                    };
+                    if c.scanner.as_ref().is_some_and(|s| s.repeated()) {
+                        stopped[i].store(true, std::sync::atomic::Ordering::Relaxed);
+                        completion += c.tokens + 1;
+                        (pieces, Some(FinishReason::Stop))
+                    } else {
+                        c.tokens += 1;
+                        (pieces, None)
                     }
                 }
                 Event::Done { finish, usage } => {
                     completion += usage.completion_tokens;
-                    let f = openai::finish_name(finish);
-                    match kind {
-                        Kind::Chat => {
-                            chunk(json!([{"index": i, "delta": {}, "finish_reason": f}]), None)
-                        }
-                        Kind::Completion => chunk(
-                            json!([{"index": i, "text": "", "finish_reason": f, "logprobs": null}]),
-                            None,
-                        ),
-                    }
+                    let pieces = c.scanner.as_mut().map(|s| s.finish()).unwrap_or_default();
+                    (pieces, Some(finish))
                 }
                 Event::Failed(m) => {
                     status = 500;
-                    SseEvent::default().data(
-                        openai::error_body(&m.to_string(), "server_error", None, None).to_string(),
-                    )
+                    let e = openai::error_body(&m.to_string(), "server_error", None, None);
+                    let _ = out.send(SseEvent::default().data(e.to_string())).await;
+                    break;
                 }
             };
-            if out.send(c).await.is_err() {
-                status = 499; // client closed the stream
-                break;
+            // One delta per text piece, two per call (its name, then its arguments); the
+            // log-probabilities gathered so far travel with the next chunk sent.
+            let mut deltas: Vec<Value> = vec![];
+            for piece in pieces {
+                match (kind, piece) {
+                    (Kind::Chat, Piece::Text(t)) => deltas.push(json!({"content": t})),
+                    (Kind::Chat, Piece::Call(call)) => {
+                        let k = c.scanner.as_ref().map_or(1, |s| s.calls()) - 1;
+                        deltas.extend(reply::call_deltas(k, &call));
+                    }
+                    (Kind::Completion, Piece::Text(t)) => deltas.push(json!(t)),
+                    (Kind::Completion, Piece::Call(_)) => {}
+                }
             }
-            if status != 200 {
-                break;
+            if let Some(f) = finish {
+                let calls = c.scanner.as_ref().map_or(0, |s| s.calls());
+                let name = match kind {
+                    Kind::Chat => openai::chat_finish_name(f, calls),
+                    Kind::Completion => openai::finish_name(f),
+                };
+                deltas.push(json!({"finish_reason": name}));
+            }
+            for d in deltas {
+                let logprobs = match (p.logprobs, kind) {
+                    (None, _) => Value::Null,
+                    (Some(_), _) if c.logprobs.is_empty() => Value::Null,
+                    (Some(_), Kind::Chat) => token_text.chat(&std::mem::take(&mut c.logprobs)),
+                    (Some(_), Kind::Completion) => {
+                        token_text.completion(&std::mem::take(&mut c.logprobs), &mut c.offset)
+                    }
+                };
+                let finish = d.get("finish_reason").cloned().unwrap_or(Value::Null);
+                let body = match kind {
+                    Kind::Chat => {
+                        let delta = if finish.is_null() { d } else { json!({}) };
+                        json!([{"index": i, "delta": delta, "finish_reason": finish,
+                                "logprobs": logprobs}])
+                    }
+                    Kind::Completion => {
+                        let text = if finish.is_null() { d } else { json!("") };
+                        json!([{"index": i, "text": text, "finish_reason": finish,
+                                "logprobs": logprobs}])
+                    }
+                };
+                if out.send(chunk(body, None)).await.is_err() {
+                    status = 499; // client closed the stream
+                    break 'events;
+                }
             }
         }
         if status == 200 {
