@@ -312,6 +312,15 @@ fn real_default_models_through_the_cli() {
     let Some(chat) = real("models/smollm2-135m-instruct") else {
         return;
     };
+    // First contact, as the README's first command: `flywheel chat` on the default model with
+    // no flags takes its manifest's system prompt and sampling, and answers sensibly.
+    let out = flywheel(
+        &["chat", "--model", chat.as_str()],
+        Some("What is the capital of France?\n"),
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("Paris"), "{}", text(&out.stdout));
     let paris = [
         "generate",
         "-m",
@@ -388,6 +397,8 @@ struct Manifest {
     upstream: String,
     source: Vec<Source>,
     output: ManifestOutput,
+    #[serde(default)]
+    defaults: Option<flywheel_runtime::ModelDefaults>,
 }
 
 #[derive(serde::Deserialize)]

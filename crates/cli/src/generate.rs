@@ -8,51 +8,61 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::ops::ControlFlow;
 
 use crate::args::ModelArgs;
+use flywheel_runtime::ModelDefaults;
 
+/// Sampling flags. One left out takes the model manifest's default (`[defaults]` in
+/// `models/<name>.toml`), then the built-in one shown.
 #[derive(Args, Clone)]
 struct SamplingArgs {
-    /// The most tokens to generate.
-    #[arg(long, default_value_t = 256)]
-    max_tokens: usize,
-    /// Softmax temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.7)]
-    temperature: f32,
-    /// Nucleus sampling mass.
-    #[arg(long, default_value_t = 0.95)]
-    top_p: f32,
-    /// Keep the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// Minimum probability relative to the top token.
-    #[arg(long, default_value_t = 0.05)]
-    min_p: f32,
-    /// Repeat penalty over the last 64 tokens (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    repeat_penalty: f32,
+    /// The most tokens to generate [default: 256].
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Softmax temperature (0 = greedy) [default: 0.7].
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Nucleus sampling mass [default: 0.95].
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Keep the k most likely tokens (0 = off) [default: 0].
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Minimum probability relative to the top token [default: 0.05].
+    #[arg(long)]
+    min_p: Option<f32>,
+    /// Repeat penalty over the last 64 tokens (1 = off) [default: 1].
+    #[arg(long)]
+    repeat_penalty: Option<f32>,
     /// Random seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Stop string (repeatable).
+    /// Stop string (repeatable); none given takes the manifest's.
     #[arg(long)]
     stop: Vec<String>,
 }
 
 impl SamplingArgs {
-    fn request(&self, prompt: String) -> Result<GenerateRequest> {
+    /// The request for `prompt`: flags first, then the model's defaults, then built-ins.
+    fn request(&self, prompt: String, d: &ModelDefaults) -> Result<GenerateRequest> {
+        let base = d.sampling(SamplingParams::default());
         let sampling = SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repeat_penalty: self.repeat_penalty,
+            temperature: self.temperature.unwrap_or(base.temperature),
+            top_k: self.top_k.unwrap_or(base.top_k),
+            top_p: self.top_p.unwrap_or(base.top_p),
+            min_p: self.min_p.unwrap_or(base.min_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(base.repeat_penalty),
             repeat_last_n: 64,
             seed: self.seed,
         };
         sampling.validate()?;
+        let stop = if self.stop.is_empty() {
+            d.stop.clone()
+        } else {
+            self.stop.clone()
+        };
         Ok(GenerateRequest {
             prompt,
-            max_tokens: self.max_tokens,
-            stop: self.stop.clone(),
+            max_tokens: self.max_tokens.or(d.max_tokens).unwrap_or(256),
+            stop,
             sampling,
             ignore_eos: false,
             grammar: None,
@@ -71,7 +81,7 @@ pub struct GenerateArgs {
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     chat: bool,
-    /// System message (with --chat).
+    /// System message (with --chat); default: the model manifest's `system`, if any.
     #[arg(long)]
     system: Option<String>,
     #[command(flatten)]
@@ -138,7 +148,7 @@ impl GrammarArgs {
 pub struct ChatArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// System message.
+    /// System message; default: the model manifest's `system`, if any.
     #[arg(long)]
     system: Option<String>,
     #[command(flatten)]
@@ -168,7 +178,9 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     } else {
         a.prompt.clone()
     };
-    let req_check = a.sampling.request(String::new())?; // validate flags before loading the model
+    // Check the flags before loading the model.
+    a.sampling
+        .request(String::new(), &ModelDefaults::default())?;
     let grammar = a.grammar.grammar()?;
     let tm = a.model.load_text()?;
     if let Some(g) = &grammar {
@@ -179,9 +191,10 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         };
         tm.compile_grammar(g).with_context(|| flag)?;
     }
+    let defaults = tm.defaults().clone();
     let prompt = if a.chat {
         let mut msgs = vec![];
-        if let Some(s) = &a.system {
+        if let Some(s) = a.system.as_ref().or(defaults.system.as_ref()) {
             msgs.push(ChatMessage::new("system", s));
         }
         msgs.push(ChatMessage::new("user", prompt));
@@ -190,10 +203,9 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         prompt
     };
     let req = GenerateRequest {
-        prompt,
         grammar,
         logprobs: a.logprobs.map(usize::from),
-        ..req_check
+        ..a.sampling.request(prompt, &defaults)?
     };
     let out = if a.json {
         tm.generate(&req, &mut flywheel_api::NullSink)?
@@ -234,10 +246,11 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 pub fn chat(a: ChatArgs) -> Result<()> {
-    a.sampling.request(String::new())?;
+    a.sampling
+        .request(String::new(), &ModelDefaults::default())?;
     let tm = a.model.load_text()?;
     let interactive = std::io::stdin().is_terminal();
-    let mut system = a.system.clone();
+    let mut system = a.system.clone().or_else(|| tm.defaults().system.clone());
     let mut history: Vec<ChatMessage> = vec![];
     if interactive {
         eprintln!(
@@ -283,7 +296,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             msgs.push(ChatMessage::new("system", s));
         }
         msgs.extend(history.iter().cloned());
-        let req = a.sampling.request(tm.render_chat(&msgs)?)?;
+        let req = a.sampling.request(tm.render_chat(&msgs)?, tm.defaults())?;
         match tm.generate(&req, &mut Printer) {
             Ok(out) => {
                 println!();

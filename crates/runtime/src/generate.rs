@@ -21,6 +21,7 @@ use crate::constraint::{Constraint, GrammarCompiler};
 use crate::load::{
     read_json_opt, read_text, safetensors_files, LoadOptions, ModelFormat, ModelInfo,
 };
+use crate::manifest::ModelDefaults;
 use crate::sampler::token_logprob;
 use crate::sampler::Sampler;
 pub use crate::stop::StopScanner;
@@ -47,6 +48,8 @@ pub struct TextModel {
     info: ModelInfo,
     /// The grammar compiler over this model's token trie, built on first use (or why not).
     grammars: OnceLock<std::result::Result<GrammarCompiler, String>>,
+    /// The manifest's defaults (empty when there is no manifest).
+    defaults: ModelDefaults,
 }
 
 fn json_token(v: Option<&serde_json::Value>) -> Option<String> {
@@ -72,10 +75,12 @@ impl TextModel {
         opts: &LoadOptions,
         hook: &dyn LinearHook,
     ) -> Result<Self> {
-        match fmt {
-            ModelFormat::Gguf(p) => Self::load_gguf(p, opts, hook),
-            ModelFormat::HfFolder(p) => Self::load_hf(p, opts, hook),
-        }
+        let (mut tm, path) = match fmt {
+            ModelFormat::Gguf(p) => (Self::load_gguf(p, opts, hook)?, p),
+            ModelFormat::HfFolder(p) => (Self::load_hf(p, opts, hook)?, p),
+        };
+        tm.defaults = ModelDefaults::for_weights(path)?;
+        Ok(tm)
     }
 
     fn load_gguf(path: &Path, opts: &LoadOptions, hook: &dyn LinearHook) -> Result<Self> {
@@ -235,7 +240,13 @@ impl TextModel {
             eos,
             info,
             grammars: OnceLock::new(),
+            defaults: ModelDefaults::default(),
         }
+    }
+
+    /// The defaults of the model's manifest (system prompt, sampling, stop strings).
+    pub fn defaults(&self) -> &ModelDefaults {
+        &self.defaults
     }
 
     /// What the model is.

@@ -20,6 +20,7 @@ pub mod embed;
 pub mod engine;
 pub mod generate;
 pub mod load;
+pub mod manifest;
 pub mod sampler;
 pub mod stop;
 pub mod testing;
@@ -32,6 +33,7 @@ pub use embed::EmbeddingModel;
 pub use engine::{Engine, EngineConfig, EngineError};
 pub use generate::TextModel;
 pub use load::{parse_device, parse_dtype, LoadOptions, ModelFormat, ModelInfo};
+pub use manifest::ModelDefaults;
 pub use tokenizer::Tokenizer;
 
 /// Errors of the runtime.
@@ -131,6 +133,14 @@ pub enum Error {
         /// The repository id.
         id: String,
         /// What failed.
+        reason: String,
+    },
+    /// A model manifest's `[defaults]` is malformed.
+    #[error("{file}: {reason}")]
+    Manifest {
+        /// The manifest.
+        file: String,
+        /// What is wrong, naming the key.
         reason: String,
     },
     /// The device is not available in this build or on this machine.

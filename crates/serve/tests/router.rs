@@ -20,6 +20,8 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 // The tests are grouped in files under tests/router/, compiled into this one test binary.
+#[path = "router/defaults.rs"]
+mod defaults;
 #[path = "router/engine.rs"]
 mod engine;
 #[path = "router/retrieval.rs"]

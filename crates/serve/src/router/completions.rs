@@ -39,6 +39,7 @@ fn prepare(
     default_max: Option<usize>,
 ) -> Result<Prepared, ServeError> {
     let ctx = st.model.model().config().max_position_embeddings;
+    let defaults = st.model.defaults();
     if prompt.is_empty() {
         return Err(bad(prompt_field, "the prompt is empty".into()));
     }
@@ -65,7 +66,11 @@ fn prepare(
             ))
         }
         Some(m) => m,
-        None => default_max.unwrap_or(room).min(room),
+        None => defaults
+            .max_tokens
+            .or(default_max)
+            .unwrap_or(room)
+            .min(room),
     };
     let constraint = match c
         .response_format
@@ -88,16 +93,29 @@ fn prepare(
     if !(1..=16).contains(&n) {
         return Err(bad("n", format!("must be between 1 and 16, got {n}")));
     }
-    let stop = c.stop.map(OneOrMany::into_vec).unwrap_or_default();
+    let stop = c
+        .stop
+        .map(OneOrMany::into_vec)
+        .unwrap_or_else(|| defaults.stop.clone());
     if stop.len() > 16 {
         return Err(bad("stop", "at most 16 stop strings".into()));
     }
+    // A field the request leaves out takes the model manifest's default, then OpenAI's.
+    let base = defaults.sampling(SamplingParams {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        repeat_penalty: 1.0,
+        repeat_last_n: 64,
+        seed: 0,
+    });
     let sampling = SamplingParams {
-        temperature: c.temperature.unwrap_or(1.0),
-        top_k: c.top_k.unwrap_or(0),
-        top_p: c.top_p.unwrap_or(1.0),
-        min_p: c.min_p.unwrap_or(0.0),
-        repeat_penalty: c.repeat_penalty.unwrap_or(1.0),
+        temperature: c.temperature.unwrap_or(base.temperature),
+        top_k: c.top_k.unwrap_or(base.top_k),
+        top_p: c.top_p.unwrap_or(base.top_p),
+        min_p: c.min_p.unwrap_or(base.min_p),
+        repeat_penalty: c.repeat_penalty.unwrap_or(base.repeat_penalty),
         repeat_last_n: 64,
         seed: c.seed.unwrap_or_else(rand::random),
     };
@@ -337,6 +355,12 @@ fn chat_request(st: &AppState, body: &[u8]) -> Result<Prepared, ServeError> {
         return Err(bad("messages", "must hold at least one message".into()));
     }
     let mut msgs = chat_messages(chat.messages)?;
+    // A chat without a system message gets the model manifest's, as the CLI does.
+    if let Some(system) = &st.model.defaults().system {
+        if !msgs.iter().any(|m| m.role == "system") {
+            msgs.insert(0, ChatMessage::new("system", system.clone()));
+        }
+    }
     let rag_body: crate::rag::RagBody = openai::parse(body)?;
     let sources = match (rag_body.retrieval, &st.rag) {
         (None, _) => None,
