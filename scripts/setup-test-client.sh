@@ -3,6 +3,7 @@
 # tests/fixtures/openai_client_check.py to check `flywheel serve` against the real SDK.
 #
 #   openai 3.54.0 (pulls httpx, pydantic, ...)
+#   jsonschema 4.23.0 (an independent validator for the structured-output property check)
 #
 # Venv: <repo>/.venv-client (git-ignored). Idempotent: nothing is installed when openai is
 # already there at the pinned version.
@@ -33,4 +34,12 @@ else
     log "installing openai==$OPENAI_VERSION${have:+ (found $have)}"
     "$PY" -m pip install --quiet --disable-pip-version-check "openai==$OPENAI_VERSION"
 fi
-"$PY" -c "import openai; print('[setup-test-client] openai', openai.__version__, 'ready: $PY')"
+JSONSCHEMA_VERSION="4.23.0"
+have="$("$PY" -c "import importlib.metadata as m
+try: print(m.version('jsonschema'))
+except m.PackageNotFoundError: pass")"
+if [ "$have" != "$JSONSCHEMA_VERSION" ]; then
+    log "installing jsonschema==$JSONSCHEMA_VERSION${have:+ (found $have)}"
+    "$PY" -m pip install --quiet --disable-pip-version-check "jsonschema==$JSONSCHEMA_VERSION"
+fi
+"$PY" -c "import openai, jsonschema; print('[setup-test-client] openai', openai.__version__, 'and jsonschema ready: $PY')"

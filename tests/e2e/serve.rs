@@ -229,8 +229,9 @@ fn serve_works_with_the_official_openai_client() {
         "{report}"
     );
     // Structured output through `chat.completions.parse(response_format=PydanticModel)`,
-    // tool calls (required, named, streamed, the round trip) and logprobs.
-    for check in ["structured_parse", "tools", "logprobs"] {
+    // random schemas checked by the `jsonschema` package, tool calls (required, named,
+    // streamed, the round trip) and logprobs.
+    for check in ["structured_parse", "random_schemas", "tools", "logprobs"] {
         assert!(report.contains(&format!("ok {check}")), "{report}");
     }
 }
