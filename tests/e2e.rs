@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 // The tests are grouped in files under tests/e2e/, compiled into this one test binary.
+#[path = "e2e/hardening.rs"]
+mod hardening;
 #[path = "e2e/rag_eval.rs"]
 mod rag_eval;
 #[path = "e2e/serve.rs"]

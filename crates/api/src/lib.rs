@@ -8,6 +8,8 @@
 #![deny(missing_docs)]
 
 pub mod files;
+pub mod lock;
+pub mod text;
 
 use serde::{Deserialize, Serialize};
 use std::ops::ControlFlow;

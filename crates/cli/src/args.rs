@@ -45,6 +45,16 @@ pub fn configure_threads(threads: Option<usize>) -> Result<()> {
     if threads == Some(0) {
         bail!("--threads must be at least 1");
     }
+    let available = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let threads = threads.map(|t| {
+        let (n, warning) = flywheel_runtime::threads::cap(t, available);
+        if let Some(w) = warning {
+            eprintln!("warning: {w}");
+        }
+        n
+    });
     flywheel_runtime::threads::configure(threads);
     Ok(())
 }

@@ -27,6 +27,9 @@ pub struct BenchArgs {
     /// summed over them (default 1); or sentences per batch with --embed-file (default 32).
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Constrain every sequence to this JSON Schema (decode speed under a grammar).
+    #[arg(long, value_name = "FILE")]
+    json_schema: Option<std::path::PathBuf>,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -39,14 +42,29 @@ pub fn run(a: BenchArgs) -> Result<()> {
 fn generate(a: &BenchArgs, batch: usize) -> Result<()> {
     anyhow::ensure!(batch >= 1, "--batch-size must be at least 1");
     let m = &a.model;
+    let grammar = match &a.json_schema {
+        Some(p) => Some(flywheel_api::Grammar::JsonSchema(
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )),
+        None => None,
+    };
     let tm = m.load_text()?;
-    let r = bench::generate(&tm, a.prompt_tokens, a.gen_tokens, a.repeats, batch)?;
+    let constrained = grammar.is_some();
+    let r = bench::generate(
+        &tm,
+        a.prompt_tokens,
+        a.gen_tokens,
+        a.repeats,
+        batch,
+        grammar,
+    )?;
     let v = serde_json::json!({
         "engine": "flywheel",
         "model": m.model,
         "threads": bench::pool_threads(),
         "device": m.device.device,
         "batch": r.batch,
+        "constrained": constrained,
         "prompt_tokens": r.prompt_tokens,
         "generated_tokens": r.generated_tokens,
         "prefill_tok_s": r.prefill_tok_s,

@@ -54,6 +54,14 @@ impl SamplingArgs {
             seed: self.seed,
         };
         sampling.validate()?;
+        anyhow::ensure!(
+            self.max_tokens != Some(0),
+            "--max-tokens must be at least 1"
+        );
+        anyhow::ensure!(
+            self.stop.iter().all(|s| !s.is_empty()),
+            "--stop must not be empty (it would match everywhere)"
+        );
         let stop = if self.stop.is_empty() {
             d.stop.clone()
         } else {

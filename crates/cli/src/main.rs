@@ -104,7 +104,12 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
+        // Errors may quote model files and user data: control characters are escaped and the
+        // message bounded, so a hostile file cannot drive the terminal or flood it.
+        eprintln!(
+            "error: {}",
+            flywheel_api::text::escape_lines(&format!("{e:#}"), 4000)
+        );
         std::process::exit(1);
     }
 }
@@ -163,7 +168,11 @@ fn info(model: &str, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {
-        print!("{info}");
+        // Names and templates come from the file: shown escaped.
+        print!(
+            "{}",
+            flywheel_api::text::escape_lines(&info.to_string(), 200_000)
+        );
     }
     Ok(())
 }

@@ -29,6 +29,9 @@ pub use spec::{EvalSpec, Task};
 /// Errors of evaluation.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Another process is writing the same run folder or store.
+    #[error(transparent)]
+    Lock(#[from] flywheel_api::lock::LockError),
     /// A file or folder could not be read or written.
     #[error("{path}: {reason}")]
     Io {

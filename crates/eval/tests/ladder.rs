@@ -531,3 +531,23 @@ retrieval = {{ store = "{store}", top_k = 2, mode = "hybrid" }}
     // Without passages faithfulness cannot be scored at all: the rung says so, not "0%".
     assert!(md.contains("| no context | not scored |"), "{md}");
 }
+
+#[test]
+fn a_run_folder_in_use_is_refused_naming_its_holder() {
+    let t = toy();
+    let spec = sql_spec(&t, "run-locked");
+    // Another process (here: a lock this test holds) is writing the folder.
+    let held = flywheel_api::lock::FolderLock::folder(&spec.output_dir()).unwrap();
+    let err = run(&spec, &RunOptions::default(), &mut Quiet)
+        .expect_err("a second run on the folder is refused")
+        .to_string();
+    assert!(
+        err.contains("run-locked") && err.contains("in use"),
+        "{err}"
+    );
+    assert!(
+        !spec.output_dir().join("results.jsonl").exists(),
+        "nothing written"
+    );
+    drop(held);
+}

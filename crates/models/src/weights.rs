@@ -195,6 +195,69 @@ pub fn hf_to_gguf_name(name: &str) -> Option<String> {
     Some(format!("blk.{layer}.{g}.{suffix}"))
 }
 
+/// Every tensor's data must lie inside the file, at an aligned offset, without overlapping
+/// another's: a file that breaks this would load and compute garbage.
+fn check_tensor_layout(
+    content: &gguf_file::Content,
+    file_len: u64,
+) -> std::result::Result<(), String> {
+    let align = match content.metadata.get("general.alignment") {
+        Some(v) => v.to_u32().map(u64::from).unwrap_or(32),
+        None => 32,
+    };
+    let mut spans: Vec<(u64, u64, &str)> = Vec::with_capacity(content.tensor_infos.len());
+    for (name, t) in &content.tensor_infos {
+        let shown = flywheel_api_escape(name);
+        let elems = t.shape.elem_count() as u64;
+        let block = t.ggml_dtype.block_size() as u64;
+        if !elems.is_multiple_of(block) {
+            return Err(format!(
+                "tensor `{shown}`: {elems} elements are not whole {block}-element blocks of {:?}",
+                t.ggml_dtype
+            ));
+        }
+        let size = elems / block * t.ggml_dtype.type_size() as u64;
+        let start = content.tensor_data_offset.saturating_add(t.offset);
+        if align > 0 && !t.offset.is_multiple_of(align) {
+            return Err(format!(
+                "tensor `{shown}`: offset {} is not {align}-byte aligned",
+                t.offset
+            ));
+        }
+        if start.saturating_add(size) > file_len {
+            return Err(format!(
+                "tensor `{shown}`: its data ({size} bytes at {start}) runs past the end of the file ({file_len} bytes)"
+            ));
+        }
+        spans.push((start, start + size, name));
+    }
+    spans.sort_unstable();
+    for w in spans.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(format!(
+                "tensors `{}` and `{}` overlap in the file",
+                flywheel_api_escape(w[0].2),
+                flywheel_api_escape(w[1].2)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A tensor name from a file, safe to print (control characters escaped, length bounded).
+fn flywheel_api_escape(name: &str) -> String {
+    name.chars()
+        .take(120)
+        .map(|c| {
+            if c.is_control() {
+                format!("\\u{{{:x}}}", c as u32)
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 impl GgufWeights {
     /// Opens a GGUF file and reads its header (metadata and tensor index, not the data).
     pub fn open(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
@@ -205,6 +268,11 @@ impl GgufWeights {
         let mut file = File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| bad(format!("not a readable GGUF file: {e}")))?;
+        let len = file
+            .metadata()
+            .map_err(|e| bad(format!("cannot read: {e}")))?
+            .len();
+        check_tensor_layout(&content, len).map_err(bad)?;
         Ok(Self {
             path: path.to_path_buf(),
             content,
@@ -518,6 +586,37 @@ impl Weights for GgufWeights {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn tensor_data_outside_the_file_misaligned_or_overlapping_is_refused() {
+        use candle_core::quantized::GgmlDType;
+        let content = |tensors: &[(&str, u64, usize)]| gguf_file::Content {
+            magic: gguf_file::VersionedMagic::GgufV3,
+            metadata: Default::default(),
+            tensor_infos: tensors
+                .iter()
+                .map(|&(n, offset, elems)| {
+                    let info = gguf_file::TensorInfo {
+                        ggml_dtype: GgmlDType::F32,
+                        shape: candle_core::Shape::from(elems),
+                        offset,
+                    };
+                    (n.to_string(), info)
+                })
+                .collect(),
+            tensor_data_offset: 64,
+        };
+        // Two 16-float tensors (64 bytes each) after a 64-byte header: 192 bytes.
+        let ok = content(&[("a", 0, 16), ("b", 64, 16)]);
+        assert!(check_tensor_layout(&ok, 192).is_ok());
+        let err = check_tensor_layout(&ok, 150).unwrap_err();
+        assert!(err.contains("`b`") && err.contains("past the end"), "{err}");
+        let err = check_tensor_layout(&content(&[("a", 0, 16), ("b", 32, 16)]), 192).unwrap_err();
+        assert!(err.contains("overlap"), "{err}");
+        let err = check_tensor_layout(&content(&[("a\u{1b}[2J", 8, 16)]), 192).unwrap_err();
+        assert!(err.contains("aligned") && !err.contains('\u{1b}'), "{err}");
+    }
+
     use super::*;
 
     #[test]

@@ -217,12 +217,38 @@ impl Adapter {
                 b_map.insert(module, t);
             }
         }
+        // PEFT's `rank_pattern` gives some modules their own rank; otherwise every factor
+        // has the config's `r`.
+        let per_module_ranks = v
+            .get("rank_pattern")
+            .and_then(Value::as_object)
+            .is_some_and(|m| !m.is_empty());
         let mut weights = BTreeMap::new();
         for (module, a) in a_map {
             let b = b_map.remove(&module).ok_or_else(|| Error::Adapter {
                 path: wpath.display().to_string(),
                 reason: format!("`{module}` has lora_A but no lora_B"),
             })?;
+            let (ra, rb) = (a.dims().first().copied(), b.dims().get(1).copied());
+            if a.rank() != 2 || b.rank() != 2 || ra != rb {
+                return Err(Error::Adapter {
+                    path: wpath.display().to_string(),
+                    reason: format!(
+                        "`{module}`: lora_A {:?} and lora_B {:?} do not share a rank",
+                        a.dims(),
+                        b.dims()
+                    ),
+                });
+            }
+            if !per_module_ranks && ra != Some(r) {
+                return Err(Error::Adapter {
+                    path: cfg_path.display().to_string(),
+                    reason: format!(
+                        "`r` is {r}, but `{module}` has rank {} in {WEIGHTS_FILE}",
+                        ra.unwrap_or(0)
+                    ),
+                });
+            }
             weights.insert(module, (a, b));
         }
         if let Some(module) = b_map.keys().next() {

@@ -154,6 +154,8 @@ pub fn index_folder(
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<IndexReport> {
     let t0 = Instant::now();
+    // One indexing process per store.
+    let _lock = flywheel_api::lock::FolderLock::file(store.path())?;
     opts.chunk.validate().map_err(|reason| Error::BadOption {
         option: "chunk",
         reason,
@@ -199,9 +201,15 @@ pub fn index_folder(
     }
     writer.set_meta("root", &root_str)?;
     writer.set_meta("settings", &settings)?;
-    writer.set_meta("embedder_path", &embedder.info().path)?;
-    // Walk, in a stable order.
+    // Recorded absolute, so the store opens its embedder from any working directory.
+    let embedder_path = std::fs::canonicalize(&embedder.info().path)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| embedder.info().path.clone());
+    writer.set_meta("embedder_path", &embedder_path)?;
+    // Walk, in a stable order. Folders that cannot be read are remembered: what the store
+    // holds under them is kept, not taken for deleted.
     let mut files: Vec<(String, PathBuf, DocKind)> = Vec::new();
+    let mut unreadable: Vec<String> = Vec::new();
     for entry in walkdir::WalkDir::new(&root_abs)
         .sort_by_file_name()
         .follow_links(false)
@@ -213,6 +221,9 @@ pub fn index_folder(
                     .path()
                     .map(|p| p.display().to_string())
                     .unwrap_or_default();
+                if let Some(dir) = e.path() {
+                    unreadable.push(relative(dir, &root_abs));
+                }
                 report.skipped.push((p.clone(), e.to_string()));
                 progress(Progress::Skipped {
                     path: &p,
@@ -227,14 +238,7 @@ pub fn index_folder(
         let Some(kind) = DocKind::from_path(entry.path()) else {
             continue;
         };
-        let rel = entry
-            .path()
-            .strip_prefix(&root_abs)
-            .unwrap_or(entry.path())
-            .components()
-            .map(|c| c.as_os_str().to_string_lossy())
-            .collect::<Vec<_>>()
-            .join("/");
+        let rel = relative(entry.path(), &root_abs);
         if include.as_ref().is_some_and(|g| !g.is_match(&rel))
             || exclude.as_ref().is_some_and(|g| g.is_match(&rel))
         {
@@ -244,10 +248,11 @@ pub fn index_folder(
     }
     report.files = files.len();
     let existing = writer.documents()?;
-    // Remove documents whose file is gone (or now excluded).
+    // Remove documents whose file is gone (or now excluded), never those under a folder that
+    // could not be read.
     let present: std::collections::HashSet<&str> = files.iter().map(|f| f.0.as_str()).collect();
     for (path, (id, _)) in &existing {
-        if !present.contains(path.as_str()) {
+        if is_gone(path, &present, &unreadable) {
             writer.delete_document(*id)?;
             report.removed += 1;
         }
@@ -404,6 +409,25 @@ pub fn index_folder(
     Ok(report)
 }
 
+/// `path` relative to `root`, with `/` separators.
+fn relative(path: &Path, root: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Whether a stored document's file is gone: not found by the walk, and not under a folder
+/// the walk could not read (`""` is the root itself).
+fn is_gone(path: &str, present: &std::collections::HashSet<&str>, unreadable: &[String]) -> bool {
+    !present.contains(path)
+        && !unreadable
+            .iter()
+            .any(|d| d.is_empty() || path == d || path.starts_with(&format!("{d}/")))
+}
+
 fn skip(report: &mut IndexReport, progress: &mut dyn FnMut(Progress<'_>), path: &str, why: &str) {
     report.skipped.push((path.to_string(), why.to_string()));
     progress(Progress::Skipped { path, reason: why });
@@ -473,4 +497,27 @@ fn flush(
     }
     report.embed_s += t.elapsed().as_secs_f64();
     Ok(())
+}
+
+#[cfg(test)]
+mod gone_tests {
+    use super::*;
+
+    #[test]
+    fn documents_under_unreadable_folders_are_not_gone() {
+        let present: std::collections::HashSet<&str> = ["a.md", "sub/b.md"].into_iter().collect();
+        let unreadable = vec!["locked".to_string()];
+        assert!(!is_gone("a.md", &present, &unreadable));
+        assert!(is_gone("deleted.md", &present, &unreadable));
+        assert!(!is_gone("locked/c.md", &present, &unreadable));
+        assert!(!is_gone("locked/deep/d.md", &present, &unreadable));
+        assert!(
+            is_gone("lockedness/e.md", &present, &unreadable),
+            "a prefix of a name is not a folder"
+        );
+        assert!(
+            !is_gone("anything.md", &present, &[String::new()]),
+            "an unreadable root keeps all"
+        );
+    }
 }

@@ -34,6 +34,9 @@ pub use store::Store;
 /// Errors of the retrieval layer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Another process is writing the same run folder or store.
+    #[error(transparent)]
+    Lock(#[from] flywheel_api::lock::LockError),
     /// The store could not be opened, read or written.
     #[error("store {path}: {reason}")]
     Store {

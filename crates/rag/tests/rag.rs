@@ -463,3 +463,29 @@ fn dense_search_with_minilm_ranks_the_obvious_document_first() {
         }
     }
 }
+
+#[test]
+fn a_store_being_indexed_is_refused_to_a_second_indexer() {
+    let f = fixture();
+    let held = flywheel_api::lock::FolderLock::file(&f.store).unwrap();
+    let mut store = Store::open(&f.store).unwrap();
+    let err = index_folder(
+        &mut store,
+        &f.docs,
+        &f.embedder,
+        &small_chunks(),
+        &mut |_| {},
+    )
+    .expect_err("refused while another indexer holds the store")
+    .to_string();
+    assert!(err.contains("kb.sqlite") && err.contains("in use"), "{err}");
+    drop(held);
+    index_folder(
+        &mut store,
+        &f.docs,
+        &f.embedder,
+        &small_chunks(),
+        &mut |_| {},
+    )
+    .unwrap();
+}

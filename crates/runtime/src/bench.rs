@@ -44,13 +44,15 @@ pub struct EmbedBench {
 /// Measures prefill and decode speed like llama-bench: a `prompt_tokens` prompt cut from
 /// [`BENCH_TEXT`], greedy, and EOS does not end the run, so every repeat decodes `gen_tokens`.
 /// `batch` sequences (at least one) are generated together from the same prompt; `repeats`
-/// (at least one) runs are made and the medians reported.
+/// (at least one) runs are made and the medians reported. With a `grammar` every row is
+/// constrained to it, and a row ends early once the grammar is complete.
 pub fn generate(
     tm: &TextModel,
     prompt_tokens: usize,
     gen_tokens: usize,
     repeats: usize,
     batch: usize,
+    grammar: Option<flywheel_api::Grammar>,
 ) -> Result<GenerateBench> {
     let batch = batch.max(1);
     let mut text = String::new();
@@ -63,6 +65,7 @@ pub fn generate(
     let mut req = GenerateRequest::new(String::new(), gen_tokens);
     req.sampling = SamplingParams::greedy();
     req.ignore_eos = true;
+    req.grammar = grammar;
     let (mut pre, mut dec, mut produced) = (vec![], vec![], 0);
     let requests: Vec<(Vec<u32>, &GenerateRequest)> =
         (0..batch).map(|_| (ids.clone(), &req)).collect();

@@ -135,7 +135,13 @@ impl ModelFormat {
                 }),
             };
         }
-        if looks_like_hub_id(spec) {
+        // `owner/name` whose `owner` is a local folder (`models/typo`) is a mistyped path,
+        // not a hub id: "no such file", without a network lookup.
+        let owner_is_local = spec
+            .split('/')
+            .next()
+            .is_some_and(|o| Path::new(o).is_dir());
+        if looks_like_hub_id(spec) && !owner_is_local {
             return hub::fetch(spec).map(Self::HfFolder);
         }
         Err(Error::NotFound {
@@ -422,6 +428,15 @@ mod tests {
         assert!(!looks_like_hub_id("./x"));
         assert!(!looks_like_hub_id("../x"));
         assert!(!looks_like_hub_id("plain"));
+    }
+
+    #[test]
+    fn a_mistyped_path_under_a_local_folder_is_not_a_hub_lookup() {
+        // Tests run in the crate's folder, where `src` exists: `src/typo` reads like
+        // `owner/name` but is a mistyped path.
+        assert!(looks_like_hub_id("src/typo"));
+        let err = ModelFormat::resolve("src/typo").unwrap_err();
+        assert!(matches!(err, Error::NotFound { .. }), "{err}");
     }
 
     #[test]

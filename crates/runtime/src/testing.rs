@@ -404,3 +404,52 @@ pub fn skip(test: &str, reason: &str) {
         }
     }
 }
+
+/// Seeded mutation fuzzing (not coverage-guided): `cases` variants of the valid input `seed`,
+/// each with a few random edits in its first `span` bytes (all of it when `span` is 0): a
+/// flipped bit, a byte set to 0x00, 0xFF or a random value, a byte inserted or removed, or the
+/// input cut short. The same `rng_seed` gives the same cases.
+pub fn mutations(seed: &[u8], cases: usize, span: usize, rng_seed: u64) -> Vec<Vec<u8>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(rng_seed);
+    (0..cases)
+        .map(|_| {
+            let mut v = seed.to_vec();
+            for _ in 0..rng.random_range(1..=4) {
+                let limit = if span == 0 {
+                    v.len()
+                } else {
+                    span.min(v.len())
+                };
+                if limit == 0 {
+                    break;
+                }
+                let at = rng.random_range(0..limit);
+                match rng.random_range(0..7) {
+                    0 => v[at] ^= 1 << rng.random_range(0..8),
+                    1 => v[at] = 0,
+                    2 => v[at] = 0xFF,
+                    3 => v[at] = rng.random(),
+                    4 => v.insert(at, rng.random()),
+                    5 => {
+                        v.remove(at);
+                    }
+                    _ => v.truncate(at),
+                }
+            }
+            v
+        })
+        .collect()
+}
+
+/// Runs `f`, turning a panic into an error naming `case` (fuzz tests assert there is none).
+pub fn no_panic<T>(case: &str, f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        format!("{case}: panicked: {msg}")
+    })
+}

@@ -34,6 +34,20 @@ fn physical_cores() -> Option<usize> {
     (!cores.is_empty()).then_some(cores.len())
 }
 
+/// `requested` threads, capped at the `available` logical CPUs (more only fight over the same
+/// cores: 4096 threads on 2 cores ran for minutes at a load average over 1,000); the warning
+/// to show when it was capped.
+pub fn cap(requested: usize, available: usize) -> (usize, Option<String>) {
+    if requested > available {
+        let warning = format!(
+            "--threads {requested} is more than the {available} CPUs this process may use; using {available}"
+        );
+        (available, Some(warning))
+    } else {
+        (requested, None)
+    }
+}
+
 /// Sizes the process's compute pool: `threads` if given, else [`default_threads`]. rayon and
 /// candle both read `RAYON_NUM_THREADS` when their pools start, so call this before any
 /// compute (and before other threads start); an explicit `RAYON_NUM_THREADS` in the
@@ -85,6 +99,15 @@ pub fn single_malloc_arena() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thread_requests_are_capped_at_the_cpus_with_a_warning() {
+        assert_eq!(cap(2, 8), (2, None));
+        assert_eq!(cap(8, 8), (8, None));
+        let (n, w) = cap(4096, 2);
+        assert_eq!(n, 2);
+        assert!(w.unwrap().contains("4096"));
+    }
 
     #[test]
     fn the_default_is_at_least_one_and_at_most_the_logical_cpus() {

@@ -60,8 +60,18 @@ impl Tokenizer {
     /// Loads a Hugging Face `tokenizer.json`.
     pub fn from_hf_file(path: &std::path::Path, bos: Option<&str>, add_bos: bool) -> Result<Self> {
         let file = path.display().to_string();
-        let inner =
-            tokenizers::Tokenizer::from_file(path).map_err(|e| tok_err(&file, e.to_string()))?;
+        // The tokenizers crate panics on some malformed files (found by the fuzz tests): a
+        // panic while reading is an error naming the file, like any other malformed input.
+        let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_file(path))
+            .map_err(|p| {
+                let why = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                tok_err(&file, format!("malformed tokenizer file ({why})"))
+            })?
+            .map_err(|e| tok_err(&file, e.to_string()))?;
         let special: HashMap<String, u32> = inner
             .get_added_tokens_decoder()
             .into_iter()

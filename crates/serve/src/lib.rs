@@ -44,6 +44,12 @@ pub enum ServeError {
     /// The model or adapter does not exist (404).
     #[error("{0}")]
     NotFound(String),
+    /// No endpoint has this path (404).
+    #[error("{0}")]
+    NoRoute(String),
+    /// The endpoint exists but not for this method (405).
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// An adapter could not be loaded (400 at run time; a startup error on the command line).
     #[error("adapter `{name}` refused: {reason}")]
     AdapterRefused {
@@ -79,7 +85,8 @@ impl ServeError {
             ServeError::BadRequest { .. } | ServeError::AdapterRefused { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            ServeError::NotFound(_) => StatusCode::NOT_FOUND,
+            ServeError::NotFound(_) | ServeError::NoRoute(_) => StatusCode::NOT_FOUND,
+            ServeError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ServeError::Forbidden(_) => StatusCode::FORBIDDEN,
             ServeError::Unauthorized => StatusCode::UNAUTHORIZED,
             ServeError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -93,6 +100,10 @@ impl ServeError {
             ServeError::BadRequest { .. } => ("invalid_request_error", None),
             ServeError::AdapterRefused { .. } => ("invalid_request_error", Some("adapter_refused")),
             ServeError::NotFound(_) => ("invalid_request_error", Some("model_not_found")),
+            ServeError::NoRoute(_) => ("invalid_request_error", Some("not_found")),
+            ServeError::MethodNotAllowed(_) => {
+                ("invalid_request_error", Some("method_not_allowed"))
+            }
             ServeError::Forbidden(_) => ("permission_error", None),
             ServeError::Unauthorized => ("invalid_request_error", Some("invalid_api_key")),
             ServeError::Busy(_) => ("rate_limit_error", Some("queue_full")),

@@ -7,13 +7,44 @@ use serde_json::{json, Value};
 use crate::ServeError;
 
 /// A string or a list of strings (`stop`, `input`, `prompt`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum OneOrMany {
     /// A single string.
     One(String),
     /// Several strings.
     Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let kind = |v: &Value| match v {
+            Value::Null => "null",
+            Value::Bool(_) => "a boolean",
+            Value::Number(_) => "a number",
+            Value::String(_) => "a string",
+            Value::Array(_) => "a list",
+            Value::Object(_) => "an object",
+        };
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(OneOrMany::One(s)),
+            Value::Array(items) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    other => Err(D::Error::custom(format!(
+                        "expected a string or a list of strings; the list holds {}",
+                        kind(&other)
+                    ))),
+                })
+                .collect::<Result<_, _>>()
+                .map(OneOrMany::Many),
+            other => Err(D::Error::custom(format!(
+                "expected a string or a list of strings, got {}",
+                kind(&other)
+            ))),
+        }
+    }
 }
 
 impl OneOrMany {

@@ -81,6 +81,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(middleware::from_fn(catch_panic))
         .layer(DefaultBodyLimit::max(limit))
@@ -123,8 +124,18 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn no_route(req: Request) -> Response {
-    ServeError::NotFound(format!(
+    ServeError::NoRoute(format!(
         "no endpoint {} {}; see GET /v1/models, POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/adapters",
+        req.method(),
+        req.uri().path()
+    ))
+    .into_response()
+}
+
+/// 405 in the OpenAI error shape (axum's default has an empty body).
+async fn wrong_method(req: Request) -> Response {
+    ServeError::MethodNotAllowed(format!(
+        "{} is not allowed on {}",
         req.method(),
         req.uri().path()
     ))

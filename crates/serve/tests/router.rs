@@ -24,6 +24,8 @@ use tower::ServiceExt;
 mod defaults;
 #[path = "router/engine.rs"]
 mod engine;
+#[path = "router/hardening.rs"]
+mod hardening;
 #[path = "router/retrieval.rs"]
 mod retrieval;
 #[path = "router/structured.rs"]

@@ -21,6 +21,9 @@ use std::path::Path;
 /// Errors of fine-tuning.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Another process is writing the same run folder or store.
+    #[error(transparent)]
+    Lock(#[from] flywheel_api::lock::LockError),
     /// A recipe setting (or a merge argument) is missing or out of range.
     #[error("config `{field}`: {reason}")]
     Config {

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use flywheel_api::files::now_rfc3339;
+use flywheel_api::lock::FolderLock;
 use flywheel_peft::adapter::{read_safetensors, write_safetensors, AdapterRecord, RECORD_FILE};
 use flywheel_peft::{fnv1a, LoraHook, TrainableAdapter};
 use flywheel_runtime::load::model_sha;
@@ -135,6 +136,8 @@ struct Moments {
 
 /// A LoRA training run.
 pub struct Trainer {
+    /// The run folder's lock: no other process writes it while this trainer lives.
+    _lock: FolderLock,
     recipe: Recipe,
     recipe_text: String,
     model: TextModel,
@@ -253,7 +256,10 @@ impl Trainer {
             })
             .collect::<Result<Vec<_>>>()?;
         let fingerprint = fingerprint(&recipe, &data_sha, &base_sha);
+        // One process per run folder, held for the trainer's life.
+        let lock = FolderLock::folder(&recipe.output.dir)?;
         let mut t = Self {
+            _lock: lock,
             recipe_text: recipe.to_toml(),
             run_dir: recipe.output.dir.clone(),
             recipe,
@@ -275,12 +281,23 @@ impl Trainer {
             device,
             stop: Arc::new(AtomicBool::new(false)),
         };
+        t.remove_partial_checkpoints()?;
         if resume {
             t.resume()?;
         } else if t.checkpoints()?.last().is_some() {
             return Err(Error::Checkpoint {
                 path: t.run_dir.join("checkpoints").display().to_string(),
                 reason: "the run folder already has checkpoints; pass --resume to continue it, or choose another output.dir".into(),
+            });
+        } else if let Some(f) = ["metrics.jsonl", "summary.json", "adapter"]
+            .iter()
+            .find(|f| t.run_dir.join(f).exists())
+        {
+            return Err(Error::Checkpoint {
+                path: t.run_dir.display().to_string(),
+                reason: format!(
+                    "the run folder holds another run's files ({f}); pass --resume to continue that run, or choose another output.dir"
+                ),
             });
         }
         Ok(t)

@@ -373,6 +373,14 @@ fn adapters_save_in_peft_layout_and_round_trip() -> anyhow::Result<()> {
         .insert("model.layers.7.self_attn.q_proj".into(), (a, b));
     let e = hook.install(&wrong).unwrap_err().to_string();
     assert!(e.contains("model.layers.7.self_attn.q_proj"), "{e}");
+    // A config whose `r` differs from the tensors' rank is refused, naming both.
+    let mut cfg_json = cfg_json;
+    cfg_json["r"] = serde_json::json!(8);
+    std::fs::write(out.join("adapter_config.json"), cfg_json.to_string())?;
+    let e = Adapter::load(&out, &Device::Cpu, DType::F32)
+        .expect_err("r 8 over rank-3 tensors is refused")
+        .to_string();
+    assert!(e.contains("`r` is 8") && e.contains("rank 3"), "{e}");
     Ok(())
 }
 

@@ -107,7 +107,8 @@ fn load_options(m: &ModelSpec) -> Result<LoadOptions> {
 /// Runs (or resumes) the spec; writes the reports when every result is in.
 pub fn run(spec: &EvalSpec, opts: &RunOptions, obs: &mut dyn Observer) -> Result<RunOutcome> {
     let dir = spec.output_dir();
-    std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+    // One process per run folder: a second `eval run` on it is refused, naming the first.
+    let _lock = flywheel_api::lock::FolderLock::folder(&dir)?;
     let results_path = dir.join(RESULTS_FILE);
     let timings_path = dir.join(TIMINGS_FILE);
     let state_path = dir.join(STATE_FILE);

@@ -336,7 +336,27 @@ pub(super) fn chat_messages(
                 s
             }
         };
-        let mut msg = ChatMessage::new(m.role, content);
+        let role = match m.role.as_str() {
+            "system" | "user" | "assistant" | "tool" => m.role,
+            "developer" => "system".to_string(), // OpenAI's newer name for system
+            other => {
+                return Err(bad(
+                    &format!("messages[{i}].role"),
+                    format!(
+                        "`{}` is not a role: use system, developer, user, assistant or tool",
+                        flywheel_api::text::escape(other, 40)
+                    ),
+                ))
+            }
+        };
+        let calls = m.tool_calls.as_ref().is_some_and(|c| !c.is_empty());
+        if content.trim().is_empty() && !(role == "assistant" && calls) {
+            return Err(bad(
+                &format!("messages[{i}].content"),
+                "must not be empty".into(),
+            ));
+        }
+        let mut msg = ChatMessage::new(role, content);
         msg.tool_calls = m.tool_calls.unwrap_or_default();
         msg.tool_call_id = m.tool_call_id;
         msgs.push(msg);

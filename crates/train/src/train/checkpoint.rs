@@ -15,6 +15,26 @@ pub(super) struct CheckpointState {
 }
 
 impl Trainer {
+    /// Removes what a run killed mid-write left: `checkpoints/.step-NNNNNN.tmp` folders and
+    /// `.adapter.tmp` (complete checkpoints and adapters are only ever renamed into place).
+    pub(super) fn remove_partial_checkpoints(&self) -> Result<()> {
+        let dirs = [self.run_dir.join("checkpoints"), self.run_dir.clone()];
+        for dir in dirs {
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let partial = (name.starts_with(".step-") && name.ends_with(".tmp"))
+                    || name == ".adapter.tmp";
+                if partial && e.path().is_dir() {
+                    std::fs::remove_dir_all(e.path()).map_err(|err| Error::io(&e.path(), err))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn checkpoints(&self) -> Result<Vec<(usize, PathBuf)>> {
         let dir = self.run_dir.join("checkpoints");
         let mut out = Vec::new();
