@@ -129,8 +129,26 @@ pub fn load_file(
     model: &TextModel,
     opts: &DataOptions,
 ) -> Result<(Vec<Example>, DataStats, Format)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let file = path.display().to_string();
+    let text = String::from_utf8(bytes).map_err(|e| {
+        // Name the line and the column of the first bad byte, as for any other bad record.
+        let at = e.utf8_error().valid_up_to();
+        let before = &e.as_bytes()[..at];
+        let line_start = before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |p| p + 1);
+        Error::Data {
+            path: file.clone(),
+            line: before.iter().filter(|&&b| b == b'\n').count() + 1,
+            reason: format!(
+                "not UTF-8 text (invalid byte 0x{:02x} at column {})",
+                e.as_bytes()[at],
+                at - line_start + 1
+            ),
+        }
+    })?;
     let mut format: Option<(Format, usize)> = None;
     let mut examples = Vec::new();
     let mut stats = DataStats::default();

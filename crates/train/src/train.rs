@@ -136,8 +136,9 @@ struct Moments {
 
 /// A LoRA training run.
 pub struct Trainer {
-    /// The run folder's lock: no other process writes it while this trainer lives.
-    _lock: FolderLock,
+    /// The run folder's lock, taken when the run starts writing (a dry run takes none): no
+    /// other process writes the folder while this trainer lives.
+    lock: Option<FolderLock>,
     recipe: Recipe,
     recipe_text: String,
     model: TextModel,
@@ -256,10 +257,8 @@ impl Trainer {
             })
             .collect::<Result<Vec<_>>>()?;
         let fingerprint = fingerprint(&recipe, &data_sha, &base_sha);
-        // One process per run folder, held for the trainer's life.
-        let lock = FolderLock::folder(&recipe.output.dir)?;
         let mut t = Self {
-            _lock: lock,
+            lock: None,
             recipe_text: recipe.to_toml(),
             run_dir: recipe.output.dir.clone(),
             recipe,
@@ -281,7 +280,6 @@ impl Trainer {
             device,
             stop: Arc::new(AtomicBool::new(false)),
         };
-        t.remove_partial_checkpoints()?;
         if resume {
             t.resume()?;
         } else if t.checkpoints()?.last().is_some() {
@@ -354,7 +352,11 @@ impl Trainer {
         observer: &mut dyn TrainObserver,
         stop_at: Option<usize>,
     ) -> Result<TrainSummary> {
-        std::fs::create_dir_all(&self.run_dir).map_err(|e| Error::io(&self.run_dir, e))?;
+        if self.lock.is_none() {
+            // One process per run folder; what a killed run left half-written goes.
+            self.lock = Some(FolderLock::folder(&self.run_dir)?);
+            self.remove_partial_checkpoints()?;
+        }
         atomic_write(
             &self.run_dir.join("recipe.toml"),
             self.recipe_text.as_bytes(),

@@ -40,27 +40,33 @@ fn one_run_per_folder_and_no_fresh_run_over_a_killed_one() -> anyhow::Result<()>
     let dir = tempfile::tempdir()?;
     let model = tiny_gguf(dir.path())?;
     let recipe = Recipe::parse(&recipe_text(dir.path(), &model)?, "tiny.toml")?;
-    let first = Trainer::new(recipe.clone(), false)?;
-    let e = Trainer::new(recipe.clone(), false)
-        .err()
-        .expect("a second trainer on the folder is refused")
+    let run = dir.path().join("run");
+    // Another process (here: a lock this test holds) is writing the folder.
+    let held = flywheel_api::lock::FolderLock::folder(&run)?;
+    let e = Trainer::new(recipe.clone(), false)?
+        .run(&mut |_: &flywheel_train::TrainEvent| {}, None)
+        .expect_err("a second run on the folder is refused")
         .to_string();
     assert!(
         e.contains("in use") && e.contains(&format!("pid {}", std::process::id())),
         "{e}"
     );
-    drop(first);
-    // A run killed before its first checkpoint left metrics and a partial checkpoint: a fresh
-    // run is refused (it would append to those metrics); the partial checkpoint is removed.
-    let run = dir.path().join("run");
-    std::fs::write(run.join("metrics.jsonl"), "{\"step\":1,\"loss\":2.0}\n")?;
+    assert!(
+        !run.join("metrics.jsonl").exists(),
+        "the refused run wrote nothing"
+    );
+    drop(held);
+    // A run killed mid-checkpoint left a partial one: the next run removes it.
     std::fs::create_dir_all(run.join("checkpoints/.step-000010.tmp"))?;
-    let e = Trainer::new(recipe.clone(), false)
+    Trainer::new(recipe.clone(), false)?.run(&mut |_: &flywheel_train::TrainEvent| {}, Some(0))?;
+    assert!(!run.join("checkpoints/.step-000010.tmp").exists());
+    // It left metrics but no checkpoint: a fresh run is refused (it would append to them).
+    std::fs::write(run.join("metrics.jsonl"), "{\"step\":1,\"loss\":2.0}\n")?;
+    let e = Trainer::new(recipe, false)
         .err()
         .expect("refused")
         .to_string();
     assert!(e.contains("metrics.jsonl") && e.contains("--resume"), "{e}");
-    assert!(!run.join("checkpoints/.step-000010.tmp").exists());
     Ok(())
 }
 
@@ -82,6 +88,16 @@ fn mutated_data_files_and_recipes_never_panic() -> anyhow::Result<()> {
         "{\"instruction\":\"say\",\"input\":\"\",\"output\":\"he\"}\n",
         "{\"text\":\"hello there\"}\n",
     ];
+    // Bytes that are not UTF-8 are named by line and column, like any bad record.
+    let bad = dir.path().join("latin1.jsonl");
+    std::fs::write(&bad, b"{\"text\":\"ok\"}\n{\"text\":\"caf\xe9\"}\n")?;
+    let e = load_file(&bad, &model, &opts).unwrap_err().to_string();
+    assert!(
+        e.starts_with(&format!("{}:2:", bad.display()))
+            && e.contains("not UTF-8")
+            && e.contains("column 13"),
+        "{e}"
+    );
     let case = dir.path().join("case.jsonl");
     for (s, seed) in seeds.iter().enumerate() {
         for (i, m) in mutations(seed.as_bytes(), 150, 0, s as u64)

@@ -128,15 +128,25 @@ async fn adapters_load_unload_and_refuse_bad_ones() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_requests_equal_the_same_requests_alone() -> anyhow::Result<()> {
+    // Mixed rows (adapters, grammars, logprobs) give each the output it gets alone.
     let f = fixture_with(true, |c| c.engine.max_batch = 32)?;
     let models = ["tiny", "a", "b", "c"];
+    // Every third row is held to a grammar, every fifth asks for logprobs: constrained,
+    // unconstrained and adapter rows share the batch.
     let reqs: Vec<Value> = (0..32)
         .map(|i| {
-            completion(
+            let mut r = completion(
                 models[i % 4],
                 &format!("request {i}: {}", "the quick brown fox ".repeat(i % 3)),
                 6 + i % 11,
-            )
+            );
+            if i % 3 == 0 {
+                r["response_format"] = json!({"type": "regex", "regex": "[a-z ]{3,40}"});
+            }
+            if i % 5 == 0 {
+                r["logprobs"] = json!(2);
+            }
+            r
         })
         .collect();
     let mut alone = Vec::new();
@@ -161,6 +171,15 @@ async fn batched_requests_equal_the_same_requests_alone() -> anyhow::Result<()> 
     }
     for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
         assert_eq!(a, t, "request {i} ({}) differs when batched", models[i % 4]);
+        let text = t["text"].as_str().unwrap();
+        if i % 3 == 0 && t["finish_reason"] == "stop" {
+            assert!(
+                (3..=40).contains(&text.len())
+                    && text.chars().all(|c| c.is_ascii_lowercase() || c == ' '),
+                "request {i} breaks its grammar: {text:?}"
+            );
+        }
+        assert_eq!(t["logprobs"].is_null(), i % 5 != 0, "request {i}: {t}");
     }
     // The outputs are not all the same (the adapters matter).
     let distinct: std::collections::BTreeSet<String> =
