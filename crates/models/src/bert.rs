@@ -35,15 +35,19 @@ impl SentenceEncoder {
         device: &candle_core::Device,
         dtype: DType,
     ) -> Result<Self> {
-        let cfg: BertConfig = serde_json::from_str(config_json).map_err(|e| Error::Config {
-            file: config_file.to_string(),
-            field: e
-                .to_string()
-                .split('`')
-                .nth(1)
-                .unwrap_or("(json)")
-                .to_string(),
-            reason: e.to_string(),
+        let cfg: BertConfig = serde_json::from_str(config_json).map_err(|e| {
+            let msg = e.to_string();
+            match msg.split('`').nth(1) {
+                Some(field) => Error::Config {
+                    file: config_file.to_string(),
+                    field: field.to_string(),
+                    reason: msg.clone(),
+                },
+                None => Error::BadFile {
+                    file: config_file.to_string(),
+                    reason: format!("not valid JSON: {msg}"),
+                },
+            }
         })?;
         for f in files {
             // SAFETY: read-only mapping of a model file flywheel does not modify.

@@ -438,6 +438,17 @@ impl DecoderModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_config_that_is_not_json_says_so() {
+        let err = DecoderConfig::from_hf_json("{\"model_type\": ", "config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config.json: not valid JSON") && !err.contains("(json)"),
+            "{err}"
+        );
+    }
     use crate::linear::NoHook;
     use crate::weights::MemoryWeights;
 

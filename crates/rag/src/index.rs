@@ -238,6 +238,19 @@ pub fn index_folder(
         let Some(kind) = DocKind::from_path(entry.path()) else {
             continue;
         };
+        // A name that is not UTF-8 would be stored lossily, and two such names could collide
+        // on one document: skipped, and named in the warning.
+        if entry
+            .path()
+            .strip_prefix(&root_abs)
+            .ok()
+            .and_then(|p| p.to_str())
+            .is_none()
+        {
+            let shown = flywheel_api::text::escape(&entry.path().display().to_string(), 300);
+            skip(&mut report, progress, &shown, "the file name is not UTF-8");
+            continue;
+        }
         let rel = relative(entry.path(), &root_abs);
         if include.as_ref().is_some_and(|g| !g.is_match(&rel))
             || exclude.as_ref().is_some_and(|g| g.is_match(&rel))

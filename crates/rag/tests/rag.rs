@@ -489,3 +489,35 @@ fn a_store_being_indexed_is_refused_to_a_second_indexer() {
     )
     .unwrap();
 }
+
+#[cfg(unix)]
+#[test]
+fn files_whose_names_are_not_utf8_are_skipped_with_a_warning() {
+    use std::os::unix::ffi::OsStrExt;
+    let f = fixture();
+    // Two names that read alike once made lossy ("caf\u{fffd}.md").
+    for b in [&b"caf\xe9.md"[..], &b"caf\xe8.md"[..]] {
+        std::fs::write(
+            f.docs.join(std::ffi::OsStr::from_bytes(b)),
+            "Some text about cafes.",
+        )
+        .unwrap();
+    }
+    let mut warnings = vec![];
+    let report = run_index(&f, &small_chunks(), &mut warnings);
+    let named: Vec<&String> = warnings
+        .iter()
+        .filter(|w| w.contains("not UTF-8"))
+        .collect();
+    assert_eq!(named.len(), 2, "{warnings:?}");
+    let store = Store::open(&f.store).unwrap();
+    assert!(
+        !store
+            .documents()
+            .unwrap()
+            .keys()
+            .any(|k| k.contains('\u{fffd}')),
+        "no lossy name stored"
+    );
+    assert!(report.files > 0);
+}

@@ -144,8 +144,10 @@ impl DecoderConfig {
             field: field.to_string(),
             reason,
         };
-        let raw: serde_json::Value =
-            serde_json::from_str(json).map_err(|e| cfg_err("(json)", e.to_string()))?;
+        let raw: serde_json::Value = serde_json::from_str(json).map_err(|e| Error::BadFile {
+            file: file.to_string(),
+            reason: format!("not valid JSON: {e}"),
+        })?;
         let arch_name = raw
             .get("model_type")
             .and_then(|v| v.as_str())
@@ -159,8 +161,13 @@ impl DecoderConfig {
             })?;
         let hf: HfConfig = serde_json::from_value(raw).map_err(|e| {
             let msg = e.to_string();
-            let field = msg.split('`').nth(1).unwrap_or("(json)").to_string();
-            cfg_err(&field, msg)
+            match msg.split('`').nth(1) {
+                Some(field) => cfg_err(field, msg.clone()),
+                None => Error::BadFile {
+                    file: file.to_string(),
+                    reason: msg,
+                },
+            }
         })?;
         let (scaling_key, scaling) = match (&hf.rope_scaling, &hf.rope_parameters) {
             (Some(s), _) => ("rope_scaling", Some(s)),
