@@ -132,6 +132,35 @@ fn serve_finishes_running_requests_on_sigterm_and_cancels_them_after_the_grace_p
 }
 
 #[test]
+fn a_client_that_stalls_before_its_request_head_is_disconnected() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_gguf(dir.path(), Architecture::Llama);
+    let server = Server::start(&["--model", m.to_str().unwrap(), "--header-timeout-s", "1"]);
+    let addr = server.addr();
+    // Half a request head, then nothing: the server hangs up after about a second.
+    let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
+    write!(stalled, "POST /v1/completions HTTP/1.1\r\nHost: x\r\n").unwrap();
+    stalled
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let _ = stalled.read_to_end(&mut buf); // EOF (or a reset) once the server closes it
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(15),
+        "a stalled connection was held for {:?}",
+        t0.elapsed()
+    );
+    // A whole request is still served (here: POST on a GET endpoint, a 405 with a JSON body).
+    let reply = http_post(&addr, "/health", "", || {});
+    assert!(
+        reply.starts_with("HTTP/1.1 405") && reply.contains("method_not_allowed"),
+        "{reply}"
+    );
+}
+
+#[test]
 fn serve_refuses_bad_startup_options_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let m = tiny_gguf(dir.path(), Architecture::Llama);

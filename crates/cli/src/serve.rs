@@ -51,6 +51,9 @@ pub struct ServeArgs {
     /// Seconds running requests get to finish after SIGINT/SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_s: u64,
+    /// Seconds a client may take to send a request's head; slower ones are disconnected.
+    #[arg(long, default_value_t = 30)]
+    header_timeout_s: u64,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -80,6 +83,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .filter(|k| !k.is_empty());
     cfg.max_body_bytes = a.max_body_bytes;
     cfg.shutdown_grace = std::time::Duration::from_secs(a.shutdown_grace_s);
+    anyhow::ensure!(
+        a.header_timeout_s >= 1,
+        "--header-timeout-s must be at least 1"
+    );
+    cfg.header_read_timeout = std::time::Duration::from_secs(a.header_timeout_s);
     eprintln!("loading {} ...", a.model);
     let state = flywheel_serve::build_state(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -128,7 +136,14 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             }
             eprintln!("shutting down: finishing running requests ...");
         };
-        flywheel_serve::serve(listener, state, shutdown, cfg.shutdown_grace).await?;
+        flywheel_serve::serve(
+            listener,
+            state,
+            shutdown,
+            cfg.shutdown_grace,
+            cfg.header_read_timeout,
+        )
+        .await?;
         eprintln!("stopped");
         Ok::<_, anyhow::Error>(())
     })

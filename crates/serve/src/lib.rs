@@ -186,6 +186,8 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// How long a graceful shutdown lets running requests finish before cancelling them.
     pub shutdown_grace: Duration,
+    /// How long a client may take to send a request's head before it is disconnected.
+    pub header_read_timeout: Duration,
 }
 
 impl ServeConfig {
@@ -203,6 +205,7 @@ impl ServeConfig {
             api_key: None,
             max_body_bytes: 4 << 20,
             shutdown_grace: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -296,24 +299,51 @@ pub fn build_state(cfg: &ServeConfig) -> Result<Arc<AppState>, ServeError> {
 
 /// Serves `state` on `listener` until `shutdown` resolves; then stops accepting, lets running
 /// requests finish for up to `grace` (after which they are cancelled), and stops the engine.
+/// A client that has not sent a whole request head within `header_read` is disconnected, so
+/// stalled connections cannot pile up.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
+    header_read: Duration,
 ) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
     let app = router(state.clone());
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_read);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((s, _)) => s,
+                    Err(_) => {
+                        // Out of file descriptors and the like: wait, then accept again.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+                let conn = graceful.watch(
+                    http.serve_connection(TokioIo::new(stream), svc),
+                );
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
     let st = state.clone();
-    let signal = async move {
-        shutdown.await;
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            st.engine.cancel_all();
-        });
-    };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(signal)
-        .await?;
+    tokio::spawn(async move {
+        tokio::time::sleep(grace).await;
+        st.engine.cancel_all();
+    });
+    graceful.shutdown().await;
     let st = state.clone();
     let _ = tokio::task::spawn_blocking(move || st.engine.shutdown()).await;
     Ok(())
