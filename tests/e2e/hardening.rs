@@ -44,6 +44,16 @@ fn model_text_is_printed_escaped_and_careless_flags_are_caught() {
         text(&out.stderr)
     );
 
+    // An OS error is said once, not once per layer of the error chain.
+    let out = flywheel(&["lora-train", "/nonexistent/recipe.toml"], None, &[]);
+    assert_fails_with(&out, &["/nonexistent/recipe.toml"]);
+    assert_eq!(
+        text(&out.stderr).matches("os error 2").count(),
+        1,
+        "{}",
+        text(&out.stderr)
+    );
+
     // `src/typo` (run from the crate folder, where `src` exists) reads like `owner/name`
     // but is a mistyped path: "no such file", without asking the hub.
     let out = flywheel(&["info", "src/typo"], None, &[("HF_HUB_OFFLINE", "1")]);

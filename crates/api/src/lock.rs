@@ -22,12 +22,12 @@ pub enum LockError {
         holder: String,
     },
     /// The lock file could not be created or locked.
-    #[error("{path}: cannot lock: {source}")]
+    #[error("{path}: cannot lock: {error}")]
     Io {
         /// The lock file.
         path: String,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -43,7 +43,7 @@ impl FolderLock {
     pub fn folder(dir: &Path) -> Result<Self, LockError> {
         std::fs::create_dir_all(dir).map_err(|e| LockError::Io {
             path: dir.display().to_string(),
-            source: e,
+            error: e,
         })?;
         Self::take(&dir.join(".flywheel.lock"), dir)
     }
@@ -63,7 +63,7 @@ impl FolderLock {
     fn take(lock: &Path, what: &Path) -> Result<Self, LockError> {
         let io = |e| LockError::Io {
             path: lock.display().to_string(),
-            source: e,
+            error: e,
         };
         let mut file = std::fs::OpenOptions::new()
             .read(true)

@@ -43,12 +43,12 @@ pub enum Error {
         reason: String,
     },
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: String,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A model error.
     #[error(transparent)]
@@ -62,7 +62,7 @@ impl Error {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         Error::Io {
             path: path.display().to_string(),
-            source,
+            error: source,
         }
     }
 }

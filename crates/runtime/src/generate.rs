@@ -123,7 +123,7 @@ impl TextModel {
             let q = w.content().tensor(
                 &mut std::fs::File::open(path).map_err(|e| Error::Io {
                     path: file.clone(),
-                    source: e,
+                    error: e,
                 })?,
                 "rope_freqs.weight",
                 &candle_core::Device::Cpu,

@@ -60,12 +60,12 @@ pub enum Error {
         reason: String,
     },
     /// Reading a file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: String,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A JSON side file (tokenizer_config.json, generation_config.json…) is malformed.
     #[error("{file}: {reason}")]

@@ -110,7 +110,7 @@ impl ModelFormat {
             let mut ggufs: Vec<PathBuf> = std::fs::read_dir(p)
                 .map_err(|e| Error::Io {
                     path: spec.to_string(),
-                    source: e,
+                    error: e,
                 })?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|f| f.extension().is_some_and(|x| x == "gguf"))
@@ -300,7 +300,7 @@ pub fn model_sha(path: &Path) -> Result<String> {
     let sha = |p: &Path| {
         flywheel_api::files::sha256_file(p).map_err(|e| Error::Io {
             path: p.display().to_string(),
-            source: e,
+            error: e,
         })
     };
     if path.is_file() {
@@ -320,7 +320,7 @@ pub fn model_sha(path: &Path) -> Result<String> {
 pub fn read_text(p: &Path) -> Result<String> {
     std::fs::read_to_string(p).map_err(|e| Error::Io {
         path: p.display().to_string(),
-        source: e,
+        error: e,
     })
 }
 

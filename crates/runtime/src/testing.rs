@@ -150,7 +150,7 @@ pub fn write_gguf(
     let tmp = path.with_extension("gguf.tmp");
     let mut f = std::fs::File::create(&tmp).map_err(|e| Error::Io {
         path: tmp.display().to_string(),
-        source: e,
+        error: e,
     })?;
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = qs.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -158,7 +158,7 @@ pub fn write_gguf(
     drop(f);
     std::fs::rename(&tmp, path).map_err(|e| Error::Io {
         path: path.display().to_string(),
-        source: e,
+        error: e,
     })?;
     Ok(())
 }
@@ -173,7 +173,7 @@ pub fn write_hf_folder(
 ) -> Result<()> {
     let io = |p: &Path, e: std::io::Error| Error::Io {
         path: p.display().to_string(),
-        source: e,
+        error: e,
     };
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let config = cfg.to_hf_json();
@@ -257,7 +257,7 @@ pub fn tiny_weights(cfg: &DecoderConfig, seed: u64) -> Result<MemoryWeights> {
 pub fn write_tiny_bert_folder(dir: &Path, seed: u64) -> Result<()> {
     let io = |p: &Path, e: std::io::Error| Error::Io {
         path: p.display().to_string(),
-        source: e,
+        error: e,
     };
     std::fs::create_dir_all(dir.join("1_Pooling")).map_err(|e| io(dir, e))?;
     let mut vocab: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -67,12 +67,12 @@ pub enum Error {
         value: f64,
     },
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: String,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// An adapter error (its config, files or shapes).
     #[error(transparent)]
@@ -92,7 +92,7 @@ impl Error {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         Error::Io {
             path: path.display().to_string(),
-            source,
+            error: source,
         }
     }
 }
