@@ -226,8 +226,20 @@ impl Registry {
             .hook
             .prepare(&adapter, self.dtype)
             .map_err(|e| bad(e.to_string()))?;
+        // Clients see where an adapter came from without the server's own folder layout:
+        // relative to the adapters folder, or the folder's name.
+        let shown = self
+            .dir
+            .as_ref()
+            .and_then(|d| path.strip_prefix(d).ok())
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| {
+                path.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            });
         let info = json!({
-            "path": path.display().to_string(),
+            "path": shown,
             "r": adapter.config.r,
             "lora_alpha": adapter.config.alpha,
             "use_rslora": adapter.config.use_rslora,

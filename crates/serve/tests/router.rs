@@ -203,6 +203,8 @@ async fn models_health_chat_completions_and_metrics() -> anyhow::Result<()> {
     assert_eq!(ids, ["tiny", "a", "b", "c"]);
     assert_eq!(v["data"][1]["parent"], "tiny");
     assert_eq!(v["data"][1]["adapter"]["r"], 4);
+    // No server paths: the adapter's folder relative to --adapters-dir.
+    assert_eq!(v["data"][1]["adapter"]["path"], "a", "{v}");
     assert!(v["data"][1]["adapter"]["parameters"].as_u64().unwrap() > 0);
 
     let (s, _, b) = call(&f.app, "GET", "/health", None, &[]).await;
