@@ -60,6 +60,43 @@ pub struct Chunk {
     pub tokens: usize,
 }
 
+/// Text tokenized in one call at most (bytes): a long section is cut into windows at
+/// whitespace, so a 50 MB file with no headings is not tokenized whole (the tokenizer's
+/// per-token records took gigabytes).
+const TOKENIZE_WINDOW: usize = 64 * 1024;
+
+/// The non-empty token spans of `section`, tokenized window by window (spans stay relative to
+/// `section`). A window ends at the last whitespace before [`TOKENIZE_WINDOW`] bytes, so no
+/// word is cut (a window with no whitespace is cut at a character boundary).
+fn windowed_offsets(
+    section: &str,
+    token_offsets: &mut dyn FnMut(&str) -> Vec<(usize, usize)>,
+) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < section.len() {
+        let mut end = (start + TOKENIZE_WINDOW).min(section.len());
+        if end < section.len() {
+            while !section.is_char_boundary(end) {
+                end -= 1;
+            }
+            if let Some(ws) = section[start..end].rfind(char::is_whitespace) {
+                if ws > 0 {
+                    end = start + ws;
+                }
+            }
+        }
+        out.extend(
+            token_offsets(&section[start..end])
+                .into_iter()
+                .filter(|(a, b)| b > a)
+                .map(|(a, b)| (a + start, b + start)),
+        );
+        start = end;
+    }
+    out
+}
+
 /// Cuts `doc` into chunks. `token_offsets` maps a piece of text to the byte spans of its tokens
 /// (the embedding model's tokenizer); `budget_for` gives the token budget of a section given its
 /// heading trail (so the trail, which is embedded with the chunk, fits the model's window).
@@ -91,10 +128,7 @@ pub fn chunk_document(
         let heading = doc.trail_at(s0).join(" › ");
         let max = budget_for(&heading).clamp(8, cfg.max_tokens.max(8));
         let overlap = cfg.overlap_tokens.min(max / 2);
-        let toks: Vec<(usize, usize)> = token_offsets(section)
-            .into_iter()
-            .filter(|(a, b)| b > a)
-            .collect();
+        let toks = windowed_offsets(section, token_offsets);
         if toks.is_empty() {
             continue;
         }
@@ -135,6 +169,36 @@ pub fn chunk_document(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_sections_are_tokenized_in_windows_with_the_same_spans() {
+        // A whitespace tokenizer: spans of the words.
+        let mut words = |t: &str| -> Vec<(usize, usize)> {
+            let mut out = vec![];
+            let mut start = None;
+            for (i, c) in t.char_indices().chain(std::iter::once((t.len(), ' '))) {
+                match (c.is_whitespace(), start) {
+                    (true, Some(s)) => {
+                        out.push((s, i));
+                        start = None;
+                    }
+                    (false, None) => start = Some(i),
+                    _ => {}
+                }
+            }
+            out
+        };
+        let text = "héllo wörld lorem ipsum ".repeat(12_000); // about 300 kB
+        let mut calls = 0;
+        let mut counting = |t: &str| {
+            calls += 1;
+            assert!(t.len() <= TOKENIZE_WINDOW);
+            words(t)
+        };
+        let windowed = windowed_offsets(&text, &mut counting);
+        assert!(calls >= 4, "{calls}");
+        assert_eq!(windowed, words(&text));
+    }
     use crate::extract::{extract, DocKind};
 
     /// A whitespace tokenizer: each word is one token.
