@@ -173,7 +173,7 @@ mod tests {
     #[test]
     fn long_sections_are_tokenized_in_windows_with_the_same_spans() {
         // A whitespace tokenizer: spans of the words.
-        let mut words = |t: &str| -> Vec<(usize, usize)> {
+        let words = |t: &str| -> Vec<(usize, usize)> {
             let mut out = vec![];
             let mut start = None;
             for (i, c) in t.char_indices().chain(std::iter::once((t.len(), ' '))) {
