@@ -207,7 +207,7 @@ fn check_tensor_layout(
     };
     let mut spans: Vec<(u64, u64, &str)> = Vec::with_capacity(content.tensor_infos.len());
     for (name, t) in &content.tensor_infos {
-        let shown = flywheel_api_escape(name);
+        let shown = printable(name);
         let elems = t.shape.elem_count() as u64;
         let block = t.ggml_dtype.block_size() as u64;
         if !elems.is_multiple_of(block) {
@@ -236,16 +236,17 @@ fn check_tensor_layout(
         if w[1].0 < w[0].1 {
             return Err(format!(
                 "tensors `{}` and `{}` overlap in the file",
-                flywheel_api_escape(w[0].2),
-                flywheel_api_escape(w[1].2)
+                printable(w[0].2),
+                printable(w[1].2)
             ));
         }
     }
     Ok(())
 }
 
-/// A tensor name from a file, safe to print (control characters escaped, length bounded).
-fn flywheel_api_escape(name: &str) -> String {
+/// A tensor name from a file, safe to print (control characters escaped, length bounded; the
+/// models crate sits below `flywheel_api`, whose `text::escape` does this elsewhere).
+fn printable(name: &str) -> String {
     name.chars()
         .take(120)
         .map(|c| {

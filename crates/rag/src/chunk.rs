@@ -172,22 +172,6 @@ mod tests {
 
     #[test]
     fn long_sections_are_tokenized_in_windows_with_the_same_spans() {
-        // A whitespace tokenizer: spans of the words.
-        let words = |t: &str| -> Vec<(usize, usize)> {
-            let mut out = vec![];
-            let mut start = None;
-            for (i, c) in t.char_indices().chain(std::iter::once((t.len(), ' '))) {
-                match (c.is_whitespace(), start) {
-                    (true, Some(s)) => {
-                        out.push((s, i));
-                        start = None;
-                    }
-                    (false, None) => start = Some(i),
-                    _ => {}
-                }
-            }
-            out
-        };
         let text = "héllo wörld lorem ipsum ".repeat(12_000); // about 300 kB
         let mut calls = 0;
         let mut counting = |t: &str| {

@@ -143,12 +143,6 @@ impl ChatTemplate {
     pub fn source(&self) -> &str {
         &self.source
     }
-
-    /// Whether the template renders a `tools` list (Qwen2.5, Llama 3.1 and others do); one
-    /// that does not needs the tools described in a system message instead.
-    pub fn renders_tools(&self) -> bool {
-        self.source.contains("tools")
-    }
 }
 
 #[cfg(test)]

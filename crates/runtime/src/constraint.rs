@@ -207,17 +207,6 @@ pub fn loop_continuation(generated: &[u32]) -> Option<u32> {
     })
 }
 
-/// Lowers the logits of the tokens among the last 32 of `generated`, as a repeat penalty of
-/// 1.5 does: applied to a constrained row once it has looped.
-pub fn penalize_recent(logits: &mut [f32], generated: &[u32]) {
-    let mut seen = std::collections::HashSet::new();
-    for &t in &generated[generated.len().saturating_sub(32)..] {
-        if let Some(l) = logits.get_mut(t as usize).filter(|_| seen.insert(t)) {
-            *l = if *l > 0.0 { *l / 1.5 } else { *l * 1.5 };
-        }
-    }
-}
-
 /// One row's grammar matcher. Clone it before use to constrain several rows to one grammar.
 #[derive(Clone)]
 pub struct Constraint {

@@ -17,7 +17,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::constraint::Constraint;
 use crate::generate::RowState;
-use crate::TextModel;
+use crate::{panic_text, TextModel};
 
 /// Why the engine failed a request (it keeps serving the others).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -372,14 +372,6 @@ fn routing<'a>(adapters: impl Iterator<Item = Option<&'a Arc<RoutedAdapter>>>) -
         }
     }
     Routing { groups }
-}
-
-/// A panic's message.
-fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "panic".into())
 }
 
 impl Worker {

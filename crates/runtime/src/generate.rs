@@ -600,7 +600,8 @@ impl<'a> RowState<'a> {
         let cont = crate::constraint::loop_continuation(generated);
         self.looped |= cont.is_some();
         if self.looped {
-            crate::constraint::penalize_recent(logits, generated);
+            // A repeat penalty of 1.5 over the row's last 32 tokens.
+            crate::sampler::repeat_penalty(logits, generated, 32, 1.5);
         }
         let looping = cont.filter(|&t| (t as usize) < logits.len()).map(|t| {
             (

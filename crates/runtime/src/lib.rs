@@ -36,6 +36,14 @@ pub use load::{parse_device, parse_dtype, LoadOptions, ModelFormat, ModelInfo};
 pub use manifest::ModelDefaults;
 pub use tokenizer::Tokenizer;
 
+/// A panic's message (`panic` when it carries none).
+pub(crate) fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+}
+
 /// Errors of the runtime.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -33,21 +33,7 @@ impl Sampler {
 
     /// Applies the repeat penalty to the logits of tokens in the recent `history`.
     pub fn penalize(&self, logits: &mut [f32], history: &[u32]) {
-        if self.p.repeat_penalty != 1.0 {
-            let start = history.len().saturating_sub(self.p.repeat_last_n);
-            let mut seen = std::collections::HashSet::new();
-            for &t in &history[start..] {
-                if seen.insert(t) {
-                    if let Some(l) = logits.get_mut(t as usize) {
-                        *l = if *l > 0.0 {
-                            *l / self.p.repeat_penalty
-                        } else {
-                            *l * self.p.repeat_penalty
-                        };
-                    }
-                }
-            }
-        }
+        repeat_penalty(logits, history, self.p.repeat_last_n, self.p.repeat_penalty);
     }
 
     /// Chooses a token from already penalized logits (greedy, or top-k, temperature, top-p and
@@ -100,6 +86,20 @@ impl Sampler {
             r -= p;
         }
         cand[keep - 1].0
+    }
+}
+
+/// Divides the positive logits (multiplies the negative ones) of the distinct tokens among the
+/// last `last_n` of `history` by `penalty`, as llama.cpp's repeat penalty does.
+pub fn repeat_penalty(logits: &mut [f32], history: &[u32], last_n: usize, penalty: f32) {
+    if penalty == 1.0 {
+        return;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for &t in &history[history.len().saturating_sub(last_n)..] {
+        if let Some(l) = logits.get_mut(t as usize).filter(|_| seen.insert(t)) {
+            *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+        }
     }
 }
 

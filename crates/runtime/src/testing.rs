@@ -444,12 +444,6 @@ pub fn mutations(seed: &[u8], cases: usize, span: usize, rng_seed: u64) -> Vec<V
 
 /// Runs `f`, turning a panic into an error naming `case` (fuzz tests assert there is none).
 pub fn no_panic<T>(case: &str, f: impl FnOnce() -> T) -> std::result::Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
-        let msg = p
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
-        format!("{case}: panicked: {msg}")
-    })
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|p| format!("{case}: panicked: {}", crate::panic_text(p)))
 }

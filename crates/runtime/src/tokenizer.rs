@@ -64,11 +64,7 @@ impl Tokenizer {
         // panic while reading is an error naming the file, like any other malformed input.
         let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_file(path))
             .map_err(|p| {
-                let why = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
+                let why = crate::panic_text(p);
                 tok_err(&file, format!("malformed tokenizer file ({why})"))
             })?
             .map_err(|e| tok_err(&file, e.to_string()))?;
