@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use flywheel_api::text::escape;
 use flywheel_rag::bench::LatencyBench;
 use flywheel_rag::{
     eval, index_folder, ChunkConfig, DenseIndex, Filter, IndexOptions, Llm, Mode, SearchOptions,
@@ -271,7 +272,14 @@ fn index(a: IndexArgs) -> Result<()> {
     let report = index_folder(&mut store, &a.folder, &embedder, &opts, &mut |p| match p {
         flywheel_rag::index::Progress::Planned { to_index } => bar.set_length(to_index as u64),
         flywheel_rag::index::Progress::Skipped { path, reason } => {
+            let (path, reason) = (escape(path, 300), escape(reason, 500));
             bar.suspend(|| eprintln!("warning: skipped {path}: {reason}"));
+        }
+        flywheel_rag::index::Progress::Embedding { path, done, total } => {
+            bar.set_message(format!(
+                "embedding {}: {done}/{total} chunks",
+                escape(path, 80)
+            ));
         }
         flywheel_rag::index::Progress::Written { done, chunks, .. } => {
             bar.set_position(done as u64);

@@ -200,9 +200,29 @@ impl Registry {
             });
         }
         let t0 = Instant::now();
-        let bad = |reason: String| RegistryError::Refused {
-            name: name.to_string(),
-            reason,
+        // Clients see where an adapter came from without the server's own folder layout:
+        // relative to the adapters folder, or the folder's name; errors say it the same way.
+        let shown = self
+            .dir
+            .as_ref()
+            .and_then(|d| path.strip_prefix(d).ok())
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| {
+                path.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            });
+        let full = path.display().to_string();
+        let dir = self.dir.as_ref().map(|d| d.display().to_string());
+        let bad = |reason: String| {
+            let mut reason = reason.replace(&full, &shown);
+            if let Some(d) = &dir {
+                reason = reason.replace(d.as_str(), "<adapters-dir>");
+            }
+            RegistryError::Refused {
+                name: name.to_string(),
+                reason,
+            }
         };
         let adapter =
             Adapter::load(path, &self.device, self.dtype).map_err(|e| bad(e.to_string()))?;
@@ -226,18 +246,6 @@ impl Registry {
             .hook
             .prepare(&adapter, self.dtype)
             .map_err(|e| bad(e.to_string()))?;
-        // Clients see where an adapter came from without the server's own folder layout:
-        // relative to the adapters folder, or the folder's name.
-        let shown = self
-            .dir
-            .as_ref()
-            .and_then(|d| path.strip_prefix(d).ok())
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| {
-                path.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            });
         let info = json!({
             "path": shown,
             "r": adapter.config.r,

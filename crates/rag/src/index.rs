@@ -101,6 +101,15 @@ pub enum Progress<'a> {
         /// Chunks written so far.
         chunks: usize,
     },
+    /// Chunks embedded so far in the current batch of documents (a large file reports often).
+    Embedding {
+        /// The document being embedded.
+        path: &'a str,
+        /// Chunks of the batch embedded.
+        done: usize,
+        /// Chunks in the batch.
+        total: usize,
+    },
     /// Building the HNSW graph.
     BuildingAnn {
         /// Vectors in it.
@@ -270,8 +279,9 @@ pub fn index_folder(
             report.removed += 1;
         }
     }
-    // Read and hash; keep what changed.
-    let mut todo: Vec<(String, PathBuf, DocKind, Vec<u8>, String)> = Vec::new();
+    // Read and hash; keep what changed (the bytes are read again when the file's turn comes,
+    // so memory holds one file at a time, not the folder).
+    let mut todo: Vec<(String, PathBuf, DocKind)> = Vec::new();
     for (rel, path, kind) in files {
         let meta = match std::fs::metadata(&path) {
             Ok(m) => m,
@@ -289,19 +299,18 @@ pub fn index_folder(
             skip(&mut report, progress, &rel, &why);
             continue;
         }
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
+        let hash = match read_hashed(&path) {
+            Ok((_, h)) => h,
             Err(e) => {
                 skip(&mut report, progress, &rel, &e.to_string());
                 continue;
             }
         };
-        let hash = format!("{:x}", Sha256::digest(&bytes));
         if existing.get(&rel).is_some_and(|(_, h)| *h == hash) {
             report.unchanged += 1;
             continue;
         }
-        todo.push((rel, path, kind, bytes, hash));
+        todo.push((rel, path, kind));
     }
     progress(Progress::Planned {
         to_index: todo.len(),
@@ -310,7 +319,16 @@ pub fn index_folder(
     let mut done = 0usize;
     let mut pending: Vec<Pending> = Vec::new();
     let mut pending_chunks = 0usize;
-    for (rel, _path, kind, bytes, hash) in todo {
+    for (rel, path, kind) in todo {
+        // Hashed again: the file may have changed since the walk, and the store must record
+        // the hash of the text it holds.
+        let (bytes, hash) = match read_hashed(&path) {
+            Ok(r) => r,
+            Err(e) => {
+                skip(&mut report, progress, &rel, &e.to_string());
+                continue;
+            }
+        };
         if bytes[..bytes.len().min(8192)].contains(&0) {
             skip(
                 &mut report,
@@ -422,6 +440,13 @@ pub fn index_folder(
     Ok(report)
 }
 
+/// A file's bytes and their sha256 (hex).
+fn read_hashed(path: &Path) -> std::io::Result<(Vec<u8>, String)> {
+    let bytes = std::fs::read(path)?;
+    let hash = format!("{:x}", Sha256::digest(&bytes));
+    Ok((bytes, hash))
+}
+
 /// `path` relative to `root`, with `/` separators.
 fn relative(path: &Path, root: &Path) -> String {
     path.strip_prefix(root)
@@ -462,16 +487,32 @@ fn flush(
         return Ok(());
     }
     let t = Instant::now();
-    let texts: Vec<String> = pending
+    // Embedded a window at a time: the tokenizer's encodings of a window are all that is held
+    // besides the vectors, and a large file reports its progress as it goes.
+    let all: Vec<(usize, usize)> = pending
         .iter()
-        .flat_map(|p| {
-            p.chunks
-                .iter()
-                .map(|c| passage_text(&c.heading, &p.text[c.start..c.end]))
-        })
+        .enumerate()
+        .flat_map(|(d, p)| (0..p.chunks.len()).map(move |c| (d, c)))
         .collect();
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let mut vectors = embedder.embed_all(&refs, opts.batch_size)?.into_iter();
+    let mut vectors: Vec<Vec<f32>> = Vec::with_capacity(all.len());
+    for window in all.chunks(opts.batch_size.max(1) * 8) {
+        let texts: Vec<String> = window
+            .iter()
+            .map(|&(d, c)| {
+                let (p, ch) = (&pending[d], &pending[d].chunks[c]);
+                passage_text(&ch.heading, &p.text[ch.start..ch.end])
+            })
+            .collect();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        vectors.extend(embedder.embed_all(&refs, opts.batch_size)?);
+        let last = window.last().expect("windows are not empty").0;
+        progress(Progress::Embedding {
+            path: &pending[last].rel,
+            done: vectors.len(),
+            total: all.len(),
+        });
+    }
+    let mut vectors = vectors.into_iter();
     for p in pending.drain(..) {
         let chunks: Vec<NewChunk> = p
             .chunks

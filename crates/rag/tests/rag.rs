@@ -521,3 +521,35 @@ fn files_whose_names_are_not_utf8_are_skipped_with_a_warning() {
     );
     assert!(report.files > 0);
 }
+
+#[test]
+fn a_large_file_reports_its_embedding_progress_window_by_window() {
+    let f = fixture();
+    let para = "Lists hold items in order and grow as needed. ".repeat(6);
+    let big: String = (0..60).map(|i| format!("Part {i}. {para}\n\n")).collect();
+    write(&f.docs.join("big.md"), &big);
+    let opts = IndexOptions {
+        batch_size: 4,
+        ..small_chunks()
+    };
+    let mut store = Store::open(&f.store).unwrap();
+    let mut seen: Vec<(String, usize, usize)> = Vec::new();
+    let report = index_folder(&mut store, &f.docs, &f.embedder, &opts, &mut |p| {
+        if let Progress::Embedding { path, done, total } = p {
+            seen.push((path.to_string(), done, total));
+        }
+    })
+    .unwrap();
+    // Windows of batch_size * 8 chunks: the big file alone spans several, each reported.
+    let big_windows: Vec<&(String, usize, usize)> =
+        seen.iter().filter(|(p, _, _)| p == "big.md").collect();
+    assert!(big_windows.len() >= 2, "{seen:?}");
+    for w in seen.windows(2) {
+        if w[0].2 == w[1].2 && w[1].1 > w[0].1 {
+            assert!(w[1].1 - w[0].1 <= 32, "{seen:?}");
+        }
+    }
+    let last = seen.last().unwrap();
+    assert_eq!(last.1, last.2, "the last window ends its batch");
+    assert!(report.chunks_written > 32, "{report:?}");
+}

@@ -121,7 +121,34 @@ impl GrammarCompiler {
     /// The trie of `tok` padded to `width` ids (the logits width); `eos` are all the ids that
     /// end generation (end of text and end of turn), allowed wherever the grammar is complete.
     pub fn new(tok: &Tokenizer, width: usize, eos: &[u32]) -> Result<Self> {
-        let words = token_bytes(tok.inner(), width)?;
+        Self::from_words(token_bytes(tok.inner(), width)?, eos)
+    }
+
+    /// A compiler over single bytes, with no model: token `b` is byte `b` (0xFF, which UTF-8
+    /// never holds, is special) and 256 ends the text. [`Self::check`] matches text with it.
+    pub fn over_bytes() -> Result<Self> {
+        let mut words: Vec<Vec<u8>> = (0..=255u8)
+            .map(|b| if b == 0xFF { vec![0xFF, b'?'] } else { vec![b] })
+            .collect();
+        words.push(b"\xFF<eos>".to_vec());
+        Self::from_words(words, &[256])
+    }
+
+    /// Whether `text` is a complete sentence of `grammar`, for a compiler from
+    /// [`Self::over_bytes`] (errors: the grammar does not compile).
+    pub fn check(&self, grammar: &Grammar, text: &str) -> Result<bool> {
+        let mut c = self.compile(grammar)?;
+        let toks: Vec<TokenId> = text.bytes().map(TokenId::from).collect();
+        let ok = c.matcher.validate_tokens(&toks).map_err(|e| c.failed(e))?;
+        if ok < toks.len() {
+            return Ok(false);
+        }
+        c.matcher.consume_tokens(&toks).map_err(|e| c.failed(e))?;
+        Ok(c.is_accepting())
+    }
+
+    fn from_words(words: Vec<Vec<u8>>, eos: &[u32]) -> Result<Self> {
+        let width = words.len();
         let eos: Vec<TokenId> = eos
             .iter()
             .copied()
@@ -176,6 +203,20 @@ impl GrammarCompiler {
             return Err(bad(e));
         }
         Ok(Constraint { matcher, kind })
+    }
+}
+
+/// Whether `text` is a complete sentence of `grammar`, checked byte by byte with no model (one
+/// byte-level compiler per process). Errors: the grammar does not compile.
+pub fn text_matches(grammar: &Grammar, text: &str) -> Result<bool> {
+    static BYTES: std::sync::OnceLock<std::result::Result<GrammarCompiler, String>> =
+        std::sync::OnceLock::new();
+    match BYTES.get_or_init(|| GrammarCompiler::over_bytes().map_err(|e| e.to_string())) {
+        Ok(c) => c.check(grammar, text),
+        Err(reason) => Err(Error::Grammar {
+            kind: grammar.kind(),
+            reason: reason.clone(),
+        }),
     }
 }
 
@@ -422,6 +463,20 @@ mod tests {
                 c.consume(pick).unwrap();
             }
         }
+    }
+
+    #[test]
+    fn text_is_checked_against_a_grammar_byte_by_byte() {
+        let schema = r#"{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"]}"#;
+        let g = Grammar::JsonSchema(schema.into());
+        assert!(text_matches(&g, r#"{"a":3}"#).unwrap());
+        assert!(!text_matches(&g, r#"{"a":"3"}"#).unwrap());
+        assert!(!text_matches(&g, r#"{"a":3"#).unwrap(), "incomplete");
+        let lark = Grammar::Lark("start: \"SELECT \" NAME\nNAME: /[a-z]+/".into());
+        assert!(text_matches(&lark, "SELECT name").unwrap());
+        assert!(!text_matches(&lark, "SELECT Name").unwrap());
+        assert!(!text_matches(&lark, "SELECT ñ").unwrap(), "multi-byte text");
+        assert!(text_matches(&Grammar::Regex("(".into()), "x").is_err());
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub struct Tools {
     pub defs: Vec<Value>,
     names: Vec<String>,
     params: Vec<Value>,
+    /// `function.strict` per tool: its calls must match its schema exactly.
+    strict: Vec<bool>,
     /// `tool_choice`.
     pub choice: Choice,
     parallel: bool,
@@ -83,6 +85,7 @@ impl Tools {
         };
         let mut names = Vec::with_capacity(defs.len());
         let mut params = Vec::with_capacity(defs.len());
+        let mut stricts = Vec::with_capacity(defs.len());
         for (i, d) in defs.iter().enumerate() {
             let at = |f: &str| format!("tools[{i}]{f}");
             if d.get("type").and_then(Value::as_str) != Some("function") {
@@ -125,8 +128,14 @@ impl Tools {
                     ))
                 }
             };
+            let strict = match f.get("strict") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return Err(bad(&at(".function.strict"), "must be a boolean".into())),
+            };
             names.push(name.to_string());
             params.push(p);
+            stricts.push(strict);
         }
         let choice = match choice {
             None | Some(Value::Null) => Choice::Auto,
@@ -181,6 +190,7 @@ impl Tools {
             defs,
             names,
             params,
+            strict: stricts,
             choice,
             parallel: parallel.unwrap_or(true),
             format,
@@ -285,12 +295,33 @@ impl Tools {
         out
     }
 
+    /// Whether `text` is a call of tool `i` whose arguments match its schema, keys in the
+    /// schema's order (a grammar check, so the schema keywords are those grammars honour).
+    fn matches_strictly(&self, i: usize, text: &str) -> bool {
+        let args_key = match self.format {
+            Format::Tagged => "arguments",
+            Format::Bare => "parameters",
+        };
+        let schema = json!({
+            "type": "object",
+            "properties": {"name": {"const": self.names[i]}, args_key: self.params[i]},
+            "required": ["name", args_key],
+            "additionalProperties": false,
+            "x-guidance": {"whitespace_flexible": true},
+        });
+        flywheel_runtime::constraint::text_matches(&Grammar::JsonSchema(schema.to_string()), text)
+            .unwrap_or(false)
+    }
+
     /// Reads one call: a JSON object naming a declared tool, with an object of arguments
     /// (`arguments` or `parameters`; a JSON string holding the object is accepted too).
     fn read_call(&self, text: &str, n: usize) -> Option<ToolCall> {
         let v: Value = serde_json::from_str(text.trim()).ok()?;
         let name = v.get("name")?.as_str()?;
-        if !self.names.iter().any(|n| n == name) {
+        let i = self.names.iter().position(|n| n == name)?;
+        // A strict tool's call is one only when it matches the tool's schema as written (the
+        // grammar `required` would hold it to, with free whitespace); otherwise it stays text.
+        if self.strict[i] && !self.matches_strictly(i, text.trim()) {
             return None;
         }
         let args = match v.get("arguments").or_else(|| v.get("parameters")) {

@@ -242,3 +242,45 @@ fn a_repeated_call_ends_the_reply() {
     assert_eq!(out.len(), 2, "{out:?}");
     assert_eq!(call_of(&out[1]), ("add", json!({"a": 2})));
 }
+
+#[test]
+fn a_strict_tools_call_under_auto_must_match_its_schema() {
+    let defs = |strict: Value| {
+        json!([{"type": "function", "function": {"name": "get_weather", "strict": strict,
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                "days": {"type": "integer"}}, "required": ["city"],
+                "additionalProperties": false}}}])
+    };
+    let good = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\", \"days\": 2}}\n</tool_call>";
+    let bad = [
+        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": 7}}\n</tool_call>",
+        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"days\": 2}}\n</tool_call>",
+        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\", \"wind\": 1}}\n</tool_call>",
+    ];
+    let strict = Tools::from_request(Some(defs(json!(true))), None, None, QWEN)
+        .unwrap()
+        .unwrap();
+    let loose = Tools::from_request(Some(defs(json!(false))), None, None, QWEN)
+        .unwrap()
+        .unwrap();
+    for t in [&strict, &loose] {
+        let out = scan_all(t, &[good]);
+        assert_eq!(
+            call_of(&out[0]),
+            ("get_weather", json!({"city": "Oslo", "days": 2}))
+        );
+    }
+    for b in bad {
+        assert_eq!(scan_all(&strict, &[b]), vec![Piece::Text(b.into())], "{b}");
+        assert!(matches!(scan_all(&loose, &[b])[0], Piece::Call(_)), "{b}");
+    }
+    assert_eq!(
+        param(Tools::from_request(
+            Some(defs(json!("yes"))),
+            None,
+            None,
+            QWEN
+        )),
+        "tools[0].function.strict"
+    );
+}

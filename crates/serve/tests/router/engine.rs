@@ -101,6 +101,20 @@ async fn adapters_load_unload_and_refuse_bad_ones() -> anyhow::Result<()> {
     .await;
     assert_error(s, &v, StatusCode::BAD_REQUEST, "do not fit");
     assert_eq!(v["error"]["code"], "adapter_refused");
+    // A broken adapter's error names its folder as the client gave it, never the server's
+    // absolute path.
+    let broken = f.adapters.join("broken");
+    std::fs::create_dir_all(&broken)?;
+    std::fs::write(broken.join("adapter_config.json"), "{not json")?;
+    let (s, v) = post(app, "/v1/adapters", json!({"name": "x", "path": "broken"})).await;
+    assert_error(s, &v, StatusCode::BAD_REQUEST, "broken");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    let root = f.adapters.canonicalize()?;
+    assert!(
+        !message.contains(root.to_str().unwrap())
+            && !message.contains(f.adapters.to_str().unwrap()),
+        "{message}"
+    );
     let foreign = f.adapters.join("foreign");
     std::fs::create_dir_all(&foreign)?;
     for file in ["adapter_config.json", "adapter_model.safetensors"] {
