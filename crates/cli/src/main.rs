@@ -13,6 +13,7 @@ mod generate;
 mod progress;
 mod rag;
 mod serve;
+mod sql;
 mod train;
 
 use args::ModelArgs;
@@ -97,6 +98,9 @@ enum Cmd {
     /// Evaluate configurations of a task (the optimization ladder) and compare runs.
     #[command(subcommand)]
     Eval(eval::EvalCmd),
+    /// Text-to-SQL on your own SQLite database: `flywheel sql ask --db FILE "question"`.
+    #[command(subcommand)]
+    Sql(sql::SqlCmd),
     /// Measure prefill and decode speed (used by scripts/bench-generate.sh); prints one JSON line.
     Bench(bench::BenchArgs),
 }
@@ -136,6 +140,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Serve(a) => serve::serve(a),
         Cmd::Rag(c) => rag::run(c),
         Cmd::Eval(c) => eval::run(c),
+        Cmd::Sql(c) => sql::run(c),
         Cmd::Bench(a) => bench::run(a),
     }
 }

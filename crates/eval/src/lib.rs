@@ -10,6 +10,7 @@
 //! - [`records`]: what a run folder holds (results and timings records, file names, state,
 //!   hashes), shared by the runner and the reports.
 //! - [`report`]: markdown and HTML reports, the ladder chart, and run comparison.
+//! - [`sql`]: text-to-SQL pieces: the schema read from a database for `{{ schema }}`.
 #![deny(missing_docs)]
 
 pub mod chart;
@@ -20,6 +21,7 @@ pub mod records;
 pub mod report;
 pub mod runner;
 pub mod spec;
+pub mod sql;
 
 pub use records::ResultRecord;
 pub use report::{compare, write_reports, RungSummary};

@@ -77,6 +77,9 @@ pub struct ResultRecord {
     /// Every generation when the rung self-corrects.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attempts: Vec<Attempt>,
+    /// Every sample of an execution vote, with its result class and group.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub votes: Vec<crate::sql::VoteSample>,
     /// Questions of the few-shot examples shown.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub examples: Vec<String>,

@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::chart::{self, Bar};
-use crate::metrics::{bootstrap_ci, SqlErrorClass};
+use crate::metrics::{bootstrap_ci, mcnemar_exact, SqlErrorClass};
 use crate::records::{
     read_jsonl_repair, ErrorClass, ResultRecord, Timing, RESULTS_FILE, TIMINGS_FILE,
 };
@@ -46,6 +46,73 @@ pub struct RungSummary {
     pub seconds_mean: f64,
     /// Median seconds per question.
     pub seconds_p50: f64,
+    /// Paired against the rung before it (the previous scored one), on a right/wrong metric.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vs_previous: Option<Paired>,
+    /// Paired against the first scored rung.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vs_first: Option<Paired>,
+}
+
+/// Two rungs on the same questions, when the primary metric is right/wrong (0 or 1).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Paired {
+    /// Questions scored by both.
+    pub questions: usize,
+    /// Right here, wrong in the other rung.
+    pub gained: usize,
+    /// Wrong here, right in the other rung.
+    pub lost: usize,
+    /// McNemar's exact two-sided p-value.
+    pub p_value: f64,
+}
+
+/// `a` against `b` on the questions both scored, by id; `None` when the metric is not 0/1 on
+/// them or no question is shared.
+fn paired(records: &[ResultRecord], a: &str, b: &str, primary: &str) -> Option<Paired> {
+    let scores = |rung: &str| -> BTreeMap<&str, f64> {
+        records
+            .iter()
+            .filter(|r| r.rung == rung)
+            .filter_map(|r| Some((r.id.as_str(), *r.scores.get(primary)?)))
+            .collect()
+    };
+    let (sa, sb) = (scores(a), scores(b));
+    let (mut n, mut gained, mut lost) = (0, 0, 0);
+    for (id, x) in &sa {
+        let Some(y) = sb.get(id) else { continue };
+        if ![0.0, 1.0].contains(x) || ![0.0, 1.0].contains(y) {
+            return None;
+        }
+        n += 1;
+        match (*x == 1.0, *y == 1.0) {
+            (true, false) => gained += 1,
+            (false, true) => lost += 1,
+            _ => {}
+        }
+    }
+    (n > 0).then(|| Paired {
+        questions: n,
+        gained,
+        lost,
+        p_value: mcnemar_exact(gained, lost),
+    })
+}
+
+/// `p` for a report: gains, losses and the p-value.
+fn paired_text(p: Option<Paired>) -> String {
+    match p {
+        None => "—".into(),
+        Some(p) => format!("+{} / −{}, p = {}", p.gained, p.lost, p_text(p.p_value)),
+    }
+}
+
+fn p_text(p: f64) -> String {
+    if p < 0.001 {
+        "<0.001".into()
+    } else {
+        format!("{p:.3}")
+    }
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -83,7 +150,7 @@ pub fn summarize(
             names.push(r.rung.clone());
         }
     }
-    names
+    let mut rows = names
         .iter()
         .filter_map(|name| {
             let rs: Vec<&ResultRecord> = records.iter().filter(|r| &r.rung == name).collect();
@@ -137,9 +204,29 @@ pub fn summarize(
                 ),
                 seconds_mean: mean(&secs),
                 seconds_p50: median(&mut secs),
+                vs_previous: None,
+                vs_first: None,
             })
         })
-        .collect()
+        .collect::<Vec<_>>();
+    // Paired tests, each rung against the scored rung before it and the first scored rung.
+    let mut first: Option<String> = None;
+    let mut prev: Option<String> = None;
+    for r in rows.iter_mut() {
+        if r.scored == 0 {
+            continue;
+        }
+        r.vs_previous = prev
+            .as_deref()
+            .and_then(|p| paired(records, &r.name, p, primary));
+        r.vs_first = first
+            .as_deref()
+            .filter(|f| Some(*f) != prev.as_deref())
+            .and_then(|f| paired(records, &r.name, f, primary));
+        first.get_or_insert_with(|| r.name.clone());
+        prev = Some(r.name.clone());
+    }
+    rows
 }
 
 fn pct(v: f64) -> String {
@@ -242,14 +329,16 @@ fn markdown(spec: &EvalSpec, rows: &[RungSummary]) -> String {
         rows.first().map_or(0, |r| r.questions),
         spec.seed
     );
-    s.push_str(&format!("| rung | {primary} | 95% CI | Δ vs previous |"));
+    s.push_str(&format!(
+        "| rung | {primary} | 95% CI | Δ vs previous | paired vs previous | paired vs first |"
+    ));
     for o in &others {
         s.push_str(&format!(" {o} |"));
     }
     s.push_str(
         " prompt tok | output tok | s/question (mean / p50) | unscored |\n|---|---|---|---|",
     );
-    s.push_str(&"---|".repeat(others.len() + 4));
+    s.push_str(&"---|".repeat(others.len() + 6));
     s.push('\n');
     let mut prev: Option<f64> = None;
     for r in rows {
@@ -257,14 +346,16 @@ fn markdown(spec: &EvalSpec, rows: &[RungSummary]) -> String {
             format!("{:+.1} pts", (r.primary - p) * 100.0)
         });
         if r.scored == 0 {
-            s.push_str(&format!("| {} | not scored | — | — |", r.name));
+            s.push_str(&format!("| {} | not scored | — | — | — | — |", r.name));
         } else {
             s.push_str(&format!(
-                "| {} | **{}** | {}–{} | {delta} |",
+                "| {} | **{}** | {}–{} | {delta} | {} | {} |",
                 r.name,
                 pct(r.primary),
                 pct(r.ci.0),
-                pct(r.ci.1)
+                pct(r.ci.1),
+                paired_text(r.vs_previous),
+                paired_text(r.vs_first),
             ));
         }
         for o in &others {
@@ -281,6 +372,9 @@ fn markdown(spec: &EvalSpec, rows: &[RungSummary]) -> String {
         if r.scored > 0 {
             prev = Some(r.primary);
         }
+    }
+    if rows.iter().any(|r| r.vs_previous.is_some()) {
+        s.push_str("\nPaired columns: questions this rung got right that the other got wrong (+), and the reverse (−), with McNemar's exact two-sided p-value on those discordant questions; p < 0.05 marks a change unlikely to be chance on this question set.\n");
     }
     let cols = error_columns(spec.task, rows);
     s.push_str("\n## Errors per rung\n\n| rung | wrong |");
@@ -581,7 +675,56 @@ mod tests {
             completion_tokens: 0.0,
             seconds_mean: 0.0,
             seconds_p50: 0.0,
+            vs_previous: None,
+            vs_first: None,
         }
+    }
+
+    fn record(rung: &str, id: usize, right: bool) -> ResultRecord {
+        serde_json::from_value(serde_json::json!({
+            "rung": rung, "id": format!("q{id}"), "question": "?", "prompt": "", "output": "",
+            "prediction": "", "scores": {"execution_accuracy": f64::from(u8::from(right))},
+            "prompt_tokens": 1, "completion_tokens": 1,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn each_rung_is_paired_with_the_one_before_and_the_first() {
+        // 20 questions: `b` gains 9 and loses 1 against `a`; `c` equals `b` but for one more loss.
+        let mut recs = Vec::new();
+        for i in 0..20 {
+            let a = i < 5;
+            let b = (i < 4) || (5..14).contains(&i);
+            let c = b && i != 13;
+            recs.push(record("a", i, a));
+            recs.push(record("b", i, b));
+            recs.push(record("c", i, c));
+        }
+        // `d` was not scored at all and is skipped; `e` is compared with `c` and with `a`.
+        for i in 0..20 {
+            recs.push(record("e", i, true));
+        }
+        let order: Vec<String> = ["a", "b", "c", "e"].iter().map(|s| s.to_string()).collect();
+        let rows = summarize(&recs, &[], &order, "execution_accuracy", 1);
+        assert_eq!(rows[0].vs_previous, None);
+        let p = rows[1].vs_previous.unwrap();
+        assert_eq!((p.questions, p.gained, p.lost), (20, 9, 1));
+        assert!((p.p_value - 22.0 / 1024.0).abs() < 1e-12);
+        assert_eq!(rows[1].vs_first, None, "the first is the previous");
+        let p = rows[2].vs_previous.unwrap();
+        assert_eq!((p.gained, p.lost, p.p_value), (0, 1, 1.0));
+        let p = rows[2].vs_first.unwrap();
+        assert_eq!((p.gained, p.lost), (8, 1));
+        let p = rows[3].vs_first.unwrap();
+        assert_eq!((p.gained, p.lost), (15, 0));
+        assert_eq!(paired_text(rows[3].vs_first), "+15 / −0, p = <0.001");
+        // A metric that is not right/wrong is not paired.
+        let mut cont = recs.clone();
+        cont[0].scores.insert("execution_accuracy".into(), 0.5);
+        let rows = summarize(&cont, &[], &order, "execution_accuracy", 1);
+        assert_eq!(rows[1].vs_previous, None);
+        assert_eq!(paired_text(rows[3].vs_first), "—");
     }
 
     #[test]

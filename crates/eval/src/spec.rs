@@ -260,6 +260,36 @@ pub enum Feedback {
     Restate,
 }
 
+/// A grammar a rung's answers are decoded under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Constrain {
+    /// SQLite `SELECT` whose tables and columns are the question's database's own.
+    Sql,
+}
+
+/// Execution voting (sql): `n` samples from one prefill, each run read-only; the largest group
+/// of samples with the same non-empty result wins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vote {
+    /// Samples per question.
+    pub n: usize,
+    /// Their temperature.
+    #[serde(default = "default_vote_temperature")]
+    pub temperature: f32,
+    /// Their nucleus (top-p) cut.
+    #[serde(default = "default_vote_top_p")]
+    pub top_p: f32,
+}
+
+fn default_vote_temperature() -> f32 {
+    0.7
+}
+fn default_vote_top_p() -> f32 {
+    0.95
+}
+
 fn default_retry_temperature() -> f32 {
     0.7
 }
@@ -279,9 +309,19 @@ pub struct RungSpec {
     pub system: Option<String>,
     /// A minijinja template for the user message; variables: `prompt`, `question`, `examples`
     /// (list of `{question, answer}`), `context` (list of `{n, source, text}`), `record` (the
-    /// dataset line).
+    /// dataset line), and for sql tasks `schema` (the database's `CREATE TABLE` text).
     #[serde(default)]
     pub template: Option<String>,
+    /// Sample rows per table in `{{ schema }}` (sql; default 0).
+    #[serde(default)]
+    pub sample_rows: Option<usize>,
+    /// Decoding under a grammar: `"sql"` holds the answer to SQLite `SELECT` over the
+    /// database's own tables and columns (sql; default none).
+    #[serde(default)]
+    pub constrain: Option<Constrain>,
+    /// Execution voting: `n` sampled queries, the answer most of them agree on (sql).
+    #[serde(default)]
+    pub vote: Option<Vote>,
     /// Few-shot examples.
     #[serde(default)]
     pub few_shot: Option<FewShot>,
@@ -314,6 +354,12 @@ pub struct Rung {
     pub system: String,
     /// User-message template.
     pub template: String,
+    /// Sample rows per table in `{{ schema }}`.
+    pub sample_rows: usize,
+    /// The grammar answers are decoded under.
+    pub constrain: Option<Constrain>,
+    /// Execution voting.
+    pub vote: Option<Vote>,
     /// Few-shot examples.
     pub few_shot: Option<FewShot>,
     /// Adapter folder.
@@ -336,7 +382,9 @@ pub fn default_template(task: Task) -> &'static str {
         Task::Sql => {
             "{% if examples %}Examples of questions and the SQL that answers them (on other databases):\n\n\
 {% for e in examples %}Question: {{ e.question }}\nSQL: {{ e.answer }}\n\n{% endfor %}\
-Now the task.\n\n{% endif %}{{ prompt }}"
+Now the task.\n\n{% endif %}{% if schema %}Given the SQLite database schema below, write one SQL query that \
+answers the question. Reply with the SQL only.\n\n{{ schema }}\n\nQuestion: {{ question | trim }}\n\
+{% else %}{{ prompt }}{% endif %}"
         }
         Task::Qa | Task::Rag => {
             "{% if context %}Answer using only the numbered passages below; cite them like [1]. \
@@ -411,6 +459,9 @@ impl EvalSpec {
                     .clone()
                     .or_else(|| d.template.clone())
                     .unwrap_or_else(|| default_template(self.task).to_string()),
+                sample_rows: r.sample_rows.or(d.sample_rows).unwrap_or(0),
+                constrain: r.constrain.or(d.constrain),
+                vote: r.vote.clone().or_else(|| d.vote.clone()),
                 few_shot: r.few_shot.clone().or_else(|| d.few_shot.clone()),
                 adapter: r.adapter.clone().or_else(|| d.adapter.clone()),
                 retrieval: r.retrieval.clone().or_else(|| d.retrieval.clone()),
@@ -556,6 +607,38 @@ impl EvalSpec {
             }
             if r.self_correct.is_some() && self.task != Task::Sql {
                 return bad(&at("self_correct"), "applies to sql tasks only");
+            }
+            for (set, key) in [
+                (r.sample_rows > 0, "sample_rows"),
+                (r.constrain.is_some(), "constrain"),
+                (r.vote.is_some(), "vote"),
+            ] {
+                if set && self.task != Task::Sql {
+                    return bad(&at(key), "applies to sql tasks only");
+                }
+            }
+            if r.sample_rows > 0 && !r.template.contains("schema") {
+                return bad(
+                    &at("sample_rows"),
+                    "the rung's template does not use {{ schema }}, so the rows would not be shown",
+                );
+            }
+            if let Some(v) = &r.vote {
+                if !(2..=64).contains(&v.n) {
+                    return bad(&at("vote.n"), "must be between 2 and 64");
+                }
+                if !(v.temperature > 0.0 && v.temperature <= 2.0) {
+                    return bad(&at("vote.temperature"), "must be above 0 and at most 2");
+                }
+                if !(v.top_p > 0.0 && v.top_p <= 1.0) {
+                    return bad(&at("vote.top_p"), "must be above 0 and at most 1");
+                }
+                if r.self_correct.is_some() {
+                    return bad(
+                        &at("vote"),
+                        "vote and self_correct cannot be combined on one rung (the vote already prefers samples that run)",
+                    );
+                }
             }
         }
         Ok(())

@@ -551,3 +551,113 @@ fn a_run_folder_in_use_is_refused_naming_its_holder() {
     );
     drop(held);
 }
+
+#[test]
+fn schema_rows_sql_constraint_and_execution_voting_rungs() {
+    let t = toy();
+    let text = format!(
+        r#"
+name = "toy-sql-rungs"
+task = "sql"
+output = "{out}"
+[dataset]
+path = "{data}"
+id = "id"
+reference = "sql"
+db_id = "db_id"
+db_dir = "{db}"
+[model]
+path = "{model}"
+[defaults]
+max_tokens = 24
+template = "{{{{ schema }}}}\n\nQuestion: {{{{ question }}}}\n"
+[[rungs]]
+name = "schema"
+[[rungs]]
+name = "schema + rows"
+sample_rows = 2
+[[rungs]]
+name = "constrained"
+constrain = "sql"
+[[rungs]]
+name = "vote"
+vote = {{ n = 4 }}
+[[rungs]]
+name = "constrained vote"
+constrain = "sql"
+vote = {{ n = 3, temperature = 1.0 }}
+"#,
+        out = t.p("run-rungs").display(),
+        data = t.p("sql.jsonl").display(),
+        db = t.p("db").display(),
+        model = t.p("model").display(),
+    );
+    let spec = EvalSpec::parse(&text, "toy-sql-rungs.toml").unwrap();
+    let out = run(&spec, &RunOptions::default(), &mut Quiet).unwrap();
+    assert!(out.complete);
+    let rs = read_results(&out.dir);
+    let by = |rung: &str| -> Vec<&ResultRecord> { rs.iter().filter(|r| r.rung == rung).collect() };
+    let create =
+        "CREATE TABLE \"items\" (\"id\" INTEGER PRIMARY KEY, \"name\" TEXT, \"price\" REAL);";
+    for r in by("schema") {
+        assert!(
+            r.prompt.contains(create) && !r.prompt.contains("rows from"),
+            "{}",
+            r.prompt
+        );
+    }
+    for r in by("schema + rows") {
+        assert!(
+            r.prompt.contains(
+                "2 rows from \"items\":\nid\tname\tprice\n1\tpen\t1.5\n2\tbook\t12.0\n*/"
+            ),
+            "{}",
+            r.prompt
+        );
+    }
+    // Under the grammar a query never names a table or column the database lacks.
+    let conn = rusqlite::Connection::open(t.p("db/shop.sqlite")).unwrap();
+    let grammar = flywheel_eval::sql::DbSchema::read(&conn, 0)
+        .unwrap()
+        .grammar();
+    for r in by("constrained").into_iter().chain(by("constrained vote")) {
+        assert_ne!(
+            r.error_class.map(|c| format!("{c:?}")),
+            Some("Sql(WrongTableOrColumn)".into()),
+            "{r:?}"
+        );
+        if r.error_class.is_none() || r.correct == Some(true) {
+            assert!(
+                flywheel_runtime::constraint::text_matches(&grammar, r.output.trim()).unwrap(),
+                "{}",
+                r.output
+            );
+        }
+    }
+    // Voting: every sample recorded, the prediction is the winner's, one prefill per question.
+    for (vote, plain, n) in [
+        ("vote", "schema", 4),
+        ("constrained vote", "constrained", 3),
+    ] {
+        for (v, p) in by(vote).into_iter().zip(by(plain)) {
+            assert_eq!(v.votes.len(), n, "{v:?}");
+            assert!(v.votes.iter().any(|s| s.sql == v.prediction), "{v:?}");
+            assert_eq!(v.prompt_tokens, p.prompt_tokens, "one prefill");
+            assert_eq!(
+                v.completion_tokens,
+                v.votes.iter().map(|s| s.tokens).sum::<usize>()
+            );
+        }
+    }
+    // Deterministic: a second run gives the same votes.
+    let again = flywheel_eval::EvalSpec::parse(
+        &text.replace("run-rungs", "run-rungs-2"),
+        "toy-sql-rungs.toml",
+    )
+    .unwrap();
+    let out2 = run(&again, &RunOptions::default(), &mut Quiet).unwrap();
+    let rs2 = read_results(&out2.dir);
+    for (a, b) in rs.iter().zip(&rs2) {
+        assert_eq!((&a.votes, &a.prediction), (&b.votes, &b.prediction));
+    }
+}

@@ -137,14 +137,7 @@ impl GrammarCompiler {
     /// Whether `text` is a complete sentence of `grammar`, for a compiler from
     /// [`Self::over_bytes`] (errors: the grammar does not compile).
     pub fn check(&self, grammar: &Grammar, text: &str) -> Result<bool> {
-        let mut c = self.compile(grammar)?;
-        let toks: Vec<TokenId> = text.bytes().map(TokenId::from).collect();
-        let ok = c.matcher.validate_tokens(&toks).map_err(|e| c.failed(e))?;
-        if ok < toks.len() {
-            return Ok(false);
-        }
-        c.matcher.consume_tokens(&toks).map_err(|e| c.failed(e))?;
-        Ok(c.is_accepting())
+        Ok(self.compile(grammar)?.accepts_text(text))
     }
 
     fn from_words(words: Vec<Vec<u8>>, eos: &[u32]) -> Result<Self> {
@@ -209,12 +202,19 @@ impl GrammarCompiler {
 /// Whether `text` is a complete sentence of `grammar`, checked byte by byte with no model (one
 /// byte-level compiler per process). Errors: the grammar does not compile.
 pub fn text_matches(grammar: &Grammar, text: &str) -> Result<bool> {
+    byte_compiler(grammar.kind())?.check(grammar, text)
+}
+
+/// The process's byte-level compiler ([`GrammarCompiler::over_bytes`]); `kind` names the
+/// grammar in the error if it cannot be built. Compile a grammar once with it and check many
+/// texts with [`Constraint::accepts_text`].
+pub fn byte_compiler(kind: &'static str) -> Result<&'static GrammarCompiler> {
     static BYTES: std::sync::OnceLock<std::result::Result<GrammarCompiler, String>> =
         std::sync::OnceLock::new();
     match BYTES.get_or_init(|| GrammarCompiler::over_bytes().map_err(|e| e.to_string())) {
-        Ok(c) => c.check(grammar, text),
+        Ok(c) => Ok(c),
         Err(reason) => Err(Error::Grammar {
-            kind: grammar.kind(),
+            kind,
             reason: reason.clone(),
         }),
     }
@@ -311,6 +311,16 @@ impl Constraint {
     /// The grammar admits nothing more (complete, or ended by an end-of-sequence token).
     pub fn is_finished(&self) -> bool {
         self.matcher.is_stopped()
+    }
+
+    /// Whether a fresh copy of this matcher takes all of `text` byte by byte and is then
+    /// complete: for a matcher from a byte-level compiler ([`GrammarCompiler::over_bytes`]).
+    pub fn accepts_text(&self, text: &str) -> bool {
+        let mut m = self.matcher.clone();
+        let toks: Vec<TokenId> = text.bytes().map(TokenId::from).collect();
+        matches!(m.validate_tokens(&toks), Ok(n) if n == toks.len())
+            && m.consume_tokens(&toks).is_ok()
+            && m.is_accepting().unwrap_or(false)
     }
 
     /// Whether the output so far is a complete sentence of the grammar.

@@ -28,6 +28,9 @@ pub use crate::stop::StopScanner;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 use crate::{Error, Result};
 
+mod samples;
+pub use samples::Samples;
+
 /// Token texts that end a turn in common chat formats; added to the stop set when they are special tokens.
 const END_OF_TURN: &[&str] = &[
     "<|im_end|>",

@@ -329,3 +329,39 @@ fn the_engine_runs_constrained_and_free_jobs_in_one_batch() -> anyhow::Result<()
     }
     Ok(())
 }
+
+#[test]
+fn samples_from_one_prefill_equal_each_seed_alone() -> anyhow::Result<()> {
+    let (_d, tm) = tiny(Architecture::Llama, 4)?;
+    let schema = r#"{"type":"object","properties":{"n":{"type":"integer"}},"required":["n"]}"#;
+    for grammar in [None, Some(Grammar::JsonSchema(schema.into()))] {
+        let mut req = GenerateRequest::new("the cat sat", 24);
+        req.sampling = SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            ..SamplingParams::default()
+        };
+        req.grammar = grammar.clone();
+        let seeds = [3u64, 11, 3, 42];
+        let s = tm.generate_samples(&req, &seeds)?;
+        // One prefill for all: the prompt's tokens ran once, not once per sample.
+        assert_eq!(s.prefill_tokens, tm.encode_prompt(&req.prompt)?.len());
+        assert_eq!(s.outputs.len(), seeds.len());
+        for (seed, out) in seeds.iter().zip(&s.outputs) {
+            let mut alone = req.clone();
+            alone.sampling.seed = *seed;
+            let want = run(&tm, &alone)?;
+            assert_eq!(out.tokens, want.tokens, "seed {seed}, grammar {grammar:?}");
+            assert_eq!(out.finish_reason, want.finish_reason);
+        }
+        assert_eq!(
+            s.outputs[0].tokens, s.outputs[2].tokens,
+            "same seed, same sample"
+        );
+        assert!(
+            s.outputs.iter().any(|o| o.tokens != s.outputs[0].tokens),
+            "different seeds should not all agree at temperature 0.9"
+        );
+    }
+    Ok(())
+}

@@ -25,7 +25,7 @@ pub use sql_exec::{
     SqlErrorClass, SqlOutcome,
 };
 pub use sql_extract::{extract_sql, has_top_level_order_by, normalize_sql};
-pub use stats::bootstrap_ci;
+pub use stats::{bootstrap_ci, mcnemar_exact};
 pub use text::{exact_match, json_valid, normalize_answer, rouge_l, token_f1};
 pub use verdict::{parse_verdict, Verdict};
 

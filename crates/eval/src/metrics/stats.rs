@@ -1,4 +1,5 @@
-//! Statistics: percentile-bootstrap confidence intervals of a mean.
+//! Statistics: percentile-bootstrap confidence intervals of a mean, and McNemar's exact test
+//! of two configurations answering the same questions.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -65,5 +66,55 @@ mod tests {
         assert!(a.0 >= 0.0 && a.1 <= 1.0);
         assert_eq!(bootstrap_ci(&[1.0, 3.0], 0, 1), (2.0, 2.0));
         let _ = bootstrap_ci(&[f64::NAN, 1.0], 10, 1);
+    }
+}
+
+/// McNemar's exact test (two-sided): the p-value that two configurations right and wrong on the
+/// same questions differ, from the discordant pairs only: `b` questions only the first got
+/// right, `c` only the second. It is the binomial test of `min(b, c)` successes in `b + c`
+/// trials at one half, doubled and capped at 1; no discordant pair gives 1.
+pub fn mcnemar_exact(b: usize, c: usize) -> f64 {
+    let n = b + c;
+    if n == 0 {
+        return 1.0;
+    }
+    let k = b.min(c);
+    // ln C(n, i) - n ln 2, summed over i <= k in log space (n may run to thousands).
+    let ln2n = n as f64 * std::f64::consts::LN_2;
+    let mut ln_choose = 0.0f64;
+    let mut tail = 0.0f64;
+    for i in 0..=k {
+        if i > 0 {
+            ln_choose += ((n - i + 1) as f64).ln() - (i as f64).ln();
+        }
+        tail += (ln_choose - ln2n).exp();
+    }
+    (2.0 * tail).min(1.0)
+}
+
+#[cfg(test)]
+mod mcnemar_tests {
+    use super::mcnemar_exact;
+
+    #[test]
+    fn hand_computed_cases() {
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert_eq!(mcnemar_exact(0, 0), 1.0);
+        // n = 1: 2 * 1/2 = 1.
+        assert_eq!(mcnemar_exact(1, 0), 1.0);
+        // b = 0, c = 5: 2 * (1/2)^5 = 1/16.
+        assert!(close(mcnemar_exact(0, 5), 0.0625));
+        assert!(close(mcnemar_exact(5, 0), 0.0625));
+        // b = 1, c = 9: 2 * (1 + 10) / 1024.
+        assert!(close(mcnemar_exact(1, 9), 22.0 / 1024.0));
+        // b = 2, c = 8: 2 * (1 + 10 + 45) / 1024.
+        assert!(close(mcnemar_exact(8, 2), 112.0 / 1024.0));
+        // Balanced: capped at 1.
+        assert_eq!(mcnemar_exact(6, 6), 1.0);
+        // Large n stays finite and tiny: 0 vs 2000.
+        let p = mcnemar_exact(0, 2000);
+        assert!((0.0..1e-300).contains(&p));
+        // b = 40, c = 60: scipy.stats.binomtest(40, 100).pvalue = 0.056887933640980...
+        assert!((mcnemar_exact(40, 60) - 0.056_887_933_640_98).abs() < 1e-9);
     }
 }

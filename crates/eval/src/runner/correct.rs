@@ -2,7 +2,7 @@
 //! hint), an empty result or a missing query is fed back for another try; a retry that repeats
 //! an earlier query is drawn again with its own seed.
 
-use flywheel_api::{ChatMessage, SamplingParams};
+use flywheel_api::{ChatMessage, Grammar, SamplingParams};
 
 use super::rung::Ctx;
 use super::SQL_TIMEOUT;
@@ -50,6 +50,8 @@ pub(super) struct FirstAnswer {
     pub(super) output: String,
     /// The SQL extracted from it.
     pub(super) sql: String,
+    /// The grammar answers are decoded under (the rung's `constrain`).
+    pub(super) grammar: Option<Grammar>,
 }
 
 impl Ctx<'_> {
@@ -70,6 +72,7 @@ impl Ctx<'_> {
             mut prompt,
             mut output,
             mut sql,
+            grammar,
         } = first;
         let mut draws = 1;
         for _ in 0..sc.max_retries {
@@ -134,6 +137,7 @@ impl Ctx<'_> {
                     &messages,
                     rung,
                     retry_sampling(rung, sc, index, retry, draw),
+                    grammar.as_ref(),
                 )?;
                 rec.prompt_tokens += g.prompt_tokens;
                 rec.completion_tokens += g.completion_tokens;
@@ -168,6 +172,9 @@ mod tests {
             name: "r".into(),
             system: String::new(),
             template: String::new(),
+            sample_rows: 0,
+            constrain: None,
+            vote: None,
             few_shot: None,
             adapter: None,
             retrieval: None,

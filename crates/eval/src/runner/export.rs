@@ -87,12 +87,14 @@ pub fn make_training_data(
         }
     }
     let mut text = String::new();
+    let mut schemas = super::prompt::Schemas::default();
     for (ex, p) in examples.iter().zip(&picks) {
         let reference = ex.reference.clone().ok_or_else(|| Error::Config {
             field: "dataset.reference".into(),
             reason: "training data needs the reference answer field".into(),
         })?;
-        let prompt = render_user(rung, ex, &shots, p, &[])?;
+        let schema = schemas.text(rung, ex)?;
+        let prompt = render_user(rung, ex, &shots, p, &[], &schema)?;
         text.push_str(&serde_json::json!({"prompt": prompt, "completion": reference}).to_string());
         text.push('\n');
     }

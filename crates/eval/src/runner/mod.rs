@@ -293,6 +293,7 @@ fn run_missing(
         stores: BTreeMap::new(),
         adapters: BTreeMap::new(),
         installed: None,
+        schemas: Default::default(),
     };
     let open = |p: &Path| {
         std::fs::OpenOptions::new()

@@ -1,9 +1,16 @@
 //! The prompt of a rung: its user message rendered from the template, and the few-shot examples
 //! picked for a question by nearest-neighbour search over embedded example questions or answers.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use flywheel_api::Grammar;
+
 use crate::data::{Example, Shot};
 use crate::metrics;
 use crate::spec::{EvalSpec, Rung};
+use crate::sql::DbSchema;
 use crate::{Error, Result};
 
 /// `v` scaled to unit length (unchanged when it is all zeros).
@@ -20,15 +27,67 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// The rung's user message for `ex` with the chosen examples and passages.
+/// The databases' schema texts read so far, by file and sample rows per table.
+#[derive(Default)]
+pub(super) struct Schemas(
+    BTreeMap<(PathBuf, usize), Arc<DbSchema>>,
+    BTreeMap<PathBuf, Grammar>,
+);
+
+impl Schemas {
+    /// The schema of `ex`'s database with `rows` sample rows per table.
+    pub(super) fn get(&mut self, ex: &Example, rows: usize) -> Result<Arc<DbSchema>> {
+        let db = ex.db.clone().ok_or_else(|| Error::Config {
+            field: "dataset.db_id".into(),
+            reason: format!("question `{}` names no database", ex.id),
+        })?;
+        let key = (db, rows);
+        if let Some(s) = self.0.get(&key) {
+            return Ok(s.clone());
+        }
+        let io = |reason: String| Error::Io {
+            path: key.0.display().to_string(),
+            reason,
+        };
+        let conn = metrics::open_read_only(&key.0).map_err(io)?;
+        let schema = Arc::new(DbSchema::read(&conn, rows).map_err(io)?);
+        self.0.insert(key, schema.clone());
+        Ok(schema)
+    }
+
+    /// The SQL grammar of `ex`'s database (built once per database).
+    pub(super) fn grammar(&mut self, ex: &Example) -> Result<Grammar> {
+        let db = ex.db.clone().unwrap_or_default();
+        if let Some(g) = self.1.get(&db) {
+            return Ok(g.clone());
+        }
+        let g = self.get(ex, 0)?.grammar();
+        self.1.insert(db, g.clone());
+        Ok(g)
+    }
+
+    /// The `{{ schema }}` text for `ex` under `rung` (empty when its template does not use it).
+    pub(super) fn text(&mut self, rung: &Rung, ex: &Example) -> Result<String> {
+        if !rung.template.contains("schema") || ex.db.is_none() {
+            return Ok(String::new());
+        }
+        Ok(self.get(ex, rung.sample_rows)?.render())
+    }
+}
+
+/// The rung's user message for `ex` with the chosen examples, passages and schema text.
 pub(super) fn render_user(
     rung: &Rung,
     ex: &Example,
     all_shots: &[Shot],
     shots: &[usize],
     context: &[(usize, String, String)],
+    schema: &str,
 ) -> Result<String> {
-    let env = minijinja::Environment::new();
+    let mut env = minijinja::Environment::new();
+    // A template that ends in a newline keeps it (prompts compare byte for byte with data
+    // rendered elsewhere).
+    env.set_keep_trailing_newline(true);
     let examples: Vec<&Shot> = shots.iter().map(|&i| &all_shots[i]).collect();
     let ctx: Vec<serde_json::Value> = context
         .iter()
@@ -42,6 +101,7 @@ pub(super) fn render_user(
             examples => examples,
             context => ctx,
             record => ex.record,
+            schema => schema,
         },
     )
     .map_err(|e| Error::Template {
@@ -87,6 +147,30 @@ pub(super) fn nearest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_sql_prompt_is_the_prepared_datas_prompt_byte_for_byte() {
+        // scripts/prepare-sql-data.sh wrote each question's prompt with the schema rendered in
+        // Python; the default template renders the schema from the database in Rust.
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut spec = crate::EvalSpec::load(&root.join("evals/sql-ladder-cpu.toml")).unwrap();
+        spec.dataset.path = root.join(&spec.dataset.path);
+        spec.dataset.db_dir = spec.dataset.db_dir.map(|d| root.join(d));
+        spec.dataset.limit = 0;
+        let data = crate::data::read_dataset(&spec.dataset)
+            .expect("data/sql is missing: run scripts/prepare-sql-data.sh");
+        let rung = &spec.resolved_rungs()[0];
+        let mut schemas = Schemas::default();
+        for ex in &data {
+            let prepared = ex.record["prompt"].as_str().unwrap();
+            let schema = schemas.text(rung, ex).unwrap();
+            assert_eq!(
+                render_user(rung, ex, &[], &[], &[], &schema).unwrap(),
+                prepared
+            );
+        }
+        assert_eq!(data.len(), 337);
+    }
 
     #[test]
     fn retrieval_leaves_out_the_question_itself_and_its_group() {

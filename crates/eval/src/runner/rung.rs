@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use flywheel_api::{ChatMessage, GenerateRequest, NullSink, SamplingParams};
+use flywheel_api::{ChatMessage, GenerateRequest, Grammar, NullSink, SamplingParams};
 use flywheel_peft::{with_routing, Adapter, LoraHook, Routing};
 use flywheel_rag::answer::{build_context, source_label};
 use flywheel_rag::eval::{is_gold, EvalQuestion};
@@ -13,14 +13,17 @@ use flywheel_rag::{DenseIndex, Llm, Mode, SearchOptions, Searcher, Store};
 use flywheel_runtime::{EmbeddingModel, TextModel};
 
 use super::correct::FirstAnswer;
-use super::prompt::{group_of, nearest, render_user, unit};
+use super::prompt::{group_of, nearest, render_user, unit, Schemas};
 use super::SQL_TIMEOUT;
 use crate::data::{Example, Shot};
 use crate::judge::Judge;
 use crate::metrics::{self, normalize_sql};
 use crate::records::{ContextRef, ErrorClass, ResultRecord};
-use crate::spec::{EvalSpec, Rung, Select, Task};
+use crate::spec::{Constrain, EvalSpec, Rung, Select, Task, Vote};
 use crate::{Error, Result};
+
+/// Most rows read from a voted sample (results longer than this compare by their first rows).
+const VOTE_MAX_ROWS: usize = 10_000;
 
 /// Everything a run holds while it works.
 pub(super) struct Ctx<'a> {
@@ -48,6 +51,8 @@ pub(super) struct Ctx<'a> {
     pub(super) adapters: BTreeMap<PathBuf, Adapter>,
     /// The adapter installed now.
     pub(super) installed: Option<PathBuf>,
+    /// Database schemas read so far.
+    pub(super) schemas: Schemas,
 }
 
 /// Passages for the prompt `(n, source, text)`, their references, and gold flags of every hit.
@@ -81,19 +86,27 @@ impl Ctx<'_> {
         Ok(s)
     }
 
-    fn generate(&self, messages: &[ChatMessage], rung: &Rung, index: usize) -> Result<Generated> {
+    fn generate(
+        &self,
+        messages: &[ChatMessage],
+        rung: &Rung,
+        index: usize,
+        grammar: Option<&Grammar>,
+    ) -> Result<Generated> {
         let mut sampling = rung.sampling.clone();
         sampling.seed = rung.sampling.seed.wrapping_add(index as u64);
-        self.generate_with(messages, rung, sampling)
+        self.generate_with(messages, rung, sampling, grammar)
     }
 
-    /// [`Self::generate`] with the given sampling settings (seed included).
-    pub(super) fn generate_with(
+    /// The request for `messages` under the rung's limits and stop strings, and its prompt's
+    /// token count.
+    fn request(
         &self,
         messages: &[ChatMessage],
         rung: &Rung,
         sampling: SamplingParams,
-    ) -> Result<Generated> {
+        grammar: Option<&Grammar>,
+    ) -> Result<(GenerateRequest, usize)> {
         let prompt = self.render(messages)?;
         let n = self.model.encode_prompt(&prompt)?.len();
         let window = self.model.model().config().max_position_embeddings;
@@ -103,9 +116,23 @@ impl Ctx<'_> {
                 context: window,
             }));
         }
-        let mut req = GenerateRequest::new(prompt.clone(), rung.max_tokens.min(window - n - 1));
+        let mut req = GenerateRequest::new(prompt, rung.max_tokens.min(window - n - 1));
         req.sampling = sampling;
         req.stop = rung.stop.clone();
+        req.grammar = grammar.cloned();
+        Ok((req, n))
+    }
+
+    /// [`Self::generate`] with the given sampling settings (seed included).
+    pub(super) fn generate_with(
+        &self,
+        messages: &[ChatMessage],
+        rung: &Rung,
+        sampling: SamplingParams,
+        grammar: Option<&Grammar>,
+    ) -> Result<Generated> {
+        let (req, n) = self.request(messages, rung, sampling, grammar)?;
+        let prompt = req.prompt.clone();
         let out = self.model.generate(&req, &mut NullSink)?;
         Ok(Generated {
             prompt,
@@ -219,6 +246,7 @@ impl Ctx<'_> {
             output: String::new(),
             prediction: String::new(),
             attempts: Vec::new(),
+            votes: Vec::new(),
             examples: Vec::new(),
             draft: None,
             context: Vec::new(),
@@ -253,6 +281,11 @@ impl Ctx<'_> {
     ) -> Result<()> {
         let is_sql = self.spec.task == Task::Sql;
         let (context, refs, gold_flags) = self.retrieve(rung, ex)?;
+        let schema = self.schemas.text(rung, ex)?;
+        let grammar = match rung.constrain {
+            Some(Constrain::Sql) => Some(self.schemas.grammar(ex)?),
+            None => None,
+        };
         rec.context = refs;
         let mut shots = Vec::new();
         if let Some(fs) = &rung.few_shot {
@@ -271,7 +304,7 @@ impl Ctx<'_> {
                     )
                 }
                 Select::Hyde => {
-                    let user = render_user(rung, ex, self.shots, &[], &context)?;
+                    let user = render_user(rung, ex, self.shots, &[], &context, &schema)?;
                     let g = self.generate(
                         &[
                             ChatMessage::new("system", &rung.system),
@@ -279,6 +312,7 @@ impl Ctx<'_> {
                         ],
                         rung,
                         index,
+                        grammar.as_ref(),
                     )?;
                     rec.prompt_tokens += g.prompt_tokens;
                     rec.completion_tokens += g.completion_tokens;
@@ -309,30 +343,36 @@ impl Ctx<'_> {
                 .map(|&i| self.shots[i].question.clone())
                 .collect();
         }
-        let user = render_user(rung, ex, self.shots, &shots, &context)?;
+        let user = render_user(rung, ex, self.shots, &shots, &context, &schema)?;
         let messages = vec![
             ChatMessage::new("system", &rung.system),
             ChatMessage::new("user", &user),
         ];
-        let g = self.generate(&messages, rung, index)?;
-        rec.prompt = g.prompt.clone();
-        rec.prompt_tokens += g.prompt_tokens;
-        rec.completion_tokens += g.completion_tokens;
-        let mut output = g.text;
         if is_sql {
             let db = ex.db.clone().unwrap_or_default();
             let conn = metrics::open_read_only(&db).map_err(|reason| Error::Io {
                 path: db.display().to_string(),
                 reason,
             })?;
-            let mut sql = metrics::extract_sql(&output);
+            let (mut output, mut sql) = match &rung.vote {
+                Some(v) => self.vote(rung, v, &messages, grammar.as_ref(), index, &conn, rec)?,
+                None => {
+                    let g = self.generate(&messages, rung, index, grammar.as_ref())?;
+                    rec.prompt = g.prompt;
+                    rec.prompt_tokens += g.prompt_tokens;
+                    rec.completion_tokens += g.completion_tokens;
+                    let sql = metrics::extract_sql(&g.text);
+                    (g.text, sql)
+                }
+            };
             if let Some(sc) = &rung.self_correct {
                 let first = FirstAnswer {
                     user,
                     messages,
-                    prompt: g.prompt,
+                    prompt: rec.prompt.clone(),
                     output,
                     sql,
+                    grammar,
                 };
                 (output, sql) = self.self_correct(rung, sc, &conn, index, first, rec)?;
             }
@@ -358,6 +398,11 @@ impl Ctx<'_> {
                 }
             }
         } else {
+            let g = self.generate(&messages, rung, index, None)?;
+            rec.prompt = g.prompt;
+            rec.prompt_tokens += g.prompt_tokens;
+            rec.completion_tokens += g.completion_tokens;
+            let output = g.text;
             rec.output = output.clone();
             rec.prediction = output.trim().to_string();
             if let Some(reference) = &ex.reference {
@@ -390,6 +435,58 @@ impl Ctx<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Execution voting: `v.n` samples from one prefill, each run read-only, the vote recorded
+    /// in `rec`; returns the winner's output and SQL.
+    #[allow(clippy::too_many_arguments)]
+    fn vote(
+        &self,
+        rung: &Rung,
+        v: &Vote,
+        messages: &[ChatMessage],
+        grammar: Option<&Grammar>,
+        index: usize,
+        conn: &rusqlite::Connection,
+        rec: &mut ResultRecord,
+    ) -> Result<(String, String)> {
+        let sampling = SamplingParams {
+            temperature: v.temperature,
+            top_p: v.top_p,
+            ..SamplingParams::default()
+        };
+        let (req, n) = self.request(messages, rung, sampling, grammar)?;
+        // Seeds fixed by the rung, the question and the sample.
+        let seeds: Vec<u64> = (0..v.n as u64)
+            .map(|k| {
+                rung.sampling
+                    .seed
+                    .wrapping_add(index as u64)
+                    .wrapping_add(k << 40)
+            })
+            .collect();
+        let s = self.model.generate_samples(&req, &seeds)?;
+        let runs: Vec<_> = s
+            .outputs
+            .iter()
+            .map(|o| {
+                let sql = metrics::extract_sql(&o.text);
+                let result = metrics::execute(conn, &sql, SQL_TIMEOUT, VOTE_MAX_ROWS)
+                    .map(|(rows, _)| (rows, metrics::has_top_level_order_by(&sql)));
+                (sql, o.usage.completion_tokens, result)
+            })
+            .collect();
+        let outcome = crate::sql::vote(&runs);
+        rec.prompt = req.prompt;
+        rec.prompt_tokens += n;
+        rec.completion_tokens += s
+            .outputs
+            .iter()
+            .map(|o| o.usage.completion_tokens)
+            .sum::<usize>();
+        let w = outcome.winner;
+        rec.votes = outcome.samples;
+        Ok((s.outputs[w].text.clone(), runs[w].0.clone()))
     }
 
     fn judge(
