@@ -15,6 +15,8 @@ mod hardening;
 mod rag_eval;
 #[path = "e2e/serve.rs"]
 mod serve;
+#[path = "e2e/sql.rs"]
+mod sql;
 #[path = "e2e/train.rs"]
 mod train;
 

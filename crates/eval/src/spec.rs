@@ -177,6 +177,9 @@ pub enum Select {
     /// HyDE: the model drafts an answer without examples; the k examples whose answers are most
     /// similar to the draft.
     Hyde,
+    /// By structure (sql, DAIL-SQL): the similarity of the questions with their schema words
+    /// and values masked, plus that of the SQL skeletons of the example and of a draft answer.
+    Skeleton,
 }
 
 /// Few-shot settings.
@@ -578,6 +581,9 @@ impl EvalSpec {
                 }
                 if self.examples.is_none() {
                     return bad(&at("few_shot"), "needs an [examples] store");
+                }
+                if f.select == Select::Skeleton && self.task != Task::Sql {
+                    return bad(&at("few_shot.select"), "skeleton applies to sql tasks only");
                 }
                 if f.select != Select::Fixed && self.embedder.is_none() {
                     return bad(

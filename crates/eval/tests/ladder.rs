@@ -568,9 +568,13 @@ db_id = "db_id"
 db_dir = "{db}"
 [model]
 path = "{model}"
+[embedder]
+path = "{bert}"
+[examples]
+path = "{shots}"
 [defaults]
 max_tokens = 24
-template = "{{{{ schema }}}}\n\nQuestion: {{{{ question }}}}\n"
+template = "{{% for e in examples %}}Q: {{{{ e.question }}}}\nSQL: {{{{ e.answer }}}}\n{{% endfor %}}{{{{ schema }}}}\n\nQuestion: {{{{ question }}}}\n"
 [[rungs]]
 name = "schema"
 [[rungs]]
@@ -586,11 +590,16 @@ vote = {{ n = 4 }}
 name = "constrained vote"
 constrain = "sql"
 vote = {{ n = 3, temperature = 1.0 }}
+[[rungs]]
+name = "skeleton few-shot"
+few_shot = {{ k = 2, select = "skeleton" }}
 "#,
         out = t.p("run-rungs").display(),
         data = t.p("sql.jsonl").display(),
         db = t.p("db").display(),
         model = t.p("model").display(),
+        bert = t.p("bert").display(),
+        shots = t.p("shots.jsonl").display(),
     );
     let spec = EvalSpec::parse(&text, "toy-sql-rungs.toml").unwrap();
     let out = run(&spec, &RunOptions::default(), &mut Quiet).unwrap();
@@ -649,6 +658,15 @@ vote = {{ n = 3, temperature = 1.0 }}
             );
         }
     }
+    // Skeleton few-shot: a draft first, then two examples (never the question's own) in the
+    // prompt.
+    for r in by("skeleton few-shot") {
+        assert!(r.draft.is_some(), "{r:?}");
+        assert_eq!(r.examples.len(), 2, "{r:?}");
+        for q in &r.examples {
+            assert!(r.prompt.contains(&format!("Q: {q}\nSQL: ")), "{}", r.prompt);
+        }
+    }
     // Deterministic: a second run gives the same votes.
     let again = flywheel_eval::EvalSpec::parse(
         &text.replace("run-rungs", "run-rungs-2"),
@@ -659,5 +677,6 @@ vote = {{ n = 3, temperature = 1.0 }}
     let rs2 = read_results(&out2.dir);
     for (a, b) in rs.iter().zip(&rs2) {
         assert_eq!((&a.votes, &a.prediction), (&b.votes, &b.prediction));
+        assert_eq!(a.examples, b.examples);
     }
 }

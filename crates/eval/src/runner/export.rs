@@ -52,10 +52,10 @@ pub fn make_training_data(
     let mut picks: Vec<Vec<usize>> = vec![Vec::new(); examples.len()];
     if let Some(fs) = &rung.few_shot {
         match fs.select {
-            Select::Hyde => return Err(Error::Config {
+            Select::Hyde | Select::Skeleton => return Err(Error::Config {
                 field: format!("rung `{rung_name}`.few_shot.select"),
                 reason:
-                    "HyDE needs generation; make training data from a `question` or `fixed` rung"
+                    "HyDE and skeleton selection need generation; make training data from a `question` or `fixed` rung"
                         .into(),
             }),
             Select::Fixed => {

@@ -12,7 +12,7 @@
 //! The record types and file names live in [`crate::records`]; they are re-exported here under
 //! their old paths.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -269,6 +269,41 @@ fn run_missing(
     } else {
         Vec::new()
     };
+    // Skeleton few-shot: each example's question masked with its own database's names (the
+    // `[examples] group` field names the database, as `dataset.db_id` does), and its SQL's
+    // skeleton.
+    let (shot_masked, shot_skel) = if needs(Select::Skeleton) {
+        let mut names: HashMap<String, Vec<String>> = HashMap::new();
+        let masked: Vec<String> = shots
+            .iter()
+            .map(|s| {
+                let db_names = s.group.as_ref().map_or(&[][..], |g| {
+                    names.entry(g.clone()).or_insert_with(|| {
+                        let path = spec
+                            .dataset
+                            .db_dir
+                            .as_ref()
+                            .map(|d| d.join(format!("{g}.sqlite")));
+                        path.filter(|p| p.is_file())
+                            .and_then(|p| crate::metrics::open_read_only(&p).ok())
+                            .and_then(|c| crate::sql::DbSchema::read(&c, 0).ok())
+                            .map(|s| s.names())
+                            .unwrap_or_default()
+                    })
+                });
+                crate::sql::mask_question(&s.question, db_names)
+            })
+            .collect();
+        (
+            embed_all(masked.iter().map(String::as_str).collect())?,
+            shots
+                .iter()
+                .map(|s| crate::sql::sql_skeleton(&s.answer))
+                .collect(),
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let max_k = rungs
         .iter()
         .filter_map(|r| r.few_shot.as_ref().map(|f| f.k))
@@ -289,6 +324,8 @@ fn run_missing(
         shots: &shots,
         shot_q,
         shot_a,
+        shot_masked,
+        shot_skel,
         fixed,
         stores: BTreeMap::new(),
         adapters: BTreeMap::new(),

@@ -130,13 +130,22 @@ pub(super) fn nearest(
     skip: &str,
     group: Option<&str>,
 ) -> Vec<usize> {
+    nearest_by(shots, k, skip, group, |i| dot(query, &pool[i]))
+}
+
+/// [`nearest`] with any score of example `i` (higher is nearer).
+pub(super) fn nearest_by(
+    shots: &[Shot],
+    k: usize,
+    skip: &str,
+    group: Option<&str>,
+    score: impl Fn(usize) -> f32,
+) -> Vec<usize> {
     let skip = metrics::normalize_answer(skip);
-    let mut scored: Vec<(usize, f32)> = pool
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| metrics::normalize_answer(&shots[*i].question) != skip)
-        .filter(|(i, _)| group.is_none() || shots[*i].group.as_deref() != group)
-        .map(|(i, v)| (i, dot(query, v)))
+    let mut scored: Vec<(usize, f32)> = (0..shots.len())
+        .filter(|&i| metrics::normalize_answer(&shots[i].question) != skip)
+        .filter(|&i| group.is_none() || shots[i].group.as_deref() != group)
+        .map(|i| (i, score(i)))
         .collect();
     scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut out: Vec<usize> = scored.into_iter().take(k).map(|(i, _)| i).collect();

@@ -13,13 +13,14 @@ use flywheel_rag::{DenseIndex, Llm, Mode, SearchOptions, Searcher, Store};
 use flywheel_runtime::{EmbeddingModel, TextModel};
 
 use super::correct::FirstAnswer;
-use super::prompt::{group_of, nearest, render_user, unit, Schemas};
+use super::prompt::{group_of, nearest, nearest_by, render_user, unit, Schemas};
 use super::SQL_TIMEOUT;
 use crate::data::{Example, Shot};
 use crate::judge::Judge;
 use crate::metrics::{self, normalize_sql};
 use crate::records::{ContextRef, ErrorClass, ResultRecord};
 use crate::spec::{Constrain, EvalSpec, Rung, Select, Task, Vote};
+use crate::sql::{mask_question, skeleton_similarity, sql_skeleton};
 use crate::{Error, Result};
 
 /// Most rows read from a voted sample (results longer than this compare by their first rows).
@@ -43,6 +44,10 @@ pub(super) struct Ctx<'a> {
     pub(super) shot_q: Vec<Vec<f32>>,
     /// Embedded example answers (HyDE few-shot).
     pub(super) shot_a: Vec<Vec<f32>>,
+    /// Embedded example questions with their schema words masked (skeleton few-shot).
+    pub(super) shot_masked: Vec<Vec<f32>>,
+    /// SQL skeletons of the example answers (skeleton few-shot).
+    pub(super) shot_skel: Vec<Vec<String>>,
     /// The fixed few-shot examples, most that any rung shows.
     pub(super) fixed: Vec<usize>,
     /// Document stores opened so far.
@@ -304,29 +309,12 @@ impl Ctx<'_> {
                     )
                 }
                 Select::Hyde => {
-                    let user = render_user(rung, ex, self.shots, &[], &context, &schema)?;
-                    let g = self.generate(
-                        &[
-                            ChatMessage::new("system", &rung.system),
-                            ChatMessage::new("user", user),
-                        ],
-                        rung,
-                        index,
-                        grammar.as_ref(),
-                    )?;
-                    rec.prompt_tokens += g.prompt_tokens;
-                    rec.completion_tokens += g.completion_tokens;
-                    let draft = if is_sql {
-                        metrics::extract_sql(&g.text)
-                    } else {
-                        g.text.trim().to_string()
-                    };
+                    let draft = self.draft(rung, ex, &context, &schema, index, &grammar, rec)?;
                     let v = self.embed(if draft.is_empty() {
                         &ex.question
                     } else {
                         &draft
                     })?;
-                    rec.draft = Some(draft);
                     let g = group_of(self.spec, ex);
                     nearest(
                         self.shots,
@@ -336,6 +324,18 @@ impl Ctx<'_> {
                         &ex.question,
                         g.as_deref(),
                     )
+                }
+                Select::Skeleton => {
+                    let draft = self.draft(rung, ex, &context, &schema, index, &grammar, rec)?;
+                    let names = self.schemas.get(ex, 0)?.names();
+                    let q = self.embed(&mask_question(&ex.question, &names))?;
+                    let skel = sql_skeleton(&draft);
+                    let g = group_of(self.spec, ex);
+                    nearest_by(self.shots, fs.k, &ex.question, g.as_deref(), |i| {
+                        let masked: f32 =
+                            q.iter().zip(&self.shot_masked[i]).map(|(a, b)| a * b).sum();
+                        masked + skeleton_similarity(&skel, &self.shot_skel[i]) as f32
+                    })
                 }
             };
             rec.examples = shots
@@ -435,6 +435,40 @@ impl Ctx<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A draft answer without examples (HyDE and skeleton selection), recorded in `rec`: the
+    /// SQL of a SQL task, the trimmed text otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn draft(
+        &self,
+        rung: &Rung,
+        ex: &Example,
+        context: &[(usize, String, String)],
+        schema: &str,
+        index: usize,
+        grammar: &Option<Grammar>,
+        rec: &mut ResultRecord,
+    ) -> Result<String> {
+        let user = render_user(rung, ex, self.shots, &[], context, schema)?;
+        let g = self.generate(
+            &[
+                ChatMessage::new("system", &rung.system),
+                ChatMessage::new("user", user),
+            ],
+            rung,
+            index,
+            grammar.as_ref(),
+        )?;
+        rec.prompt_tokens += g.prompt_tokens;
+        rec.completion_tokens += g.completion_tokens;
+        let draft = if self.spec.task == Task::Sql {
+            metrics::extract_sql(&g.text)
+        } else {
+            g.text.trim().to_string()
+        };
+        rec.draft = Some(draft.clone());
+        Ok(draft)
     }
 
     /// Execution voting: `v.n` samples from one prefill, each run read-only, the vote recorded

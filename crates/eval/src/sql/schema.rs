@@ -127,6 +127,15 @@ impl DbSchema {
         flywheel_api::Grammar::Lark(super::sql_grammar(&tables))
     }
 
+    /// Every table and column name.
+    pub fn names(&self) -> Vec<String> {
+        self.tables
+            .iter()
+            .flat_map(|t| std::iter::once(&t.name).chain(t.columns.iter().map(|c| &c.name)))
+            .cloned()
+            .collect()
+    }
+
     /// The table named `name` (case-insensitive, as SQLite matches names).
     pub fn table(&self, name: &str) -> Option<&Table> {
         self.tables
