@@ -102,15 +102,18 @@ fn ask_cmd(a: AskArgs) -> Result<()> {
             escape(&r.feedback, 500)
         );
     }
-    if !answer.votes.is_empty() {
-        let winner = answer.votes.iter().find(|v| v.sql == answer.sql);
-        let agree = winner.map_or(0, |w| {
-            answer.votes.iter().filter(|v| v.group == w.group).count()
-        });
-        eprintln!(
-            "vote: {agree} of {} samples agree on this result",
-            answer.votes.len()
-        );
+    match &answer.voted {
+        Some((sql, 0)) if *sql == answer.sql => {
+            eprintln!("vote: none of {} samples ran", answer.votes.len());
+        }
+        Some((sql, agree)) if *sql == answer.sql => {
+            eprintln!(
+                "vote: {agree} of {} samples agree on this result",
+                answer.votes.len()
+            );
+        }
+        Some(_) => eprintln!("vote: its winner failed; self-correction replaced it"),
+        None => {}
     }
     println!("{}\n", escape(&answer.sql, 4000));
     match &answer.error {

@@ -487,6 +487,14 @@ impl EvalSpec {
             .collect()
     }
 
+    /// Whether `rung`'s prompt shows the schema read from the database: its template uses
+    /// `{{ schema }}`, and it is not the default SQL template over a dataset that names its own
+    /// `prompt` field (which the default template then shows instead, as before).
+    pub fn renders_schema(&self, rung: &Rung) -> bool {
+        rung.template.contains("schema")
+            && !(self.dataset.prompt.is_some() && rung.template == default_template(self.task))
+    }
+
     /// Checks every value and names the first bad key.
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, reason: &str| {
@@ -623,10 +631,10 @@ impl EvalSpec {
                     return bad(&at(key), "applies to sql tasks only");
                 }
             }
-            if r.sample_rows > 0 && !r.template.contains("schema") {
+            if r.sample_rows > 0 && !self.renders_schema(r) {
                 return bad(
                     &at("sample_rows"),
-                    "the rung's template does not use {{ schema }}, so the rows would not be shown",
+                    "the rung's template does not use {{ schema }} (the default SQL template shows the dataset's `prompt` field when the dataset names one), so the rows would not be shown",
                 );
             }
             if let Some(v) = &r.vote {

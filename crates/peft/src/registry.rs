@@ -215,9 +215,16 @@ impl Registry {
         let full = path.display().to_string();
         let dir = self.dir.as_ref().map(|d| d.display().to_string());
         let bad = |reason: String| {
-            let mut reason = reason.replace(&full, &shown);
-            if let Some(d) = &dir {
-                reason = reason.replace(d.as_str(), "<adapters-dir>");
+            // Whole paths only: the folder itself, or the adapters folder followed by a
+            // separator (never `/` alone, nor a sibling such as `<dir>2`).
+            let mut reason = if full.len() > 1 {
+                reason.replace(&full, &shown)
+            } else {
+                reason
+            };
+            if let Some(d) = dir.as_deref().filter(|d| d.len() > 1) {
+                let sep = std::path::MAIN_SEPARATOR;
+                reason = reason.replace(&format!("{d}{sep}"), &format!("<adapters-dir>{sep}"));
             }
             RegistryError::Refused {
                 name: name.to_string(),
@@ -235,8 +242,8 @@ impl Registry {
                     if sha != r.base_model_sha256 {
                         return Err(bad(format!(
                             "it was trained on a different base model (sha256 {}…, this server runs {}…)",
-                            &r.base_model_sha256[..12.min(r.base_model_sha256.len())],
-                            &sha[..12.min(sha.len())]
+                            r.base_model_sha256.get(..12).unwrap_or(&r.base_model_sha256),
+                            sha.get(..12).unwrap_or(sha)
                         )));
                     }
                 }

@@ -291,12 +291,7 @@ pub fn index_folder(
             }
         };
         if meta.len() > opts.max_file_bytes {
-            let why = format!(
-                "{} bytes is over the {}-byte limit (--max-file-bytes)",
-                meta.len(),
-                opts.max_file_bytes
-            );
-            skip(&mut report, progress, &rel, &why);
+            skip(&mut report, progress, &rel, &too_big(meta.len(), opts));
             continue;
         }
         let hash = match read_hashed(&path) {
@@ -321,7 +316,13 @@ pub fn index_folder(
     let mut pending_chunks = 0usize;
     for (rel, path, kind) in todo {
         // Hashed again: the file may have changed since the walk, and the store must record
-        // the hash of the text it holds.
+        // the hash of the text it holds (and it may have grown past the limit).
+        if let Ok(m) = std::fs::metadata(&path) {
+            if m.len() > opts.max_file_bytes {
+                skip(&mut report, progress, &rel, &too_big(m.len(), opts));
+                continue;
+            }
+        }
         let (bytes, hash) = match read_hashed(&path) {
             Ok(r) => r,
             Err(e) => {
@@ -438,6 +439,14 @@ pub fn index_folder(
     writer.commit()?;
     report.total_s = t0.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Why a file of `len` bytes is skipped.
+fn too_big(len: u64, opts: &IndexOptions) -> String {
+    format!(
+        "{len} bytes is over the {}-byte limit (--max-file-bytes)",
+        opts.max_file_bytes
+    )
 }
 
 /// A file's bytes and their sha256 (hex).

@@ -358,6 +358,12 @@ fn samples_from_one_prefill_equal_each_seed_alone() -> anyhow::Result<()> {
             s.outputs[0].tokens, s.outputs[2].tokens,
             "same seed, same sample"
         );
+        // No budget: no token, as `generate` gives none.
+        let mut none = req.clone();
+        none.max_tokens = 0;
+        let s0 = tm.generate_samples(&none, &seeds)?;
+        assert_eq!(s0.outputs[0].tokens, run(&tm, &none)?.tokens);
+        assert!(s0.outputs.iter().all(|o| o.tokens.is_empty()));
         assert!(
             s.outputs.iter().any(|o| o.tokens != s.outputs[0].tokens),
             "different seeds should not all agree at temperature 0.9"

@@ -9,6 +9,7 @@
 //! which is also read back when it is the whole output.
 
 use flywheel_api::{ChatMessage, FunctionCall, Grammar, ToolCall};
+use flywheel_runtime::constraint::Constraint;
 use serde_json::{json, Map, Value};
 
 use crate::ServeError;
@@ -45,8 +46,8 @@ pub struct Tools {
     pub defs: Vec<Value>,
     names: Vec<String>,
     params: Vec<Value>,
-    /// `function.strict` per tool: its calls must match its schema exactly.
-    strict: Vec<bool>,
+    /// `function.strict` per tool: the grammar its calls must match (compiled once, over bytes).
+    strict: Vec<Option<Constraint>>,
     /// `tool_choice`.
     pub choice: Choice,
     parallel: bool,
@@ -186,11 +187,33 @@ impl Tools {
         } else {
             Format::Tagged
         };
+        // A strict tool's calls are checked against a grammar of the whole call, compiled now:
+        // a schema the grammar engine cannot take is refused here, not at every call.
+        let args_key = args_key(format);
+        let mut strict = Vec::with_capacity(names.len());
+        for (i, ((name, p), on)) in names.iter().zip(&params).zip(stricts).enumerate() {
+            if !on {
+                strict.push(None);
+                continue;
+            }
+            let schema = call_schema(name, args_key, p);
+            let compiled = flywheel_runtime::constraint::byte_compiler("json_schema")
+                .and_then(|c| c.compile(&Grammar::JsonSchema(schema.to_string())));
+            match compiled {
+                Ok(c) => strict.push(Some(c)),
+                Err(e) => {
+                    return Err(bad(
+                        &format!("tools[{i}].function.parameters"),
+                        format!("a strict tool's schema must compile to a grammar: {e}"),
+                    ))
+                }
+            }
+        }
         Ok(Some(Tools {
             defs,
             names,
             params,
-            strict: stricts,
+            strict,
             choice,
             parallel: parallel.unwrap_or(true),
             format,
@@ -205,10 +228,7 @@ impl Tools {
             Choice::Named(n) => Some(n.as_str()),
             _ => return None,
         };
-        let args_key = match self.format {
-            Format::Tagged => "arguments",
-            Format::Bare => "parameters",
-        };
+        let args_key = args_key(self.format);
         let calls: Vec<Value> = self
             .names
             .iter()
@@ -295,24 +315,6 @@ impl Tools {
         out
     }
 
-    /// Whether `text` is a call of tool `i` whose arguments match its schema, keys in the
-    /// schema's order (a grammar check, so the schema keywords are those grammars honour).
-    fn matches_strictly(&self, i: usize, text: &str) -> bool {
-        let args_key = match self.format {
-            Format::Tagged => "arguments",
-            Format::Bare => "parameters",
-        };
-        let schema = json!({
-            "type": "object",
-            "properties": {"name": {"const": self.names[i]}, args_key: self.params[i]},
-            "required": ["name", args_key],
-            "additionalProperties": false,
-            "x-guidance": {"whitespace_flexible": true},
-        });
-        flywheel_runtime::constraint::text_matches(&Grammar::JsonSchema(schema.to_string()), text)
-            .unwrap_or(false)
-    }
-
     /// Reads one call: a JSON object naming a declared tool, with an object of arguments
     /// (`arguments` or `parameters`; a JSON string holding the object is accepted too).
     fn read_call(&self, text: &str, n: usize) -> Option<ToolCall> {
@@ -321,7 +323,10 @@ impl Tools {
         let i = self.names.iter().position(|n| n == name)?;
         // A strict tool's call is one only when it matches the tool's schema as written (the
         // grammar `required` would hold it to, with free whitespace); otherwise it stays text.
-        if self.strict[i] && !self.matches_strictly(i, text.trim()) {
+        if self.strict[i]
+            .as_ref()
+            .is_some_and(|c| !c.accepts_text(text.trim()))
+        {
             return None;
         }
         let args = match v.get("arguments").or_else(|| v.get("parameters")) {
@@ -341,6 +346,34 @@ impl Tools {
             },
         })
     }
+}
+
+/// The key a call's arguments go under in `format`.
+fn args_key(format: Format) -> &'static str {
+    match format {
+        Format::Tagged => "arguments",
+        Format::Bare => "parameters",
+    }
+}
+
+/// The JSON Schema of one whole call of tool `name` with arguments following `params`, with
+/// free whitespace (a model writes calls freely under `auto`); the arguments' `$defs` move to
+/// the root, where their `#/$defs/…` references point.
+fn call_schema(name: &str, args_key: &str, params: &Value) -> Value {
+    let mut params = params.clone();
+    let mut root = json!({
+        "type": "object",
+        "required": ["name", args_key],
+        "additionalProperties": false,
+        "x-guidance": {"whitespace_flexible": true},
+    });
+    for key in ["$defs", "definitions"] {
+        if let Some(defs) = params.as_object_mut().and_then(|o| o.remove(key)) {
+            root[key] = defs;
+        }
+    }
+    root["properties"] = json!({"name": {"const": name}, args_key: params});
+    root
 }
 
 /// A piece of a reply read by [`Scanner`].

@@ -21,8 +21,8 @@ mod verdict;
 pub use flywheel_rag::metrics::{context_precision, recall_and_rr};
 pub use schema::{schema_columns, schema_hint};
 pub use sql_exec::{
-    classify_sqlite_error, execute, num_cell, open_read_only, sql_execution_match, Cell, ExecError,
-    SqlErrorClass, SqlOutcome,
+    classify_sqlite_error, execute, num_cell, open_read_only, sql_execution_match, with_timeout,
+    Cell, ExecError, SqlErrorClass, SqlOutcome,
 };
 pub use sql_extract::{extract_sql, has_top_level_order_by, normalize_sql};
 pub use stats::{bootstrap_ci, mcnemar_exact};

@@ -234,6 +234,16 @@ fn run_query(
     max_rows: usize,
 ) -> Result<QueryResult, ExecError> {
     let stmt = single_statement(sql)?;
+    with_timeout(conn, timeout, || read_rows(conn, stmt, max_rows, timeout))
+}
+
+/// Runs `f` (statements on `conn`) under a watchdog thread that interrupts the connection once
+/// `timeout` has passed.
+pub fn with_timeout<T>(
+    conn: &rusqlite::Connection,
+    timeout: Duration,
+    f: impl FnOnce() -> Result<T, ExecError>,
+) -> Result<T, ExecError> {
     let handle = conn.get_interrupt_handle();
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let watchdog = std::thread::Builder::new()
@@ -247,7 +257,7 @@ fn run_query(
             class: SqlErrorClass::OtherError,
             message: format!("cannot start the query timeout thread: {e}"),
         })?;
-    let result = read_rows(conn, stmt, max_rows, timeout);
+    let result = f();
     drop(done_tx);
     // The watchdog only waits on the channel, so joining returns at once; a late interrupt
     // with no statement running is cleared by SQLite when the next statement starts.

@@ -93,7 +93,7 @@ pub fn make_training_data(
             field: "dataset.reference".into(),
             reason: "training data needs the reference answer field".into(),
         })?;
-        let schema = schemas.text(rung, ex)?;
+        let schema = schemas.text(spec, rung, ex)?;
         let prompt = render_user(rung, ex, &shots, p, &[], &schema)?;
         text.push_str(&serde_json::json!({"prompt": prompt, "completion": reference}).to_string());
         text.push('\n');

@@ -66,9 +66,10 @@ impl Schemas {
         Ok(g)
     }
 
-    /// The `{{ schema }}` text for `ex` under `rung` (empty when its template does not use it).
-    pub(super) fn text(&mut self, rung: &Rung, ex: &Example) -> Result<String> {
-        if !rung.template.contains("schema") || ex.db.is_none() {
+    /// The `{{ schema }}` text for `ex` under `rung` (empty when its prompt does not show it:
+    /// see [`EvalSpec::renders_schema`]).
+    pub(super) fn text(&mut self, spec: &EvalSpec, rung: &Rung, ex: &Example) -> Result<String> {
+        if !spec.renders_schema(rung) || ex.db.is_none() {
             return Ok(String::new());
         }
         Ok(self.get(ex, rung.sample_rows)?.render())
@@ -166,13 +167,16 @@ mod tests {
         spec.dataset.path = root.join(&spec.dataset.path);
         spec.dataset.db_dir = spec.dataset.db_dir.map(|d| root.join(d));
         spec.dataset.limit = 0;
+        // The schema rendered from the database, never the prepared field.
+        spec.dataset.prompt = None;
         let data = crate::data::read_dataset(&spec.dataset)
             .expect("data/sql is missing: run scripts/prepare-sql-data.sh");
         let rung = &spec.resolved_rungs()[0];
+        assert!(spec.renders_schema(rung));
         let mut schemas = Schemas::default();
         for ex in &data {
             let prepared = ex.record["prompt"].as_str().unwrap();
-            let schema = schemas.text(rung, ex).unwrap();
+            let schema = schemas.text(&spec, rung, ex).unwrap();
             assert_eq!(
                 render_user(rung, ex, &[], &[], &[], &schema).unwrap(),
                 prepared

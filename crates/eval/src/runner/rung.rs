@@ -286,7 +286,7 @@ impl Ctx<'_> {
     ) -> Result<()> {
         let is_sql = self.spec.task == Task::Sql;
         let (context, refs, gold_flags) = self.retrieve(rung, ex)?;
-        let schema = self.schemas.text(rung, ex)?;
+        let schema = self.schemas.text(self.spec, rung, ex)?;
         let grammar = match rung.constrain {
             Some(Constrain::Sql) => Some(self.schemas.grammar(ex)?),
             None => None,
@@ -484,10 +484,11 @@ impl Ctx<'_> {
         conn: &rusqlite::Connection,
         rec: &mut ResultRecord,
     ) -> Result<(String, String)> {
+        // The rung's sampling (penalties, top-k, min-p) at the vote's temperature and top-p.
         let sampling = SamplingParams {
             temperature: v.temperature,
             top_p: v.top_p,
-            ..SamplingParams::default()
+            ..rung.sampling.clone()
         };
         let (req, n) = self.request(messages, rung, sampling, grammar)?;
         // Seeds fixed by the rung, the question and the sample.

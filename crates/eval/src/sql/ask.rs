@@ -88,6 +88,8 @@ pub struct Answer {
     pub error: Option<String>,
     /// Every voted sample (empty without a vote).
     pub votes: Vec<VoteSample>,
+    /// The vote's winning query and how many samples shared its result (none without a vote).
+    pub voted: Option<(String, usize)>,
     /// Tries replaced by self-correction, in order.
     pub retries: Vec<Retry>,
     /// Prompt tokens run through the model.
@@ -104,10 +106,8 @@ pub fn ask(model: &TextModel, db: &Path, question: &str, opts: &AskOptions) -> R
     };
     let conn = metrics::open_read_only(db).map_err(io)?;
     let schema = DbSchema::read(&conn, opts.sample_rows).map_err(io)?;
-    let grammar = opts
-        .constrain
-        .then(|| DbSchema::read(&conn, 0).map(|s| s.grammar()).map_err(io));
-    let grammar = grammar.transpose()?;
+    // The grammar needs only the names, which the sample rows do not change.
+    let grammar = opts.constrain.then(|| schema.grammar());
     let user = sql_prompt(&schema.render(), question);
     let mut messages = vec![
         ChatMessage::new("system", SYSTEM),
@@ -120,6 +120,7 @@ pub fn ask(model: &TextModel, db: &Path, question: &str, opts: &AskOptions) -> R
         truncated: false,
         error: None,
         votes: Vec::new(),
+        voted: None,
         retries: Vec::new(),
         prompt_tokens: 0,
         completion_tokens: 0,
@@ -156,6 +157,7 @@ pub fn ask(model: &TextModel, db: &Path, question: &str, opts: &AskOptions) -> R
             .collect();
         let v = vote(&runs);
         answer.votes = v.samples;
+        answer.voted = Some((runs[v.winner].0.clone(), v.votes));
         runs[v.winner].0.clone()
     } else {
         let req = request(&messages, SamplingParams::greedy())?;
@@ -247,14 +249,26 @@ fn result_table(
             SqlErrorClass::NoSql.label()
         ));
     }
-    // The checked executor first: one statement, read-only, interrupted after the limit.
+    // The checked executor first (one statement, read-only), then the rows as text; both runs
+    // are interrupted after the limit.
     metrics::execute(conn, sql, TIMEOUT, max_rows).map_err(|e| e.message)?;
-    let mut st = conn.prepare(sql).map_err(|e| e.to_string())?;
+    let run = || {
+        text_rows(conn, sql, max_rows).map_err(|e| metrics::ExecError {
+            class: SqlErrorClass::OtherError,
+            message: e.to_string(),
+        })
+    };
+    metrics::with_timeout(conn, TIMEOUT, run).map_err(|e| e.message)
+}
+
+/// Column names, up to `max_rows` rows as text, and whether there were more.
+fn text_rows(conn: &rusqlite::Connection, sql: &str, max_rows: usize) -> rusqlite::Result<Table> {
+    let mut st = conn.prepare(sql)?;
     let columns: Vec<String> = st.column_names().iter().map(|c| c.to_string()).collect();
     let n = columns.len();
-    let mut it = st.query([]).map_err(|e| e.to_string())?;
+    let mut it = st.query([])?;
     let mut rows = Vec::new();
-    while let Some(r) = it.next().map_err(|e| e.to_string())? {
+    while let Some(r) = it.next()? {
         if rows.len() == max_rows {
             return Ok((columns, rows, true));
         }

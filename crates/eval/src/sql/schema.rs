@@ -85,7 +85,8 @@ fn cell(v: ValueRef<'_>) -> String {
 }
 
 impl DbSchema {
-    /// Reads the schema of `conn` with `sample_rows` rows per table (in rowid order).
+    /// Reads the schema of `conn` with the first `sample_rows` rows of each table (as SQLite
+    /// returns them).
     pub fn read(conn: &rusqlite::Connection, sample_rows: usize) -> Result<Self, String> {
         Self::read_inner(conn, sample_rows).map_err(|e| format!("cannot read the schema: {e}"))
     }

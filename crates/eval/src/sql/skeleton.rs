@@ -145,7 +145,9 @@ pub fn mask_question(question: &str, names: &[String]) -> String {
     let mut in_quote = false;
     for token in question.split_whitespace() {
         let starts = token.starts_with(['"', '\'']);
-        let ends = token.len() > 1 && token.ends_with(['"', '\'']) || token.ends_with("\"?");
+        // A closing quote may be followed by punctuation (`"France",`).
+        let bare = token.trim_end_matches(['.', ',', ';', ':', '!', '?', ')']);
+        let ends = bare.len() > 1 && bare.ends_with(['"', '\'']);
         if in_quote || starts {
             in_quote = !ends && (in_quote || starts);
             if out.last().map(String::as_str) != Some("<mask>") {
@@ -226,6 +228,10 @@ mod tests {
                 &names
             ),
             "How many <mask> are from the <mask>"
+        );
+        assert_eq!(
+            mask_question("Singers from \"France\", older than 30?", &names),
+            "<mask> from <mask> older than <mask>?"
         );
         assert_eq!(
             mask_question("Show the song names of concerts after 2014.", &names),

@@ -16,9 +16,21 @@ pub struct Samples {
 
 impl TextModel {
     /// One sample of `req` per seed (its sampling with that seed), all from one prefill of the
-    /// prompt. Each sample equals `generate` of `req` with that seed alone.
+    /// prompt. On the host decode path (CPU, f32) each sample equals `generate` of `req` with
+    /// that seed alone (tested); elsewhere it is the same computation batched differently.
+    /// Memory: one KV cache of prompt plus `max_tokens` per seed.
     pub fn generate_samples(&self, req: &GenerateRequest, seeds: &[u64]) -> Result<Samples> {
         req.sampling.validate()?;
+        if req
+            .logprobs
+            .is_some_and(|n| n > flywheel_api::MAX_TOP_LOGPROBS)
+        {
+            return Err(flywheel_api::ApiError::InvalidField {
+                field: "logprobs",
+                reason: format!("at most {} alternatives", flywheel_api::MAX_TOP_LOGPROBS),
+            }
+            .into());
+        }
         let ids = self.encode_prompt(&req.prompt)?;
         self.check_prompt(&ids)?;
         let window = self.model.config().max_position_embeddings;
@@ -30,6 +42,12 @@ impl TextModel {
                 r
             })
             .collect();
+        // The grammar is compiled once; each row gets its own copy of the matcher.
+        let constraint = req
+            .grammar
+            .as_ref()
+            .map(|g| self.compile_grammar(g))
+            .transpose()?;
         let mut rows: Vec<RowState> = Vec::with_capacity(reqs.len());
         for r in &reqs {
             let mut row = RowState::new(
@@ -38,8 +56,8 @@ impl TextModel {
                 r,
                 r.max_tokens.min(window - ids.len()),
             );
-            if let Some(g) = &r.grammar {
-                row.constrain(self.compile_grammar(g)?);
+            if let Some(c) = &constraint {
+                row.constrain(c.clone());
             }
             rows.push(row);
         }
@@ -65,7 +83,9 @@ impl TextModel {
             .collect();
         drop(cache);
         let mut sink = flywheel_api::NullSink;
-        for row in rows.iter_mut() {
+        // A row may be finished before its first token (no budget, or a grammar that admits
+        // only the empty output): like `generate`, it gets none.
+        for row in rows.iter_mut().filter(|r| r.finish.is_none()) {
             let tok = row.sample(&mut first.clone())?;
             row.step(tok, &self.eos, &mut sink)?;
         }

@@ -283,4 +283,23 @@ fn a_strict_tools_call_under_auto_must_match_its_schema() {
         )),
         "tools[0].function.strict"
     );
+    // `$defs` references resolve (the definitions move to the call's root); a schema the
+    // grammar engine cannot take is a 400 when the request comes, not a silent non-call.
+    let with_defs = json!([{"type": "function", "function": {"name": "add", "strict": true,
+        "parameters": {"type": "object", "properties": {"p": {"$ref": "#/$defs/Point"}},
+                       "required": ["p"], "$defs": {"Point": {"type": "object",
+                       "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}}}]);
+    let t = Tools::from_request(Some(with_defs), None, None, QWEN)
+        .unwrap()
+        .unwrap();
+    let ok = "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"p\": {\"x\": 1}}}\n</tool_call>";
+    assert!(matches!(scan_all(&t, &[ok])[0], Piece::Call(_)));
+    let bad = ok.replace("1}", "\"one\"}");
+    assert_eq!(scan_all(&t, &[&bad]), vec![Piece::Text(bad.clone())]);
+    let broken = json!([{"type": "function", "function": {"name": "f", "strict": true,
+        "parameters": {"type": "object", "properties": {"a": {"type": "no-such-type"}}}}}]);
+    assert_eq!(
+        param(Tools::from_request(Some(broken), None, None, QWEN)),
+        "tools[0].function.parameters"
+    );
 }
