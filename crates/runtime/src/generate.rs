@@ -401,17 +401,7 @@ impl TextModel {
         let ctx = self.model.config().max_position_embeddings;
         let mut constraints = Vec::with_capacity(items.len());
         for (ids, req) in items {
-            req.sampling.validate()?;
-            if req
-                .logprobs
-                .is_some_and(|n| n > flywheel_api::MAX_TOP_LOGPROBS)
-            {
-                return Err(flywheel_api::ApiError::InvalidField {
-                    field: "logprobs",
-                    reason: format!("at most {} alternatives", flywheel_api::MAX_TOP_LOGPROBS),
-                }
-                .into());
-            }
+            check_request(req)?;
             self.check_prompt(ids)?;
             constraints.push(
                 req.grammar
@@ -499,6 +489,22 @@ impl TextModel {
         };
         Ok(rows.into_iter().map(|r| r.output(timings)).collect())
     }
+}
+
+/// A request's sampling settings and log-probability count are in range.
+fn check_request(req: &GenerateRequest) -> Result<()> {
+    req.sampling.validate()?;
+    if req
+        .logprobs
+        .is_some_and(|n| n > flywheel_api::MAX_TOP_LOGPROBS)
+    {
+        return Err(flywheel_api::ApiError::InvalidField {
+            field: "logprobs",
+            reason: format!("at most {} alternatives", flywheel_api::MAX_TOP_LOGPROBS),
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// One sequence being generated: its sampler, detokenizer, stop strings and token budget.

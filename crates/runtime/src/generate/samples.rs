@@ -20,17 +20,7 @@ impl TextModel {
     /// that seed alone (tested); elsewhere it is the same computation batched differently.
     /// Memory: one KV cache of prompt plus `max_tokens` per seed.
     pub fn generate_samples(&self, req: &GenerateRequest, seeds: &[u64]) -> Result<Samples> {
-        req.sampling.validate()?;
-        if req
-            .logprobs
-            .is_some_and(|n| n > flywheel_api::MAX_TOP_LOGPROBS)
-        {
-            return Err(flywheel_api::ApiError::InvalidField {
-                field: "logprobs",
-                reason: format!("at most {} alternatives", flywheel_api::MAX_TOP_LOGPROBS),
-            }
-            .into());
-        }
+        check_request(req)?;
         let ids = self.encode_prompt(&req.prompt)?;
         self.check_prompt(&ids)?;
         let window = self.model.config().max_position_embeddings;
