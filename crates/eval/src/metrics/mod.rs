@@ -19,7 +19,7 @@ mod verdict;
 
 /// Retrieval metrics: one implementation, in `flywheel_rag::metrics`.
 pub use flywheel_rag::metrics::{context_precision, recall_and_rr};
-pub use schema::{schema_columns, schema_hint};
+pub use schema::{schema_columns, schema_hint, sql_feedback};
 pub use sql_exec::{
     classify_sqlite_error, execute, num_cell, open_read_only, sql_execution_match, with_timeout,
     Cell, ExecError, SqlErrorClass, SqlOutcome,

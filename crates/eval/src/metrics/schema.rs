@@ -117,6 +117,30 @@ pub fn schema_hint(conn: &rusqlite::Connection, message: &str) -> Option<String>
         None => all,
     })
 }
+/// What self-correction tells a model about `sql` on `conn`: no query, SQLite's error with
+/// [`schema_hint`], or an empty result; `None` when it ran and returned rows.
+pub fn sql_feedback(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    timeout: std::time::Duration,
+) -> Option<String> {
+    if sql.trim().is_empty() {
+        return Some("Your reply contained no SQL query.".to_string());
+    }
+    match super::execute(conn, sql, timeout, 1) {
+        Err(e) => {
+            let mut fb = format!("The query failed with this SQLite error: {}", e.message);
+            if let Some(hint) = schema_hint(conn, &e.message) {
+                fb.push('\n');
+                fb.push_str(&hint);
+            }
+            Some(fb)
+        }
+        Ok((rows, _)) if rows.is_empty() => Some("The query ran but returned no rows.".to_string()),
+        Ok(_) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

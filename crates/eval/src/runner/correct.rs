@@ -76,25 +76,7 @@ impl Ctx<'_> {
         } = first;
         let mut draws = 1;
         for _ in 0..sc.max_retries {
-            let feedback = if sql.is_empty() {
-                Some("Your reply contained no SQL query.".to_string())
-            } else {
-                match metrics::execute(conn, &sql, SQL_TIMEOUT, 1) {
-                    Err(e) => {
-                        let mut fb =
-                            format!("The query failed with this SQLite error: {}", e.message);
-                        if let Some(hint) = metrics::schema_hint(conn, &e.message) {
-                            fb.push('\n');
-                            fb.push_str(&hint);
-                        }
-                        Some(fb)
-                    }
-                    Ok((rows, _)) if rows.is_empty() => {
-                        Some("The query ran but returned no rows.".to_string())
-                    }
-                    Ok(_) => None,
-                }
-            };
+            let feedback = metrics::sql_feedback(conn, &sql, SQL_TIMEOUT);
             rec.attempts.push(Attempt {
                 prompt: prompt.clone(),
                 output: output.clone(),

@@ -501,16 +501,7 @@ impl Ctx<'_> {
             })
             .collect();
         let s = self.model.generate_samples(&req, &seeds)?;
-        let runs: Vec<_> = s
-            .outputs
-            .iter()
-            .map(|o| {
-                let sql = metrics::extract_sql(&o.text);
-                let result = metrics::execute(conn, &sql, SQL_TIMEOUT, VOTE_MAX_ROWS)
-                    .map(|(rows, _)| (rows, metrics::has_top_level_order_by(&sql)));
-                (sql, o.usage.completion_tokens, result)
-            })
-            .collect();
+        let runs = crate::sql::run_samples(conn, &s.outputs, SQL_TIMEOUT, VOTE_MAX_ROWS);
         let outcome = crate::sql::vote(&runs);
         rec.prompt = req.prompt;
         rec.prompt_tokens += n;

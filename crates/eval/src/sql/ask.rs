@@ -9,7 +9,7 @@ use flywheel_runtime::TextModel;
 use rusqlite::types::ValueRef;
 use serde::Serialize;
 
-use super::{vote, DbSchema, VoteSample};
+use super::{run_samples, vote, DbSchema, VoteSample};
 use crate::metrics::{self, SqlErrorClass};
 use crate::{Error, Result};
 
@@ -144,17 +144,12 @@ pub fn ask(model: &TextModel, db: &Path, question: &str, opts: &AskOptions) -> R
             .collect();
         let s = model.generate_samples(&req, &seeds)?;
         answer.prompt_tokens += s.prefill_tokens;
-        let runs: Vec<_> = s
+        answer.completion_tokens += s
             .outputs
             .iter()
-            .map(|o| {
-                answer.completion_tokens += o.usage.completion_tokens;
-                let sql = metrics::extract_sql(&o.text);
-                let r = metrics::execute(&conn, &sql, TIMEOUT, 10_000)
-                    .map(|(rows, _)| (rows, metrics::has_top_level_order_by(&sql)));
-                (sql, o.usage.completion_tokens, r)
-            })
-            .collect();
+            .map(|o| o.usage.completion_tokens)
+            .sum::<usize>();
+        let runs = run_samples(&conn, &s.outputs, TIMEOUT, 10_000);
         let v = vote(&runs);
         answer.votes = v.samples;
         answer.voted = Some((runs[v.winner].0.clone(), v.votes));
@@ -167,7 +162,7 @@ pub fn ask(model: &TextModel, db: &Path, question: &str, opts: &AskOptions) -> R
         metrics::extract_sql(&out.text)
     };
     for retry in 0..opts.self_correct {
-        let Some(feedback) = trouble(&conn, &sql) else {
+        let Some(feedback) = metrics::sql_feedback(&conn, &sql, TIMEOUT) else {
             break;
         };
         answer.retries.push(Retry {
@@ -212,25 +207,6 @@ fn render(model: &TextModel, messages: &[ChatMessage]) -> Result<String> {
     }
     let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
     Ok(format!("{}\nSQL:", text.join("\n\n")))
-}
-
-/// What self-correction tells the model about `sql`, or `None` when it ran and returned rows.
-fn trouble(conn: &rusqlite::Connection, sql: &str) -> Option<String> {
-    if sql.trim().is_empty() {
-        return Some("Your reply contained no SQL query.".into());
-    }
-    match metrics::execute(conn, sql, TIMEOUT, 1) {
-        Err(e) => {
-            let mut fb = format!("The query failed with this SQLite error: {}", e.message);
-            if let Some(hint) = metrics::schema_hint(conn, &e.message) {
-                fb.push('\n');
-                fb.push_str(&hint);
-            }
-            Some(fb)
-        }
-        Ok((rows, _)) if rows.is_empty() => Some("The query ran but returned no rows.".into()),
-        Ok(_) => None,
-    }
 }
 
 /// Column names, rows as text, and whether rows were left out.

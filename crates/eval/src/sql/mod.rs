@@ -12,4 +12,4 @@ pub use ask::{ask, sql_prompt, Answer, AskOptions};
 pub use grammar::{sql_grammar, GrammarTable};
 pub use schema::DbSchema;
 pub use skeleton::{mask_question, skeleton_similarity, sql_skeleton};
-pub use vote::{vote, SampleClass, SampleResult, Vote, VoteSample};
+pub use vote::{run_samples, vote, SampleClass, SampleResult, Vote, VoteSample};

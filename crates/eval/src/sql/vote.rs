@@ -59,6 +59,25 @@ fn key(rows: &[Vec<Cell>], ordered: bool) -> Vec<Vec<Cell>> {
 /// it did not run.
 pub type SampleResult = Result<(Vec<Vec<Cell>>, bool), ExecError>;
 
+/// Each generated sample's SQL, tokens and result, run read-only on `conn` (at most `max_rows`
+/// rows each, interrupted after `timeout`): what [`vote`] takes.
+pub fn run_samples(
+    conn: &rusqlite::Connection,
+    outputs: &[flywheel_api::GenerateOutput],
+    timeout: std::time::Duration,
+    max_rows: usize,
+) -> Vec<(String, usize, SampleResult)> {
+    outputs
+        .iter()
+        .map(|o| {
+            let sql = crate::metrics::extract_sql(&o.text);
+            let result = crate::metrics::execute(conn, &sql, timeout, max_rows)
+                .map(|(rows, _)| (rows, crate::metrics::has_top_level_order_by(&sql)));
+            (sql, o.usage.completion_tokens, result)
+        })
+        .collect()
+}
+
 /// Votes over `samples`: each one's SQL, tokens generated, and result.
 pub fn vote(samples: &[(String, usize, SampleResult)]) -> Vote {
     let mut groups: Vec<(Vec<Vec<Cell>>, Vec<usize>)> = Vec::new();
